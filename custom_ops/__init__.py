@@ -1,0 +1,96 @@
+"""The bitnet custom-op library for ONNX Runtime: the ternary `BitLinear` and `MatMulF16`.
+
+    so = onnxruntime.SessionOptions()
+    so.register_custom_ops_library(custom_ops.library_path())
+
+`library_path()` compiles the library on first use (and when its sources changed);
+`pack_ternary(w)` turns int8 ternary weights [N, K] into the layout `BitLinear` reads.
+Set BITNET_KERNEL=reference|avx2|avx512vnni to force a kernel (default: the best the CPU has).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from .build import BuildError, ensure_built
+
+DOMAIN = "bitnet"
+KERNELS = ("reference", "avx2", "avx512vnni")
+
+GROUP_COLS = 16  # output columns per packed group (one int32 lane each in a 512-bit register)
+BLOCK_K = 16     # reduction values per 64-byte block
+
+__all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
+           "available_kernels", "session_options"]
+
+
+def library_path() -> str:
+    """Path of the built library, building it first when missing or older than its sources.
+
+    Raises BuildError naming what is missing (compiler, headers) when it cannot be built.
+    """
+    return str(ensure_built())
+
+
+def packed_shape(n: int, k: int) -> tuple[int, int]:
+    """Shape of pack_ternary's output for weights [n, k]: [groups of 16 columns, bytes per group]."""
+    groups = -(-n // GROUP_COLS)
+    kp = -(-k // BLOCK_K) * BLOCK_K
+    return groups, kp * GROUP_COLS // 4
+
+
+def pack_ternary(w: np.ndarray) -> np.ndarray:
+    """Packs ternary weights w [N, K] (values -1, 0, 1) into BitLinear's 2-bit layout.
+
+    Columns are grouped by 16 and K is padded to a multiple of 16; each group is a stream of
+    64-byte blocks (16 columns x 16 k). Byte 4*j + t of block b holds the codes w + 1 of
+    column j at k = 16*b + 4*i + t in bits 2i..2i+1 (see custom_ops/src/kernels.h).
+    """
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"pack_ternary expects a 2-D array [N, K], got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.integer):
+        raise ValueError(f"pack_ternary expects integer ternary weights, got dtype {w.dtype}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("pack_ternary expects values in {-1, 0, 1}")
+    n, k = w.shape
+    groups, _ = packed_shape(n, k)
+    kp = -(-k // BLOCK_K) * BLOCK_K
+    codes = np.ones((groups * GROUP_COLS, kp), dtype=np.uint8)  # padding code 1 means w = 0
+    codes[:n, :k] = (w + 1).astype(np.uint8)
+    # [group, j, block, i, t] -> [group, block, i, j, t]
+    c = codes.reshape(groups, GROUP_COLS, kp // BLOCK_K, 4, 4).transpose(0, 2, 3, 1, 4)
+    packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
+    return np.ascontiguousarray(packed).reshape(packed_shape(n, k))
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(library_path())
+    lib.bitnet_resolve_kernel.restype = ctypes.c_char_p
+    lib.bitnet_resolve_kernel.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+def resolve_kernel(requested: str = "auto") -> str:
+    """The kernel BITNET_KERNEL=requested selects on this CPU ("" when it cannot run here)."""
+    return _library().bitnet_resolve_kernel(requested.encode()).decode()
+
+
+def available_kernels() -> list[str]:
+    """The kernels this CPU can run, reference first."""
+    return [k for k in KERNELS if resolve_kernel(k) == k]
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime.SessionOptions with the library registered and `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.register_custom_ops_library(library_path())
+    return so

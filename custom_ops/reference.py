@@ -1,0 +1,29 @@
+"""numpy reference of the bitnet ops' math, independent of the packed layout (for tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax int8 quantization of BitNet b1.58: returns (xq as int32, s) with
+    s = 127 / max(max|x|, 1e-5) and xq = clamp(round_half_even(x * s), -128, 127), float32 math.
+    Rows holding inf or NaN get s = NaN (so their outputs are NaN) and xq = 0."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = np.abs(x).max(axis=-1, keepdims=True)
+        bad = ~np.isfinite(x).all(axis=-1, keepdims=True)
+        s = np.float32(127.0) / np.maximum(amax, np.float32(1e-5))
+        xq = np.clip(np.round(x * s), -128, 127)
+    xq = np.where(bad, 0, xq).astype(np.int32)
+    s = np.where(bad, np.float32(np.nan), s).astype(np.float32)
+    return xq, s
+
+
+def bitlinear(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """y = (xq @ w^T) / s * S for x [..., K], ternary w [N, K], S [1] or [N] (float32)."""
+    xq, s = quantize_activations(x)
+    dot = (xq.reshape(-1, xq.shape[-1]).astype(np.int64) @ np.asarray(w, dtype=np.int64).T)
+    dot = dot.reshape(*xq.shape[:-1], w.shape[0]).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        return (dot / s) * np.asarray(scale, dtype=np.float32).reshape(-1)

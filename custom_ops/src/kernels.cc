@@ -1,0 +1,437 @@
+// BitLinear and MatMulF16 kernels: one plain C++ reference and its SIMD variants side by side.
+// The SIMD variants are compiled with per-function target attributes (the library itself is
+// built for baseline x86-64), so one binary runs on any x86-64 and dispatches at load time.
+// All BitLinear kernels produce bit-identical results: the int32 dot products are exact and
+// the float epilogue is the same two IEEE operations everywhere.
+
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define BITNET_X86 1
+#include <immintrin.h>
+#endif
+
+namespace bitnet {
+
+// ---- Activation quantization (shared by every kernel, so their inputs are identical) ---------
+
+// Adding and subtracting 1.5 * 2^23 rounds a float of magnitude < 2^22 to the nearest integer,
+// ties to even, in the default rounding mode: torch.round / numpy.round semantics, and unlike
+// nearbyintf it vectorizes without -ffast-math. |x * s| <= 127 (+1 ulp) here.
+static inline float round_half_even(float v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+#if BITNET_X86
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                   int8_t* xq, int32_t* xsum, float* xscale) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * K;
+    int8_t* qr = xq + m * Kp;
+    // max |x| on the bit patterns: for non-negative floats the integer order is the float
+    // order, and anything >= 0x7f800000 is inf or NaN. Integer max vectorizes; float max of
+    // NaN-carrying data would not be well defined.
+    uint32_t max_bits = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, xr + k, 4);
+      bits &= 0x7fffffffu;
+      max_bits = bits > max_bits ? bits : max_bits;
+    }
+    if (max_bits >= 0x7f800000u) {  // inf or NaN in the row: outputs NaN (documented)
+      std::memset(qr, 0, static_cast<size_t>(Kp));
+      xsum[m] = 0;
+      xscale[m] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    float amax;
+    std::memcpy(&amax, &max_bits, 4);
+    const float s = 127.0f / std::max(amax, 1e-5f);
+    int32_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = round_half_even(xr[k] * s);
+      v = std::min(std::max(v, -128.0f), 127.0f);
+      const int8_t q = static_cast<int8_t>(v);
+      qr[k] = q;
+      sum += q;
+    }
+    for (int64_t k = K; k < Kp; ++k) qr[k] = 0;
+    xsum[m] = sum;
+    xscale[m] = s;
+  }
+}
+
+// Four int8 activations as one int32 (memcpy: no aliasing or alignment assumptions).
+static inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The epilogue every BitLinear kernel shares: y = (xq . w) / s * S.
+static inline float bitlinear_output(const BitLinearProblem& p, int64_t m, int64_t n, int32_t dot) {
+  return static_cast<float>(dot) / p.xscale[m] * p.S[p.per_channel_scale ? n : 0];
+}
+
+// ---- BitLinear: reference ------------------------------------------------------------------
+
+static void bitlinear_reference(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* xr = p.xq + m * p.Kp;
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+      for (int64_t j = 0; j < kGroupCols; ++j) {
+        const int64_t n = g * kGroupCols + j;
+        if (n >= p.N) break;
+        int32_t dot = 0;
+        for (int64_t b = 0; b < nblocks; ++b) {
+          for (int i = 0; i < 4; ++i) {
+            for (int t = 0; t < 4; ++t) {
+              const int w = ((wg[b * kBlockBytes + j * 4 + t] >> (2 * i)) & 3) - 1;
+              dot += w * xr[b * kBlockK + i * 4 + t];
+            }
+          }
+        }
+        p.y[m * p.N + n] = bitlinear_output(p, m, n, dot);
+      }
+    }
+  }
+}
+
+// ---- MatMulF16: reference ------------------------------------------------------------------
+
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
+  } else if (mant == 0) {
+    bits = sign;  // zero
+  } else {
+    // subnormal half: value = mant * 2^-24, exactly representable as a float
+    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+static void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = p.x + m * p.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* wr = p.w + n * p.K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < p.K; ++k) acc += xr[k] * half_to_float(wr[k]);
+      p.y[m * p.N + n] = acc;
+    }
+  }
+}
+
+#if BITNET_X86
+
+// ---- BitLinear: AVX2 -----------------------------------------------------------------------
+// vpmaddubsw (u8 codes x s8 activations -> int16 pairs) then vpmaddwd with ones -> int32.
+// The four int16 products of a block (codes <= 2, |x| <= 128) sum to at most 2048: no
+// saturation. Each 64-byte block is two 32-byte halves: columns 0-7 and 8-15 of the group.
+
+#define BITNET_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <int MR>
+BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < nblocks; ++b) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * kBlockBytes + h * 32));
+      const __m256i c0 = _mm256_and_si256(packed, mask);
+      const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
+      const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+      const __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(packed, 6), mask);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* xr = p.xq + (m0 + m) * p.Kp + b * kBlockK;
+        __m256i s = _mm256_maddubs_epi16(c0, _mm256_set1_epi32(load4(xr)));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_set1_epi32(load4(xr + 4))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_set1_epi32(load4(xr + 8))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_set1_epi32(load4(xr + 12))));
+        acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(s, ones));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(32) int32_t dots[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dots), acc[m][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8), acc[m][1]);
+    const int64_t row = m0 + m;
+    for (int64_t j = 0; j < kGroupCols && g * kGroupCols + j < p.N; ++j) {
+      const int64_t n = g * kGroupCols + j;
+      p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[j] - p.xsum[row]);
+    }
+  }
+}
+
+BITNET_AVX2 static void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) bitlinear_avx2_tile<4>(p, m, g);
+    switch (m1 - m) {
+      case 3: bitlinear_avx2_tile<3>(p, m, g); break;
+      case 2: bitlinear_avx2_tile<2>(p, m, g); break;
+      case 1: bitlinear_avx2_tile<1>(p, m, g); break;
+      default: break;
+    }
+  }
+}
+
+// ---- BitLinear: AVX-512 VNNI ---------------------------------------------------------------
+// One 64-byte block -> four code vectors; each vpdpbusd multiplies 16 columns x 4 k with the
+// 4 activations broadcast from memory. A tile is MR rows x NG groups (16 columns each).
+// With few accumulators (decode, M = 1) each is split in four independent chains so the
+// vpdpbusd latency is hidden.
+
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+template <int MR, int NG>
+BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t m0, int64_t g0) {
+  constexpr int SPLIT = (MR * NG >= 4) ? 1 : 4;
+  const int64_t nblocks = p.Kp / kBlockK;
+  const __m512i mask = _mm512_set1_epi8(3);
+  const uint8_t* wg[NG];
+  for (int j = 0; j < NG; ++j) wg[j] = p.w + (g0 + j) * nblocks * kBlockBytes;
+  const int8_t* xrow[MR];
+  for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
+
+  __m512i acc[MR][NG][SPLIT];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NG; ++j)
+      for (int s = 0; s < SPLIT; ++s) acc[m][j][s] = _mm512_setzero_si512();
+
+  for (int64_t b = 0; b < nblocks; ++b) {
+    __m512i c[NG][4];
+#pragma GCC unroll 2
+    for (int j = 0; j < NG; ++j) {
+      const __m512i packed = _mm512_loadu_si512(wg[j] + b * kBlockBytes);
+      c[j][0] = _mm512_and_si512(packed, mask);
+      c[j][1] = _mm512_and_si512(_mm512_srli_epi16(packed, 2), mask);
+      c[j][2] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
+      c[j][3] = _mm512_and_si512(_mm512_srli_epi16(packed, 6), mask);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* xr = xrow[m] + b * kBlockK;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512i xb = _mm512_set1_epi32(load4(xr + 4 * i));
+#pragma GCC unroll 2
+        for (int j = 0; j < NG; ++j) acc[m][j][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][j][i % SPLIT], c[j][i], xb);
+      }
+    }
+  }
+
+  for (int m = 0; m < MR; ++m) {
+    const int64_t row = m0 + m;
+    const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
+    const __m512 inv = _mm512_set1_ps(p.xscale[row]);
+    for (int j = 0; j < NG; ++j) {
+      __m512i dot = acc[m][j][0];
+      for (int s = 1; s < SPLIT; ++s) dot = _mm512_add_epi32(dot, acc[m][j][s]);
+      dot = _mm512_sub_epi32(dot, xsum);
+      const int64_t n0 = (g0 + j) * kGroupCols;
+      const int64_t valid = std::min<int64_t>(kGroupCols, p.N - n0);
+      const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
+      const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
+      // Same two IEEE operations as bitlinear_output: (dot / s) * S.
+      const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), inv), scale);
+      _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
+    }
+  }
+}
+
+template <int NG>
+BITNET_AVX512 static void bitlinear_vnni_rows(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g) {
+  constexpr int MR = 6;  // 6 rows x 2 groups = 12 accumulators + 8 code vectors: fits 32 zmm
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) bitlinear_vnni_tile<MR, NG>(p, m, g);
+  switch (m1 - m) {
+    case 5: bitlinear_vnni_tile<5, NG>(p, m, g); break;
+    case 4: bitlinear_vnni_tile<4, NG>(p, m, g); break;
+    case 3: bitlinear_vnni_tile<3, NG>(p, m, g); break;
+    case 2: bitlinear_vnni_tile<2, NG>(p, m, g); break;
+    case 1: bitlinear_vnni_tile<1, NG>(p, m, g); break;
+    default: break;
+  }
+}
+
+BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
+  int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) bitlinear_vnni_rows<2>(p, m0, m1, g);
+  if (g < g1) bitlinear_vnni_rows<1>(p, m0, m1, g);
+}
+
+// ---- MatMulF16: AVX2 + F16C + FMA ----------------------------------------------------------
+// Tile of MR rows x NR weight rows; each accumulator holds 8 partial sums along k.
+
+BITNET_AVX2 static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR, int NR>
+BITNET_AVX2 static void matmul_f16_avx2_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t kmain = p.K / 8 * 8;
+  for (int64_t k = 0; k < kmain; k += 8) {
+    __m256 w[NR];
+    for (int r = 0; r < NR; ++r)
+      w[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + (n0 + r) * p.K + k)));
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_loadu_ps(p.x + (m0 + m) * p.K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum256(acc[m][r]);
+      for (int64_t k = kmain; k < p.K; ++k)
+        s += p.x[(m0 + m) * p.K + k] * _cvtsh_ss(p.w[(n0 + r) * p.K + k]);
+      p.y[(m0 + m) * p.N + n0 + r] = s;
+    }
+  }
+}
+
+// ---- MatMulF16: AVX-512 --------------------------------------------------------------------
+
+template <int MR, int NR>
+BITNET_AVX512 static void matmul_f16_avx512_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 16) {
+    const int64_t left = p.K - k;
+    const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    __m512 w[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r)
+      w[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, p.w + (n0 + r) * p.K + k));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(keep, p.x + (m0 + m) * p.K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// Walks [m0, m1) x [n0, n1) in MR x NR tiles with smaller tiles for the edges.
+template <int MR, int NR, void (*Tile)(const MatMulF16Problem&, int64_t, int64_t),
+          void (*Row1)(const MatMulF16Problem&, int64_t, int64_t),
+          void (*Col1)(const MatMulF16Problem&, int64_t, int64_t),
+          void (*One)(const MatMulF16Problem&, int64_t, int64_t)>
+static inline void matmul_f16_tiles(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  int64_t m = m0;
+  for (; m + MR <= m1; m += MR) {
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) Tile(p, m, n);
+    for (; n < n1; ++n) Col1(p, m, n);
+  }
+  for (; m < m1; ++m) {
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) Row1(p, m, n);
+    for (; n < n1; ++n) One(p, m, n);
+  }
+}
+
+BITNET_AVX2 static void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  matmul_f16_tiles<2, 4, matmul_f16_avx2_tile<2, 4>, matmul_f16_avx2_tile<1, 4>, matmul_f16_avx2_tile<2, 1>,
+                   matmul_f16_avx2_tile<1, 1>>(p, m0, m1, n0, n1);
+}
+
+BITNET_AVX512 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  matmul_f16_tiles<4, 4, matmul_f16_avx512_tile<4, 4>, matmul_f16_avx512_tile<1, 4>, matmul_f16_avx512_tile<4, 1>,
+                   matmul_f16_avx512_tile<1, 1>>(p, m0, m1, n0, n1);
+}
+
+#endif  // BITNET_X86
+
+// ---- Dispatch ------------------------------------------------------------------------------
+
+static const KernelSet kReference = {"reference", bitlinear_reference, matmul_f16_reference};
+#if BITNET_X86
+static const KernelSet kAvx2 = {"avx2", bitlinear_avx2, matmul_f16_avx2};
+static const KernelSet kAvx512Vnni = {"avx512vnni", bitlinear_vnni, matmul_f16_avx512};
+
+static bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+static bool cpu_has_avx512vnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+
+bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
+  const std::string name = (requested && *requested) ? requested : "auto";
+  if (name == "reference") {
+    *out = kReference;
+    return true;
+  }
+#if BITNET_X86
+  if (name == "auto") {
+    *out = cpu_has_avx512vnni() ? kAvx512Vnni : cpu_has_avx2() ? kAvx2 : kReference;
+    return true;
+  }
+  if (name == "avx2" || name == "avx512vnni") {
+    const bool vnni = name == "avx512vnni";
+    if (vnni ? !cpu_has_avx512vnni() : !cpu_has_avx2()) {
+      *error = "BITNET_KERNEL=" + name + " was requested but this CPU lacks the instructions (" +
+               (vnni ? "AVX-512 F/BW/VL/VNNI" : "AVX2/FMA/F16C") + ")";
+      return false;
+    }
+    *out = vnni ? kAvx512Vnni : kAvx2;
+    return true;
+  }
+#else
+  if (name == "auto") {
+    *out = kReference;
+    return true;
+  }
+  if (name == "avx2" || name == "avx512vnni") {
+    *error = "BITNET_KERNEL=" + name + " was requested but this library was built for a non-x86 CPU";
+    return false;
+  }
+#endif
+  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avx512vnni or auto";
+  return false;
+}
+
+}  // namespace bitnet

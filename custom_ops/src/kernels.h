@@ -1,0 +1,74 @@
+// Kernels of the bitnet custom ops: plain C++ references and their SIMD variants,
+// chosen once per session registration from the CPU's features.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace bitnet {
+
+// ---- BitLinear ---------------------------------------------------------------------------
+//
+// Packed weight layout (the only producer is custom_ops.pack_ternary in Python):
+// columns (outputs n) are grouped by 16 and the reduction axis k is padded to Kp, a multiple
+// of 16. Each group is a contiguous stream of Kp/16 blocks of 64 bytes; a block covers the
+// 16 columns x 16 values of k. Byte 4*j + t of block b holds four 2-bit codes c = w + 1 for
+// column 16*g + j at k = 16*b + 4*i + t, code i in bits 2i..2i+1.
+// So one 64-byte load, shifted by 2i and masked, is 16 int32 lanes (one per column) of four
+// consecutive k: exactly the operand shape of vpdpbusd (u8 codes x s8 activations).
+// Since codes are w + 1, sum(c * x) = sum(w * x) + sum(x); kernels subtract sum(x).
+constexpr int64_t kGroupCols = 16;   // output columns per group
+constexpr int64_t kBlockK = 16;      // k values per 64-byte block
+constexpr int64_t kBlockBytes = 64;
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+inline int64_t packed_bytes(int64_t n, int64_t k) {
+  return round_up(n, kGroupCols) * round_up(k, kBlockK) / 4;
+}
+
+// One BitLinear call, after activation quantization.
+struct BitLinearProblem {
+  const int8_t* xq;        // [M, Kp] quantized activations, zero padded past K
+  const int32_t* xsum;     // [M] sum of each row of xq
+  const float* xscale;     // [M] s = 127 / max|x|; NaN for rows with inf/NaN
+  const uint8_t* w;        // packed weights, [N/16 groups][Kp/16 blocks][64]
+  const float* S;          // [1] or [N]: output multiplier
+  bool per_channel_scale;  // S has N entries
+  float* y;                // [M, N]
+  int64_t M, N, Kp;
+};
+
+// Computes y for rows [m0, m1) and column groups [g0, g1).
+using BitLinearKernel = void (*)(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+
+// Quantizes rows [m0, m1) of x [M, K] into xq [M, Kp] per the BitNet b1.58 recipe:
+// s = 127 / max(max|x|, 1e-5), xq = clamp(round_half_even(x * s), -128, 127).
+// A row holding inf or NaN gets xq = 0 and s = NaN, so its outputs are NaN (defined, no UB).
+void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
+                   int8_t* xq, int32_t* xsum, float* xscale);
+
+// ---- MatMulF16: y[M, N] = x[M, K] @ w[N, K]^T with float16 weights (the tied embedding) ----
+
+struct MatMulF16Problem {
+  const float* x;     // [M, K]
+  const uint16_t* w;  // [N, K] IEEE half bits
+  float* y;           // [M, N]
+  int64_t M, N, K;
+};
+using MatMulF16Kernel = void (*)(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// ---- Dispatch ----------------------------------------------------------------------------
+
+struct KernelSet {
+  const char* name;  // "reference", "avx2" or "avx512vnni"
+  BitLinearKernel bitlinear;
+  MatMulF16Kernel matmul_f16;
+};
+
+// The kernel set named by BITNET_KERNEL (reference|avx2|avx512vnni|auto, default auto: the
+// best this CPU runs). Returns false with a message when the name is unknown or the CPU
+// lacks the instructions.
+bool select_kernels(const char* requested, KernelSet* out, std::string* error);
+
+}  // namespace bitnet

@@ -1,0 +1,373 @@
+// ONNX Runtime glue for the bitnet custom ops: validates inputs, quantizes activations and
+// splits the work over ONNX Runtime's intra-op thread pool. The math lives in kernels.cc.
+//
+//   BitLinear(X float32 [..., K], W uint8 packed, S float32 [1] or [N]; attrs K, N)
+//     -> Y float32 [..., N] = (xq . w) / s * S, xq/s the per-row int8 quantization of X.
+//   MatMulF16(X float32 [..., K], W float16 [N, K]) -> Y float32 [..., N] = X @ W^T.
+//
+// Every error becomes an OrtStatus naming the node and the problem; nothing throws across
+// the C boundary.
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+using bitnet::KernelSet;
+
+OrtStatus* error_status(OrtErrorCode code, const std::string& message) {
+  return Ort::GetApi().CreateStatus(code, message.c_str());
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+std::string node_label(const char* op, const std::string& node) {
+  return std::string(op) + " node '" + node + "'";
+}
+
+// Runs fn(data, i) for i in [0, items) on the session's intra-op pool (inline without one).
+void parallel_for(Ort::KernelContext& ctx, size_t items, void (*fn)(void*, size_t), void* data) {
+  if (items == 1) {
+    fn(data, 0);
+    return;
+  }
+  ctx.ParallelFor(fn, items, 0, data);
+}
+
+// Reads the node's name and a required positive int attribute.
+OrtStatus* read_node_name(const OrtApi& api, const OrtKernelInfo* info, std::string* name) {
+  size_t size = 0;
+  if (OrtStatus* st = api.KernelInfo_GetNodeName(info, nullptr, &size)) return st;
+  std::string buf(size, '\0');
+  if (OrtStatus* st = api.KernelInfo_GetNodeName(info, buf.data(), &size)) return st;
+  *name = std::string(buf.c_str());
+  return nullptr;
+}
+
+OrtStatus* read_positive_attr(const OrtApi& api, const OrtKernelInfo* info, const std::string& label,
+                              const char* attr, int64_t* value) {
+  if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, attr, value)) {
+    api.ReleaseStatus(st);
+    return error_status(ORT_INVALID_ARGUMENT, label + ": missing required int attribute '" + attr + "'");
+  }
+  if (*value <= 0)
+    return error_status(ORT_INVALID_ARGUMENT,
+                        label + ": attribute '" + attr + "' must be positive, got " + std::to_string(*value));
+  return nullptr;
+}
+
+// Catches everything a compute body may throw and turns it into a status.
+template <typename Body>
+OrtStatus* guarded(const std::string& label, Body body) noexcept {
+  try {
+    return body();
+  } catch (const Ort::Exception& e) {
+    return error_status(e.GetOrtErrorCode(), label + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    return error_status(ORT_RUNTIME_EXCEPTION, label + ": out of memory");
+  } catch (const std::exception& e) {
+    return error_status(ORT_RUNTIME_EXCEPTION, label + ": " + e.what());
+  } catch (...) {
+    return error_status(ORT_RUNTIME_EXCEPTION, label + ": unknown error");
+  }
+}
+
+// ---- BitLinear -----------------------------------------------------------------------------
+
+struct BitLinearWork {
+  const bitnet::BitLinearProblem* problem;
+  bitnet::BitLinearKernel kernel;
+  const float* x;
+  int64_t K;
+  int64_t rows_per_item, groups_per_item, row_items;
+  bitnet::BitLinearProblem* mutable_problem;  // for quantization: writes xq, xsum, xscale
+  int8_t* xq;
+  int32_t* xsum;
+  float* xscale;
+};
+
+void quantize_item(void* data, size_t i) {
+  auto* w = static_cast<BitLinearWork*>(data);
+  const int64_t m0 = static_cast<int64_t>(i) * w->rows_per_item;
+  const int64_t m1 = std::min(m0 + w->rows_per_item, w->problem->M);
+  bitnet::quantize_rows(w->x, w->K, w->problem->Kp, m0, m1, w->xq, w->xsum, w->xscale);
+}
+
+void bitlinear_item(void* data, size_t i) {
+  auto* w = static_cast<BitLinearWork*>(data);
+  const auto& p = *w->problem;
+  // Consecutive items share a slice of weights (row blocks vary fastest), so that slice is
+  // read from memory once and then hits the cache.
+  const int64_t row_block = static_cast<int64_t>(i) % w->row_items;
+  const int64_t group_block = static_cast<int64_t>(i) / w->row_items;
+  const int64_t groups = bitnet::round_up(p.N, bitnet::kGroupCols) / bitnet::kGroupCols;
+  const int64_t m0 = row_block * w->rows_per_item, m1 = std::min(m0 + w->rows_per_item, p.M);
+  const int64_t g0 = group_block * w->groups_per_item, g1 = std::min(g0 + w->groups_per_item, groups);
+  w->kernel(p, m0, m1, g0, g1);
+}
+
+struct BitLinearKernelState {
+  int64_t K, N;
+  KernelSet kernels;
+  std::string label;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue X = ctx.GetInput(0), W = ctx.GetInput(1), S = ctx.GetInput(2);
+    const auto x_info = X.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> x_shape = x_info.GetShape();
+    if (x_shape.empty())
+      return error_status(ORT_INVALID_ARGUMENT, label + ": X must have rank >= 1 ([..., K]), got a scalar");
+    if (x_shape.back() != K)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": X has shape " + shape_string(x_shape) +
+                                                    " but its last dimension must equal attribute K=" + std::to_string(K));
+    const int64_t expected_w = bitnet::packed_bytes(N, K);
+    const int64_t w_count = W.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (w_count != expected_w)
+      return error_status(ORT_INVALID_ARGUMENT,
+                          label + ": W holds " + std::to_string(w_count) + " bytes but K=" + std::to_string(K) +
+                              ", N=" + std::to_string(N) + " need " + std::to_string(expected_w) +
+                              " (pack the ternary weights with custom_ops.pack_ternary)");
+    const int64_t s_count = S.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (s_count != 1 && s_count != N)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": S must hold 1 or N=" + std::to_string(N) +
+                                                    " values, got " + std::to_string(s_count));
+
+    std::vector<int64_t> y_shape = x_shape;
+    y_shape.back() = N;
+    Ort::UnownedValue Y = ctx.GetOutput(0, y_shape);
+    const int64_t M = x_info.GetElementCount() / K;
+    if (M == 0) return nullptr;
+
+    const int64_t Kp = bitnet::round_up(K, bitnet::kBlockK);
+    std::vector<int8_t> xq(static_cast<size_t>(M * Kp));
+    std::vector<int32_t> xsum(static_cast<size_t>(M));
+    std::vector<float> xscale(static_cast<size_t>(M));
+
+    bitnet::BitLinearProblem p{};
+    p.xq = xq.data();
+    p.xsum = xsum.data();
+    p.xscale = xscale.data();
+    p.w = W.GetTensorData<uint8_t>();
+    p.S = S.GetTensorData<float>();
+    p.per_channel_scale = s_count == N && N != 1;
+    p.y = Y.GetTensorMutableData<float>();
+    p.M = M;
+    p.N = N;
+    p.Kp = Kp;
+
+    BitLinearWork work{};
+    work.problem = &p;
+    work.kernel = kernels.bitlinear;
+    work.x = X.GetTensorData<float>();
+    work.K = K;
+    work.xq = xq.data();
+    work.xsum = xsum.data();
+    work.xscale = xscale.data();
+
+    // Quantize: rows in blocks of 16 (one item for decode).
+    work.rows_per_item = 16;
+    parallel_for(ctx, static_cast<size_t>((M + 15) / 16), quantize_item, &work);
+
+    // Multiply: decode-sized M splits columns only; prefill splits rows x columns so a block
+    // of activations stays in L1/L2 while a slice of weights streams through.
+    const int64_t groups = bitnet::round_up(N, bitnet::kGroupCols) / bitnet::kGroupCols;
+    if (M <= 6) {
+      work.rows_per_item = M;
+      work.groups_per_item = std::max<int64_t>(2, (groups + 31) / 32);
+      work.groups_per_item += work.groups_per_item % 2;  // kernels work on pairs of groups
+    } else {
+      work.rows_per_item = 48;
+      work.groups_per_item = 4;
+    }
+    work.row_items = (M + work.rows_per_item - 1) / work.rows_per_item;
+    const int64_t group_items = (groups + work.groups_per_item - 1) / work.groups_per_item;
+    parallel_for(ctx, static_cast<size_t>(work.row_items * group_items), bitlinear_item, &work);
+    return nullptr;
+  }
+};
+
+struct BitLinearOp : Ort::CustomOpBase<BitLinearOp, BitLinearKernelState, true> {
+  explicit BitLinearOp(const KernelSet& k) : kernels(k) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    std::string name;
+    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
+    auto state = std::make_unique<BitLinearKernelState>();
+    state->label = node_label("BitLinear", name);
+    state->kernels = kernels;
+    if (OrtStatus* st = read_positive_attr(api, info, state->label, "K", &state->K)) return st;
+    if (OrtStatus* st = read_positive_attr(api, info, state->label, "N", &state->N)) return st;
+    *kernel = state.release();
+    return nullptr;
+  }
+
+  const char* GetName() const { return "BitLinear"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  KernelSet kernels;
+};
+
+// ---- MatMulF16 -----------------------------------------------------------------------------
+
+struct MatMulF16Work {
+  const bitnet::MatMulF16Problem* problem;
+  bitnet::MatMulF16Kernel kernel;
+  int64_t rows_per_item, cols_per_item, row_items;
+};
+
+void matmul_f16_item(void* data, size_t i) {
+  auto* w = static_cast<MatMulF16Work*>(data);
+  const auto& p = *w->problem;
+  const int64_t row_block = static_cast<int64_t>(i) % w->row_items;
+  const int64_t col_block = static_cast<int64_t>(i) / w->row_items;
+  const int64_t m0 = row_block * w->rows_per_item, m1 = std::min(m0 + w->rows_per_item, p.M);
+  const int64_t n0 = col_block * w->cols_per_item, n1 = std::min(n0 + w->cols_per_item, p.N);
+  w->kernel(p, m0, m1, n0, n1);
+}
+
+struct MatMulF16KernelState {
+  KernelSet kernels;
+  std::string label;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue X = ctx.GetInput(0), W = ctx.GetInput(1);
+    const auto x_info = X.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> x_shape = x_info.GetShape();
+    const std::vector<int64_t> w_shape = W.GetTensorTypeAndShapeInfo().GetShape();
+    if (w_shape.size() != 2)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": W must be 2-D [N, K], got " + shape_string(w_shape));
+    const int64_t N = w_shape[0], K = w_shape[1];
+    if (x_shape.empty() || x_shape.back() != K)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": X has shape " + shape_string(x_shape) +
+                                                    " but its last dimension must equal W's K=" + std::to_string(K));
+    std::vector<int64_t> y_shape = x_shape;
+    y_shape.back() = N;
+    Ort::UnownedValue Y = ctx.GetOutput(0, y_shape);
+    const int64_t M = K ? x_info.GetElementCount() / K : 0;
+    float* y = Y.GetTensorMutableData<float>();
+    if (M == 0 || N == 0) return nullptr;
+    if (K == 0) {
+      std::fill(y, y + M * N, 0.0f);
+      return nullptr;
+    }
+    bitnet::MatMulF16Problem p{X.GetTensorData<float>(),
+                               reinterpret_cast<const uint16_t*>(W.GetTensorData<Ort::Float16_t>()), y, M, N, K};
+    MatMulF16Work work{&p, kernels.matmul_f16, 16, 64, 0};
+    work.row_items = (M + work.rows_per_item - 1) / work.rows_per_item;
+    const int64_t col_items = (N + work.cols_per_item - 1) / work.cols_per_item;
+    parallel_for(ctx, static_cast<size_t>(work.row_items * col_items), matmul_f16_item, &work);
+    return nullptr;
+  }
+};
+
+struct MatMulF16Op : Ort::CustomOpBase<MatMulF16Op, MatMulF16KernelState, true> {
+  explicit MatMulF16Op(const KernelSet& k) : kernels(k) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    auto state = std::make_unique<MatMulF16KernelState>();
+    std::string name;
+    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
+    state->label = node_label("MatMulF16", name);
+    state->kernels = kernels;
+    *kernel = state.release();
+    return nullptr;
+  }
+
+  const char* GetName() const { return "MatMulF16"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  KernelSet kernels;
+};
+
+// One registration: a domain holding both ops, bound to the kernel set chosen at that time.
+// Sessions keep raw pointers to these, so they live until the process ends.
+struct Registration {
+  BitLinearOp bitlinear;
+  MatMulF16Op matmul_f16;
+  Ort::CustomOpDomain domain{"bitnet"};
+  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k) {
+    domain.Add(&bitlinear);
+    domain.Add(&matmul_f16);
+  }
+};
+
+std::mutex registrations_mutex;
+std::vector<Registration*> registrations;  // intentionally never freed (see above)
+
+}  // namespace
+
+extern "C" {
+
+// Called by SessionOptions.register_custom_ops_library. The kernel set is chosen here, once
+// per registration, from BITNET_KERNEL and the CPU's features.
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    std::fprintf(stderr, "bitnet custom ops: this onnxruntime is older than the API version %d they were built for\n",
+                 ORT_API_VERSION);
+    return nullptr;  // no API to build a status with; registering nothing makes the model fail to load
+  }
+  Ort::InitApi(api);
+  KernelSet kernels{};
+  std::string error;
+  if (!bitnet::select_kernels(std::getenv("BITNET_KERNEL"), &kernels, &error))
+    return error_status(ORT_INVALID_ARGUMENT, "bitnet custom ops: " + error);
+  try {
+    auto reg = std::make_unique<Registration>(kernels);
+    Ort::UnownedSessionOptions session_options(options);
+    session_options.Add(reg->domain);
+    std::lock_guard<std::mutex> lock(registrations_mutex);
+    registrations.push_back(reg.release());
+  } catch (const std::exception& e) {
+    return error_status(ORT_RUNTIME_EXCEPTION, std::string("bitnet custom ops: registration failed: ") + e.what());
+  }
+  return nullptr;
+}
+
+// For tools and tests (via ctypes): the kernel that BITNET_KERNEL=requested resolves to on
+// this CPU, or an empty string when it cannot be used.
+__attribute__((visibility("default"))) const char* bitnet_resolve_kernel(const char* requested) {
+  KernelSet kernels{};
+  std::string error;
+  return bitnet::select_kernels(requested, &kernels, &error) ? kernels.name : "";
+}
+
+}  // extern "C"

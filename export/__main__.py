@@ -1,0 +1,42 @@
+"""Command line: python -m export SOURCE --out DIR."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ExportError
+from .exporter import DEFAULT_VARIANTS, export_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a BitNet b1.58 checkpoint (hub id or folder) to an ONNX model folder.")
+    parser.add_argument("source", help="hub id (org/name) or local checkpoint folder")
+    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated: ternary,int2,int4,fp32 (default: %(default)s)")
+    parser.add_argument("--lm-head", default="native", choices=["native", "int8"],
+                        help="lm_head precision: the checkpoint's (fp16/fp32) or int8 MatMulNBits")
+    parser.add_argument("--int2-block-size", type=int, default=256,
+                        help="MatMulNBits block size of the int2 baseline (default: %(default)s)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(args.source, args.out, args.variants, lm_head=args.lm_head,
+                          overwrite=args.overwrite, revision=args.revision,
+                          int2_block_size=args.int2_block_size,
+                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ExportError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("export interrupted; no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

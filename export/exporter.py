@@ -1,0 +1,111 @@
+"""Orchestration: checkpoint in, model folder out, one layer at a time for every variant."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .checkpoint import Checkpoint, linear_prefixes, open_checkpoint
+from .errors import ExportError
+from .external_data import ExternalDataWriter, save_model
+from .graph import DecoderGraph, LayerWeights, Projection
+from .model_folder import (atomic_output_dir, copy_tokenizer_files, model_config,
+                           tokenizer_metadata, write_config)
+from .source import resolve_source
+from .variants import VARIANT_NAMES, make_variant
+
+DEFAULT_VARIANTS = ("ternary", "int2")
+FP16_MAX = 65504.0
+
+
+def _stacked(ckpt: Checkpoint, prefixes: list[str]) -> Projection:
+    """Several projections sharing one input, stacked along the output axis."""
+    ws, ms = [], []
+    for prefix in prefixes:
+        lin = ckpt.linear(prefix)
+        ws.append(lin.w)
+        ms.append(np.full(lin.w.shape[0], lin.multiplier, dtype=np.float32))
+    return Projection(np.concatenate(ws, axis=0), np.concatenate(ms))
+
+
+def read_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:
+    names = linear_prefixes(ckpt.spec, layer)
+    p = f"model.layers.{layer}."
+    return LayerWeights(
+        input_norm=ckpt.float_tensor(p + "input_layernorm.weight"),
+        post_attention_norm=ckpt.float_tensor(p + "post_attention_layernorm.weight"),
+        attn_sub_norm=ckpt.float_tensor(p + "self_attn.attn_sub_norm.weight"),
+        ffn_sub_norm=ckpt.float_tensor(p + "mlp.ffn_sub_norm.weight"),
+        qkv=_stacked(ckpt, [names["q_proj"], names["k_proj"], names["v_proj"]]),
+        o=_stacked(ckpt, [names["o_proj"]]),
+        gate_up=_stacked(ckpt, [names["gate_proj"], names["up_proj"]]),
+        down=_stacked(ckpt, [names["down_proj"]]),
+    )
+
+
+def _embedding_storage(ckpt: Checkpoint, tables: list[np.ndarray]):
+    """fp16 when the checkpoint stores 16-bit floats that fit fp16's range (bf16 -> fp16 is
+    exact for normal values, ~3e-8 absolute below 6e-5), else fp32: the default keeps the
+    checkpoint's precision."""
+    names = ["model.embed_tokens.weight"] + ([] if ckpt.spec.tie_word_embeddings else ["lm_head.weight"])
+    if all(ckpt.dtype_of(n) in ("BF16", "F16") for n in names) and \
+            all(float(np.abs(t).max()) <= FP16_MAX for t in tables):
+        return np.float16
+    return np.float32
+
+
+def parse_variants(text: str | list | tuple) -> list[str]:
+    names = [v.strip() for v in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [v for v in names if v not in VARIANT_NAMES]
+    if unknown or not names:
+        raise ExportError(f"unknown variant(s) {unknown}; choose from {','.join(VARIANT_NAMES)}")
+    return list(dict.fromkeys(names))
+
+
+def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, lm_head: str = "native",
+                      overwrite: bool = False, revision: str | None = None, int2_block_size: int = 256,
+                      progress=print) -> str:
+    """Export SOURCE (hub id or folder) to the model folder out_dir; return out_dir."""
+    names = parse_variants(variants)
+    if lm_head not in ("native", "int8"):
+        raise ExportError(f"--lm-head must be native or int8, not {lm_head!r}")
+    started = time.time()
+    folder = resolve_source(source, revision)
+    ckpt = open_checkpoint(folder)
+    spec = ckpt.spec
+    token_meta = tokenizer_metadata(folder, spec)
+    try:
+        variant_objs = [make_variant(n, lm_head, int2_block_size) for n in names]
+    except ImportError as e:
+        raise ExportError(f"the ternary variant needs the custom_ops package: {e}") from None
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writers = [ExternalDataWriter(tmp, v.file_name + ".data") for v in variant_objs]
+        graphs = [DecoderGraph(spec, v, w) for v, w in zip(variant_objs, writers)]
+        embedding = ckpt.embedding()
+        head = None if spec.tie_word_embeddings else ckpt.lm_head()
+        storage = _embedding_storage(ckpt, [embedding] + ([] if head is None else [head]))
+        for g in graphs:
+            g.embed(embedding, head, storage)
+        del embedding, head
+        for layer in range(spec.num_layers):
+            weights = read_layer(ckpt, layer)
+            for g in graphs:
+                g.add_layer(layer, weights)
+            progress(f"layer {layer + 1}/{spec.num_layers} done ({time.time() - started:.0f} s)")
+        final_norm = ckpt.float_tensor("model.norm.weight")
+        for g, v, w in zip(graphs, variant_objs, writers):
+            model = g.finish(final_norm, producer="bitnet-onnx export")
+            save_model(model, os.path.join(tmp, v.file_name))
+            w.close()
+            progress(f"wrote {v.file_name} (+ {w.bytes_written / 2**20:.0f} MiB of weights)")
+        copy_tokenizer_files(folder, tmp)
+        extra = {"lm_head": lm_head, "embedding_dtype": np.dtype(storage).name,
+                 "int2_block_size": int2_block_size if "int2" in names else None}
+        # Written last: a folder with bitnet_onnx.json is complete.
+        write_config(tmp, model_config(spec, source, token_meta,
+                                       {v.name: v.file_name for v in variant_objs}, extra))
+    progress(f"exported {source} to {out_dir} in {time.time() - started:.0f} s")
+    return out_dir

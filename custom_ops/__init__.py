@@ -20,8 +20,9 @@ from .build import BuildError, ensure_built
 DOMAIN = "bitnet"
 KERNELS = ("reference", "avx2", "avx512vnni")
 
-GROUP_COLS = 16  # output columns per packed group (one int32 lane each in a 512-bit register)
-BLOCK_K = 16     # reduction values per 64-byte block
+GROUP_COLS = 32  # output columns per packed group: two 16-lane halves of a 128-byte block
+HALF_COLS = 16   # columns per 64-byte half (one int32 lane each in a 512-bit register)
+BLOCK_K = 16     # reduction values per block
 
 __all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
            "available_kernels", "session_options"]
@@ -36,7 +37,7 @@ def library_path() -> str:
 
 
 def packed_shape(n: int, k: int) -> tuple[int, int]:
-    """Shape of pack_ternary's output for weights [n, k]: [groups of 16 columns, bytes per group]."""
+    """Shape of pack_ternary's output for weights [n, k]: [groups of 32 columns, bytes per group]."""
     groups = -(-n // GROUP_COLS)
     kp = -(-k // BLOCK_K) * BLOCK_K
     return groups, kp * GROUP_COLS // 4
@@ -45,9 +46,10 @@ def packed_shape(n: int, k: int) -> tuple[int, int]:
 def pack_ternary(w: np.ndarray) -> np.ndarray:
     """Packs ternary weights w [N, K] (values -1, 0, 1) into BitLinear's 2-bit layout.
 
-    Columns are grouped by 16 and K is padded to a multiple of 16; each group is a stream of
-    64-byte blocks (16 columns x 16 k). Byte 4*j + t of block b holds the codes w + 1 of
-    column j at k = 16*b + 4*i + t in bits 2i..2i+1 (see custom_ops/src/kernels.h).
+    Columns are grouped by 32 and K is padded to a multiple of 16; each group is a stream of
+    128-byte blocks (32 columns x 16 k) made of two 64-byte halves (columns 16h .. 16h+15).
+    Byte 4*j + t of half h holds the codes w + 1 of column 16h + j at k = 16*b + 4*i + t in
+    bits 2i..2i+1 (see custom_ops/src/kernels.h).
     """
     w = np.asarray(w)
     if w.ndim != 2:
@@ -61,8 +63,8 @@ def pack_ternary(w: np.ndarray) -> np.ndarray:
     kp = -(-k // BLOCK_K) * BLOCK_K
     codes = np.ones((groups * GROUP_COLS, kp), dtype=np.uint8)  # padding code 1 means w = 0
     codes[:n, :k] = (w + 1).astype(np.uint8)
-    # [group, j, block, i, t] -> [group, block, i, j, t]
-    c = codes.reshape(groups, GROUP_COLS, kp // BLOCK_K, 4, 4).transpose(0, 2, 3, 1, 4)
+    # [group, half, j, block, i, t] -> [group, block, i, half, j, t]
+    c = codes.reshape(groups, 2, HALF_COLS, kp // BLOCK_K, 4, 4).transpose(0, 3, 4, 1, 2, 5)
     packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
     return np.ascontiguousarray(packed).reshape(packed_shape(n, k))
 

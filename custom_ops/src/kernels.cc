@@ -90,14 +90,15 @@ static void bitlinear_reference(const BitLinearProblem& p, int64_t m0, int64_t m
     const int8_t* xr = p.xq + m * p.Kp;
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
-      for (int64_t j = 0; j < kGroupCols; ++j) {
-        const int64_t n = g * kGroupCols + j;
+      for (int64_t c = 0; c < kGroupCols; ++c) {
+        const int64_t n = g * kGroupCols + c;
         if (n >= p.N) break;
+        const int64_t offset = (c / kHalfCols) * 64 + (c % kHalfCols) * 4;  // half, then lane
         int32_t dot = 0;
         for (int64_t b = 0; b < nblocks; ++b) {
           for (int i = 0; i < 4; ++i) {
             for (int t = 0; t < 4; ++t) {
-              const int w = ((wg[b * kBlockBytes + j * 4 + t] >> (2 * i)) & 3) - 1;
+              const int w = ((wg[b * kBlockBytes + offset + t] >> (2 * i)) & 3) - 1;
               dot += w * xr[b * kBlockK + i * 4 + t];
             }
           }
@@ -159,12 +160,13 @@ BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m
   const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[MR][2];
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  __m256i acc[MR][4];  // four quarters of the block: columns 8q .. 8q+7 of the group
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_si256();
   for (int64_t b = 0; b < nblocks; ++b) {
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * kBlockBytes + h * 32));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * kBlockBytes + q * 32));
       const __m256i c0 = _mm256_and_si256(packed, mask);
       const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 2), mask);
       const __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
@@ -176,18 +178,17 @@ BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_set1_epi32(load4(xr + 4))));
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_set1_epi32(load4(xr + 8))));
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_set1_epi32(load4(xr + 12))));
-        acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(s, ones));
+        acc[m][q] = _mm256_add_epi32(acc[m][q], _mm256_madd_epi16(s, ones));
       }
     }
   }
   for (int m = 0; m < MR; ++m) {
-    alignas(32) int32_t dots[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(dots), acc[m][0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8), acc[m][1]);
+    alignas(32) int32_t dots[kGroupCols];
+    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[m][q]);
     const int64_t row = m0 + m;
-    for (int64_t j = 0; j < kGroupCols && g * kGroupCols + j < p.N; ++j) {
-      const int64_t n = g * kGroupCols + j;
-      p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[j] - p.xsum[row]);
+    for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
+      const int64_t n = g * kGroupCols + c;
+      p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
     }
   }
 }
@@ -195,48 +196,47 @@ BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m
 BITNET_AVX2 static void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) bitlinear_avx2_tile<4>(p, m, g);
-    switch (m1 - m) {
-      case 3: bitlinear_avx2_tile<3>(p, m, g); break;
-      case 2: bitlinear_avx2_tile<2>(p, m, g); break;
-      case 1: bitlinear_avx2_tile<1>(p, m, g); break;
-      default: break;
-    }
+    for (; m + 2 <= m1; m += 2) bitlinear_avx2_tile<2>(p, m, g);
+    if (m < m1) bitlinear_avx2_tile<1>(p, m, g);
   }
 }
 
 // ---- BitLinear: AVX-512 VNNI ---------------------------------------------------------------
-// One 64-byte block -> four code vectors; each vpdpbusd multiplies 16 columns x 4 k with the
-// 4 activations broadcast from memory. A tile is MR rows x NG groups (16 columns each).
-// With few accumulators (decode, M = 1) each is split in four independent chains so the
-// vpdpbusd latency is hidden.
+// A 128-byte block -> 2 halves x 4 code vectors; each vpdpbusd multiplies 16 columns x 4 k
+// with the 4 activations broadcast. A tile is MR rows x one group (32 columns). With one row
+// (decode) each accumulator is split in two independent chains to hide vpdpbusd's latency.
 
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-template <int MR, int NG>
-BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t m0, int64_t g0) {
-  constexpr int SPLIT = (MR * NG >= 4) ? 1 : 4;
+constexpr int64_t kPrefetchBytes = 1024;  // ahead on the weight stream: the hardware
+                                          // prefetcher alone leaves a core at half bandwidth
+
+template <int MR>
+BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
+  constexpr int SPLIT = MR >= 2 ? 1 : 2;
   const int64_t nblocks = p.Kp / kBlockK;
   const __m512i mask = _mm512_set1_epi8(3);
-  const uint8_t* wg[NG];
-  for (int j = 0; j < NG; ++j) wg[j] = p.w + (g0 + j) * nblocks * kBlockBytes;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
   const int8_t* xrow[MR];
   for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
 
-  __m512i acc[MR][NG][SPLIT];
+  __m512i acc[MR][2][SPLIT];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NG; ++j)
-      for (int s = 0; s < SPLIT; ++s) acc[m][j][s] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h)
+      for (int s = 0; s < SPLIT; ++s) acc[m][h][s] = _mm512_setzero_si512();
 
   for (int64_t b = 0; b < nblocks; ++b) {
-    __m512i c[NG][4];
+    const uint8_t* block = wg + b * kBlockBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64), _MM_HINT_T0);
+    __m512i c[2][4];
 #pragma GCC unroll 2
-    for (int j = 0; j < NG; ++j) {
-      const __m512i packed = _mm512_loadu_si512(wg[j] + b * kBlockBytes);
-      c[j][0] = _mm512_and_si512(packed, mask);
-      c[j][1] = _mm512_and_si512(_mm512_srli_epi16(packed, 2), mask);
-      c[j][2] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
-      c[j][3] = _mm512_and_si512(_mm512_srli_epi16(packed, 6), mask);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i packed = _mm512_loadu_si512(block + 64 * h);
+      c[h][0] = _mm512_and_si512(packed, mask);
+      c[h][1] = _mm512_and_si512(_mm512_srli_epi16(packed, 2), mask);
+      c[h][2] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), mask);
+      c[h][3] = _mm512_and_si512(_mm512_srli_epi16(packed, 6), mask);
     }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -244,8 +244,8 @@ BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const __m512i xb = _mm512_set1_epi32(load4(xr + 4 * i));
-#pragma GCC unroll 2
-        for (int j = 0; j < NG; ++j) acc[m][j][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][j][i % SPLIT], c[j][i], xb);
+        acc[m][0][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][0][i % SPLIT], c[0][i], xb);
+        acc[m][1][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][1][i % SPLIT], c[1][i], xb);
       }
     }
   }
@@ -253,41 +253,37 @@ BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t
   for (int m = 0; m < MR; ++m) {
     const int64_t row = m0 + m;
     const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
-    const __m512 inv = _mm512_set1_ps(p.xscale[row]);
-    for (int j = 0; j < NG; ++j) {
-      __m512i dot = acc[m][j][0];
-      for (int s = 1; s < SPLIT; ++s) dot = _mm512_add_epi32(dot, acc[m][j][s]);
+    const __m512 xscale = _mm512_set1_ps(p.xscale[row]);
+    for (int h = 0; h < 2; ++h) {
+      __m512i dot = acc[m][h][0];
+      for (int s = 1; s < SPLIT; ++s) dot = _mm512_add_epi32(dot, acc[m][h][s]);
       dot = _mm512_sub_epi32(dot, xsum);
-      const int64_t n0 = (g0 + j) * kGroupCols;
-      const int64_t valid = std::min<int64_t>(kGroupCols, p.N - n0);
+      const int64_t n0 = g * kGroupCols + h * kHalfCols;
+      if (n0 >= p.N) break;
+      const int64_t valid = std::min<int64_t>(kHalfCols, p.N - n0);
       const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
       const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
       // Same two IEEE operations as bitlinear_output: (dot / s) * S.
-      const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), inv), scale);
+      const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), xscale), scale);
       _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
     }
   }
 }
 
-template <int NG>
-BITNET_AVX512 static void bitlinear_vnni_rows(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g) {
-  constexpr int MR = 6;  // 6 rows x 2 groups = 12 accumulators + 8 code vectors: fits 32 zmm
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) bitlinear_vnni_tile<MR, NG>(p, m, g);
-  switch (m1 - m) {
-    case 5: bitlinear_vnni_tile<5, NG>(p, m, g); break;
-    case 4: bitlinear_vnni_tile<4, NG>(p, m, g); break;
-    case 3: bitlinear_vnni_tile<3, NG>(p, m, g); break;
-    case 2: bitlinear_vnni_tile<2, NG>(p, m, g); break;
-    case 1: bitlinear_vnni_tile<1, NG>(p, m, g); break;
-    default: break;
-  }
-}
-
 BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
-  int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) bitlinear_vnni_rows<2>(p, m0, m1, g);
-  if (g < g1) bitlinear_vnni_rows<1>(p, m0, m1, g);
+  constexpr int MR = 6;  // 6 rows x 2 halves = 12 accumulators + 8 code vectors: fits 32 zmm
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t m = m0;
+    for (; m + MR <= m1; m += MR) bitlinear_vnni_tile<MR>(p, m, g);
+    switch (m1 - m) {
+      case 5: bitlinear_vnni_tile<5>(p, m, g); break;
+      case 4: bitlinear_vnni_tile<4>(p, m, g); break;
+      case 3: bitlinear_vnni_tile<3>(p, m, g); break;
+      case 2: bitlinear_vnni_tile<2>(p, m, g); break;
+      case 1: bitlinear_vnni_tile<1>(p, m, g); break;
+      default: break;
+    }
+  }
 }
 
 // ---- MatMulF16: AVX2 + F16C + FMA ----------------------------------------------------------

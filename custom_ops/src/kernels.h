@@ -11,16 +11,18 @@ namespace bitnet {
 // ---- BitLinear ---------------------------------------------------------------------------
 //
 // Packed weight layout (the only producer is custom_ops.pack_ternary in Python):
-// columns (outputs n) are grouped by 16 and the reduction axis k is padded to Kp, a multiple
-// of 16. Each group is a contiguous stream of Kp/16 blocks of 64 bytes; a block covers the
-// 16 columns x 16 values of k. Byte 4*j + t of block b holds four 2-bit codes c = w + 1 for
-// column 16*g + j at k = 16*b + 4*i + t, code i in bits 2i..2i+1.
+// output columns n are grouped by 32 and the reduction axis k is padded to Kp, a multiple
+// of 16. Each group is one contiguous stream of Kp/16 blocks of 128 bytes, so a whole matrix
+// is read front to back as one stream. A block covers the group's 32 columns x 16 values of
+// k in two 64-byte halves h (columns 16h .. 16h+15): byte 4*j + t of half h holds four 2-bit
+// codes c = w + 1 for column 32*g + 16*h + j at k = 16*b + 4*i + t, code i in bits 2i..2i+1.
 // So one 64-byte load, shifted by 2i and masked, is 16 int32 lanes (one per column) of four
 // consecutive k: exactly the operand shape of vpdpbusd (u8 codes x s8 activations).
 // Since codes are w + 1, sum(c * x) = sum(w * x) + sum(x); kernels subtract sum(x).
-constexpr int64_t kGroupCols = 16;   // output columns per group
-constexpr int64_t kBlockK = 16;      // k values per 64-byte block
-constexpr int64_t kBlockBytes = 64;
+constexpr int64_t kGroupCols = 32;   // output columns per group
+constexpr int64_t kHalfCols = 16;    // columns per 64-byte half block
+constexpr int64_t kBlockK = 16;      // k values per block
+constexpr int64_t kBlockBytes = 128;
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 inline int64_t packed_bytes(int64_t n, int64_t k) {
@@ -32,7 +34,7 @@ struct BitLinearProblem {
   const int8_t* xq;        // [M, Kp] quantized activations, zero padded past K
   const int32_t* xsum;     // [M] sum of each row of xq
   const float* xscale;     // [M] s = 127 / max|x|; NaN for rows with inf/NaN
-  const uint8_t* w;        // packed weights, [N/16 groups][Kp/16 blocks][64]
+  const uint8_t* w;        // packed weights, [N/32 groups][Kp/16 blocks][128]
   const float* S;          // [1] or [N]: output multiplier
   bool per_channel_scale;  // S has N entries
   float* y;                // [M, N]

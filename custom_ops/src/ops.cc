@@ -195,11 +195,10 @@ struct BitLinearKernelState {
     const int64_t groups = bitnet::round_up(N, bitnet::kGroupCols) / bitnet::kGroupCols;
     if (M <= 6) {
       work.rows_per_item = M;
-      work.groups_per_item = std::max<int64_t>(2, (groups + 31) / 32);
-      work.groups_per_item += work.groups_per_item % 2;  // kernels work on pairs of groups
+      work.groups_per_item = std::max<int64_t>(1, (groups + 23) / 24);
     } else {
       work.rows_per_item = 48;
-      work.groups_per_item = 4;
+      work.groups_per_item = 2;
     }
     work.row_items = (M + work.rows_per_item - 1) / work.rows_per_item;
     const int64_t group_items = (groups + work.groups_per_item - 1) / work.groups_per_item;

@@ -50,6 +50,7 @@ class GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
+        self._consts: set[str] = set()
 
     def initializer(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.writer.tensor(name, array))
@@ -60,6 +61,10 @@ class GraphBuilder:
         self.initializers.extend(self.writer.from_proto(t) for t in initializers)
 
     def const(self, name: str, value, dtype=np.float32) -> str:
+        """A small inline constant, shared by name across the graph."""
+        if name in self._consts:
+            return name
+        self._consts.add(name)
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
@@ -144,7 +149,7 @@ class DecoderGraph:
 
         n = self._norm(f"{p}.input_layernorm", lw.input_norm)
         qkv = v.linear(b, f"{p}.self_attn.qkv_proj", n, lw.qkv)
-        attn = b.op("GroupQueryAttention",
+        attn, _, _ = b.op("GroupQueryAttention",
                     [qkv, "", "", past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
                     name=f"{p}.self_attn.attention", outputs=[f"{p}.self_attn.out", pres_k, pres_v],
                     domain=MS_DOMAIN, num_heads=s.num_attention_heads, kv_num_heads=s.num_key_value_heads,

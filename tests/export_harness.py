@@ -1,0 +1,113 @@
+"""Drive exported models with onnxruntime in both KV-cache modes, and the reference.
+
+- GrowingCache: Optimum-style; past length = tokens so far, present = past + new tokens.
+- SharedBuffer: the runtime's mode; KV buffers of max length L preallocated once and the SAME
+  OrtValue bound as past_key_values.i.* and present.i.* (GroupQueryAttention's shared-buffer
+  mode); attention_mask covers the tokens so far including the new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+
+def load_config(folder) -> dict:
+    with open(os.path.join(folder, "bitnet_onnx.json")) as f:
+        return json.load(f)
+
+
+def make_session(folder, variant: str = "ternary") -> ort.InferenceSession:
+    cfg = load_config(folder)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    if variant == "ternary":
+        import custom_ops
+
+        so.register_custom_ops_library(custom_ops.library_path())
+    path = os.path.join(folder, cfg["variants"][variant])
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+class GrowingCache:
+    def __init__(self, session, cfg):
+        self.session, self.cfg = session, cfg
+        shape = (1, cfg["num_key_value_heads"], 0, cfg["head_dim"])
+        self.past = {}
+        for i in range(cfg["num_layers"]):
+            for kind in ("key", "value"):
+                self.past[f"past_key_values.{i}.{kind}"] = np.zeros(shape, np.float32)
+        self.length = 0
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def step(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        self.length += ids.shape[1]
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64), **self.past}
+        outputs = dict(zip(self.output_names, self.session.run(None, feed)))
+        for name in self.past:
+            present = outputs[name.replace("past_key_values", "present")]
+            assert present.shape[2] == self.length, present.shape
+            self.past[name] = present
+        return outputs["logits"][0]
+
+
+class SharedBuffer:
+    def __init__(self, session, cfg, max_length: int = 64):
+        self.session, self.cfg = session, cfg
+        shape = (1, cfg["num_key_value_heads"], max_length, cfg["head_dim"])
+        self.buffers = {}
+        for i in range(cfg["num_layers"]):
+            for kind in ("key", "value"):
+                self.buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+        self.length = 0
+
+    def step(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        self.length += ids.shape[1]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((1, self.length), np.int64))
+        binding.bind_output("logits")  # first, so it is output 0 below
+        for (i, kind), value in self.buffers.items():
+            binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+            binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0][0]
+
+
+def greedy(runner, prompt, new_tokens: int) -> list[int]:
+    logits = runner.step(prompt)
+    out = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(logits[-1]))
+        out.append(token)
+        logits = runner.step([token])
+    return out
+
+
+def reference_logits(model, prompt, steps) -> list[np.ndarray]:
+    """transformers logits for the prompt, then one step per token of `steps` with its cache."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        results = [out.logits[0].numpy()]
+        cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+        for token in steps:
+            out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
+            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            results.append(out.logits[0].numpy())
+    return results
+
+
+def reference_greedy(model, prompt, new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,554 @@
+"""Per-op benchmark: BitLinear vs every stock ONNX Runtime way to run the same ternary weights.
+
+At the BitNet b1.58 2B4T projection shapes (K->N: 2560->2560, 2560->640, 2560->6912,
+6912->2560), for M = 1 (decode) and M = 128 (prefill), with 1 and 2 intra-op threads, it
+times, on the same random ternary weights (~1/3 zeros):
+
+- ``BitLinear``             our custom op (bitnet domain), default kernel (``--kernels``: one
+                            row per forced kernel via BITNET_KERNEL)
+- ``int2 b128``             com.microsoft MatMulNBits bits=2, block 128, accuracy_level 4
+                            (MLAS's int8 2-bit kernel; 128 is the largest block it has one for:
+                            at 256 ORT falls back to dequantize + SGEMM, ~100x slower)
+- ``int2 b256 LUT``         MatMulNBits bits=2, block 256 (the largest ORT accepts for 2-bit),
+                            session config ``mlas.use_lut_gemm`` = "1" (T-MAC style LUT kernel)
+- ``int4 b32``              MatMulNBits bits=4, block 32, accuracy_level 4
+- ``fp32 MatMul``           ONNX MatMul with float32 weights
+- ``... +Q``                the same stock op behind the per-row int8 activation quantization
+                            subgraph the exported baselines use (Abs, ReduceMax, Max, Div, Mul,
+                            Round, Clip, Div): what BitLinear does inside, done with stock ops.
+
+Weights do not sit in cache between calls: each configuration is one ONNX model of C
+independent nodes with their own weights (all fed the same X, all outputs returned), with
+C chosen so one model run reads more than 2x the last-level cache of weight bytes. Time per
+layer call = time per run / C. Configurations of one (shape, threads) group are run
+interleaved, round by round, so machine noise hits all of them alike; the medians are
+reported. With IO binding (inputs and outputs preallocated), no copies happen per run.
+
+It also measures the machine's plain streaming-read bandwidth (ORT ReduceSum over a 256 MiB
+float tensor, run by ORT's intra-op thread pool) with 1 and 2 threads, and prints BitLinear's
+fraction of it at M = 1.
+
+Usage: python bench/bench_ops.py [--shapes 2560x2560,...] [--threads 1,2] [--m 1,128]
+       [--repeat N] [--quick] [--kernels] [--no-quant] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from export.matmulnbits import make_matmulnbits, weight_bytes as nbits_weight_bytes  # noqa: E402
+
+SHAPES = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
+SHAPE_NAMES = {(2560, 2560): "q/o_proj", (2560, 640): "k/v_proj", (2560, 6912): "gate/up_proj",
+               (6912, 2560): "down_proj"}
+OPSET = 17  # ReduceMax keeps `axes` as an attribute
+LUT_KEY = "mlas.use_lut_gemm"  # onnxruntime/core/session/onnxruntime_session_options_config_keys.h
+
+
+# ---- machine facts ------------------------------------------------------------------------
+
+def llc_bytes() -> int:
+    """Size of the largest cache level cpu0 sees (sysfs), default 32 MiB."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (d / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            pass
+    return best or 32 << 20
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# ---- graph building ------------------------------------------------------------------------
+
+def _quant_subgraph(prefix: str, x: str, k: int) -> tuple[list, list, str]:
+    """Per-row int8 fake quantization of x with stock ops, as the exported baselines do:
+    s = 127 / max(max|x|, 1e-5); xq = clip(round(x*s), -128, 127) / s."""
+    c = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), f"{prefix}.{name}")  # noqa: E731
+    inits = [c("eps", 1e-5), c("q", 127.0), c("lo", -128.0), c("hi", 127.0)]
+    p = prefix
+    nodes = [
+        helper.make_node("Abs", [x], [f"{p}.abs"]),
+        helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.amax"], axes=[-1], keepdims=1),
+        helper.make_node("Max", [f"{p}.amax", f"{p}.eps"], [f"{p}.amaxc"]),
+        helper.make_node("Div", [f"{p}.q", f"{p}.amaxc"], [f"{p}.s"]),
+        helper.make_node("Mul", [x, f"{p}.s"], [f"{p}.xs"]),
+        helper.make_node("Round", [f"{p}.xs"], [f"{p}.xr"]),
+        helper.make_node("Clip", [f"{p}.xr", f"{p}.lo", f"{p}.hi"], [f"{p}.xc"]),
+        helper.make_node("Div", [f"{p}.xc", f"{p}.s"], [f"{p}.xq"]),
+    ]
+    return nodes, inits, f"{p}.xq"
+
+
+def weight_copies(base: np.ndarray, copies: int):
+    """Distinct ternary weights per copy (the base rolled along K): same statistics."""
+    k = base.shape[1]
+    for i in range(copies):
+        yield base if i == 0 else np.roll(base, (i * 997) % k, axis=1)
+
+
+@dataclass
+class Config:
+    name: str
+    kind: str                  # bitlinear | int2 | int4 | fp32
+    block: int = 0
+    lut: bool = False
+    quant: bool = False        # stock op preceded by the int8 activation quantization subgraph
+    kernel: str | None = None  # forced BITNET_KERNEL
+    stock: bool = True
+    copies: int = 0
+    bytes_per_call: int = 0
+    m128: bool = True          # run at M = 128 (the reference kernel is too slow for that)
+
+
+def node_for(cfg: Config, i: int, x: str, y: str, w: np.ndarray, scale: float, custom_ops):
+    """(nodes, initializers) for copy i of the configuration's layer."""
+    n, k = w.shape
+    nodes, inits = [], []
+    if cfg.quant:
+        qn, qi, x = _quant_subgraph(f"q{i}", x, k)
+        nodes += qn
+        inits += qi
+    if cfg.kind == "bitlinear":
+        packed = custom_ops.pack_ternary(w)
+        inits += [numpy_helper.from_array(np.ascontiguousarray(packed), f"W{i}"),
+                  numpy_helper.from_array(np.array([scale], np.float32), f"S{i}")]
+        nodes.append(helper.make_node("BitLinear", [x, f"W{i}", f"S{i}"], [y], domain=custom_ops.DOMAIN,
+                                      K=k, N=n, name=f"bl{i}"))
+    elif cfg.kind in ("int2", "int4"):
+        nn, ni = make_matmulnbits(f"mm{i}", x, y, w, 2 if cfg.kind == "int2" else 4, cfg.block,
+                                  4, scale)
+        nodes += nn
+        inits += ni
+    elif cfg.kind == "fp32":
+        wt = np.ascontiguousarray((w.astype(np.float32) * np.float32(scale)).T)
+        inits.append(numpy_helper.from_array(wt, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [y]))
+    else:
+        raise ValueError(cfg.kind)
+    return nodes, inits
+
+
+def bytes_per_call(cfg: Config, n: int, k: int, custom_ops) -> int:
+    if cfg.kind == "bitlinear":
+        return int(custom_ops.pack_ternary(np.zeros((n, k), np.int8)).nbytes) + 4
+    if cfg.kind == "int2":
+        return nbits_weight_bytes(n, k, 2, cfg.block)
+    if cfg.kind == "int4":
+        return nbits_weight_bytes(n, k, 4, cfg.block)
+    return n * k * 4
+
+
+def build_model(cfg: Config, base: np.ndarray, scale: float, custom_ops) -> bytes:
+    n, k = base.shape
+    nodes, inits, outs = [], [], []
+    for i, w in enumerate(weight_copies(base, cfg.copies)):
+        nn, ni = node_for(cfg, i, "X", f"Y{i}", w, scale, custom_ops)
+        nodes += nn
+        inits += ni
+        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["M", n]))
+    graph = helper.make_graph(nodes, f"bench_{cfg.kind}", [helper.make_tensor_value_info(
+        "X", TensorProto.FLOAT, ["M", k])], outs, initializer=inits)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if cfg.kind == "bitlinear":
+        opsets.append(helper.make_opsetid(custom_ops.DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def make_session(model: bytes, threads: int, cfg: Config, custom_ops) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    if cfg.lut:
+        so.add_session_config_entry(LUT_KEY, "1")
+    with _env("BITNET_KERNEL", cfg.kernel):
+        if cfg.kind == "bitlinear":
+            so.register_custom_ops_library(custom_ops.library_path())
+        # The C quantization subgraphs are identical: keep ORT from merging them into one.
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=["CommonSubexpressionElimination"])
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+class Runner:
+    """One session bound to preallocated input and outputs for one M."""
+
+    def __init__(self, sess: ort.InferenceSession, x: np.ndarray, n: int):
+        self.sess = sess
+        self.binding = sess.io_binding()
+        self.x = ort.OrtValue.ortvalue_from_numpy(x)
+        self.binding.bind_ortvalue_input("X", self.x)
+        self.outs = []
+        for o in sess.get_outputs():
+            v = ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], n], np.float32)
+            self.outs.append(v)
+            self.binding.bind_ortvalue_output(o.name, v)
+
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        self.sess.run_with_iobinding(self.binding)
+        return time.perf_counter() - t0
+
+    def first_output(self) -> np.ndarray:
+        return self.outs[0].numpy()
+
+
+def stream_bandwidth(threads: int, rounds: int = 7, nbytes: int = 256 << 20) -> float:
+    """GB/s of ORT ReduceSum over a [256, L] float32 tensor (reduce over L), IO-bound."""
+    rows = 256
+    cols = nbytes // 4 // rows
+    x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    g = helper.make_graph([helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0, axes=[1])], "bw",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, cols])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    b = sess.io_binding()
+    xv = ort.OrtValue.ortvalue_from_numpy(x)
+    b.bind_ortvalue_input("X", xv)
+    b.bind_output("Y")
+    sess.run_with_iobinding(b)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(b)
+        ts.append(time.perf_counter() - t0)
+    return x.nbytes / float(np.median(ts)) / 1e9
+
+
+def lut_check(custom_ops=None) -> str:
+    """Show that the LUT session option really switches kernels: block 256 with accuracy 0 has
+    no native 2-bit kernel, so without the option ORT dequantizes to fp32 and runs SGEMM."""
+    k = n = 2560
+    w = np.random.default_rng(1).integers(-1, 2, (n, k)).astype(np.int8)
+    nodes, inits = make_matmulnbits("mm", "X", "Y", w, 2, 256, 0, 1.0)
+    g = helper.make_graph(nodes, "lut", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
+                                                helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+    x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
+    res = {}
+    for lut in (False, True):
+        sess = make_session(model, 1, Config("", "int2", 256, lut=lut), None)
+        r = Runner(sess, x, n)
+        r.run()
+        res[lut] = (min(r.run() for _ in range(5)), r.first_output().copy())
+    ref = x @ w.T.astype(np.float32)
+    err = float(np.abs(res[True][1] - ref).max() / np.abs(ref).max())
+    return (f"LUT check ({LUT_KEY}): int2 b256 accuracy_level 0, 2560x2560, M=1: "
+            f"{res[False][0] * 1e6:.0f} us without the option (dequantize + SGEMM fallback), "
+            f"{res[True][0] * 1e6:.0f} us with it (LUT kernel); LUT rel. max error {err:.1e}")
+
+
+@dataclass
+class Result:
+    k: int
+    n: int
+    m: int
+    threads: int
+    cfg: Config
+    us: float
+    gbs: float
+    samples: list = field(default_factory=list)
+
+
+def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_m128, log,
+              reference=None):
+    rng = np.random.default_rng(1000 + k + n)
+    sessions = {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        sessions[cfg.name] = make_session(models[cfg.name], threads, cfg, custom_ops)
+        log(f"    session {cfg.name:<22} C={cfg.copies:<4} {time.perf_counter() - t0:5.1f}s")
+    results = []
+    for m in ms:
+        active = [c for c in configs if m == 1 or c.m128]
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        runners = {c.name: Runner(sessions[c.name], x, n) for c in active}
+        for r in runners.values():  # warm-up: allocations, thread pools, page faults
+            r.run()
+        if reference is not None:  # every configuration computes about x @ (w * scale)^T
+            ref = x @ reference.T
+            for name, r in runners.items():
+                err = float(np.abs(r.first_output() - ref).max() / max(np.abs(ref).max(), 1e-30))
+                if not err < 0.05:
+                    log(f"WARNING: {name} at M={m} differs from x @ w^T: relative max error {err:.3g}")
+        rounds = rounds_m1 if m == 1 else rounds_m128
+        inner = 2 if m == 1 else 1  # at M=1 the first run after a switch absorbs the switch
+        samples = {c.name: [] for c in active}
+        for rnd in range(rounds):
+            order = active[rnd % len(active):] + active[:rnd % len(active)]
+            for c in order:
+                for _ in range(inner):
+                    t = runners[c.name].run()
+                samples[c.name].append(t / c.copies)
+        for c in active:
+            us = float(np.median(samples[c.name])) * 1e6
+            results.append(Result(k, n, m, threads, c, us, c.bytes_per_call / us / 1e3, samples[c.name]))
+        del runners
+    del sessions
+    gc.collect()
+    return results
+
+
+# ---- reporting ------------------------------------------------------------------------------
+
+def summarize(results, bw):
+    """Per (shape, M, threads): BitLinear vs fastest stock, vs fp32, fraction of bandwidth."""
+    out = []
+    groups = {}
+    for r in results:
+        groups.setdefault((r.k, r.n, r.m, r.threads), []).append(r)
+    for key, rs in groups.items():
+        bl = next((r for r in rs if r.cfg.kind == "bitlinear" and r.cfg.kernel is None), None)
+        stock_alone = [r for r in rs if r.cfg.stock and not r.cfg.quant]
+        fastest = min(stock_alone, key=lambda r: r.us) if stock_alone else None
+        fp32 = next((r for r in rs if r.cfg.kind == "fp32" and not r.cfg.quant), None)
+        out.append(dict(key=key, bl=bl, fastest=fastest, fp32=fp32,
+                        bw_frac=(bl.gbs / bw[key[3]]) if (bl and key[3] in bw and key[2] == 1) else None))
+    return out
+
+
+def print_text(results, summary, bw):
+    cur = None
+    for r in results:
+        key = (r.k, r.n, r.m, r.threads)
+        if key != cur:
+            cur = key
+            print(f"\n{r.k}->{r.n} ({SHAPE_NAMES.get((r.k, r.n), '')})  M={r.m}  threads={r.threads}")
+            print(f"  {'config':<24}{'us/call':>10}{'best':>10}{'GB/s':>8}{'copies':>8}{'x BitLinear':>13}")
+            bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
+                       and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
+        ratio = f"{r.us / bl.us:12.2f}x" if bl else f"{'-':>13}"
+        best = min(r.samples) * 1e6
+        print(f"  {r.cfg.name:<24}{r.us:10.1f}{best:10.1f}{r.gbs:8.1f}{r.cfg.copies:8d}{ratio}")
+    print("\nSummary (speedup = stock time / BitLinear time; fastest stock = fastest op alone):")
+    for s in summary:
+        k, n, m, t = s["key"]
+        bl, f, fp = s["bl"], s["fastest"], s["fp32"]
+        if not bl:
+            continue
+        line = f"  {k}->{n} M={m:<3} t={t}: BitLinear {bl.us:8.1f} us"
+        if f:
+            line += f" | vs fastest stock ({f.cfg.name}) {f.us / bl.us:5.2f}x"
+        if fp:
+            line += f" | vs fp32 {fp.us / bl.us:5.1f}x"
+        if s["bw_frac"] is not None:
+            line += f" | {100 * s['bw_frac']:.0f}% of stream BW"
+        print(line)
+
+
+def print_markdown(results, summary, bw, header):
+    print(header)
+    print()
+    print("| K->N | M | threads | config | us/call | GB/s | time / BitLinear |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for r in results:
+        key = (r.k, r.n, r.m, r.threads)
+        bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
+                   and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
+        ratio = f"{r.us / bl.us:.2f}x" if bl else "-"
+        name = f"**{r.cfg.name}**" if r is bl else r.cfg.name
+        print(f"| {r.k}->{r.n} | {r.m} | {r.threads} | {name} | {r.us:.1f} | {r.gbs:.1f} | {ratio} |")
+    if any(s["bl"] for s in summary):
+        print()
+        print("| K->N | M | threads | BitLinear us | fastest stock (op alone) | its us | BitLinear speedup "
+              "| vs fp32 | % of stream BW |")
+        print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+        for s in summary:
+            k, n, m, t = s["key"]
+            bl, f, fp = s["bl"], s["fastest"], s["fp32"]
+            if not bl:
+                continue
+            frac = f"{100 * s['bw_frac']:.0f}%" if s["bw_frac"] is not None else "-"
+            print(f"| {k}->{n} | {m} | {t} | {bl.us:.1f} | {f.cfg.name if f else '-'} | "
+                  f"{f.us if f else float('nan'):.1f} | {f.us / bl.us if f else float('nan'):.2f}x | "
+                  f"{fp.us / bl.us if fp else float('nan'):.1f}x | {frac} |")
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def _shapes(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        k, _, n = part.strip().lower().partition("x")
+        out.append((int(k), int(n)))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=_shapes, default=None,
+                    help="comma-separated KxN (default: the four 2B4T shapes)")
+    ap.add_argument("--threads", type=_ints, default=[1, 2], help="intra-op thread counts (default 1,2)")
+    ap.add_argument("--m", type=_ints, default=[1, 128], help="rows of X (default 1,128)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="interleaved rounds at M=1 (default 15); M>1 uses a third, at least 3")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 2560x2560 only, few rounds, no +Q rows")
+    ap.add_argument("--kernels", action="store_true", help="add a BitLinear row per forced BITNET_KERNEL")
+    ap.add_argument("--no-quant", action="store_true", help="skip the stock '+Q' rows")
+    ap.add_argument("--no-bitlinear", action="store_true", help="stock configurations only")
+    ap.add_argument("--markdown", action="store_true", help="also print the tables in Markdown")
+    ap.add_argument("--cache-factor", type=float, default=2.5,
+                    help="weight bytes per model run, in units of the last-level cache (default 2.5)")
+    args = ap.parse_args(argv)
+
+    shapes = args.shapes or ([(2560, 2560)] if args.quick else SHAPES)
+    repeat = args.repeat or (4 if args.quick else 15)
+    rounds_m128 = max(3, repeat // 3) if not args.quick else 2
+    with_quant = not (args.no_quant or args.quick)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    custom_ops = None
+    if not args.no_bitlinear:
+        try:
+            import custom_ops as _co  # noqa: PLC0415
+            _co.library_path()
+            custom_ops = _co
+        except Exception as e:  # noqa: BLE001 - report and go on with the stock rows
+            log(f"BitLinear unavailable, stock rows only: {type(e).__name__}: {e}")
+
+    llc = llc_bytes()
+    target = args.cache_factor * llc
+    command = "python bench/bench_ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu_model()} "
+              f"({os.cpu_count()} CPUs, LLC {llc >> 20} MiB), onnxruntime {ort.__version__}, "
+              f"command `{command.strip()}`")
+    print(header)
+
+    # Streaming bandwidth and the LUT sanity check.
+    bw = {}
+    for t in sorted(set(args.threads)):
+        bw[t] = stream_bandwidth(t)
+        print(f"stream read bandwidth (ORT ReduceSum over 256 MiB fp32), {t} thread(s): {bw[t]:.1f} GB/s")
+    print(lut_check())
+
+    results = []
+    for k, n in shapes:
+        configs: list[Config] = []
+        if custom_ops is not None:
+            configs.append(Config("BitLinear", "bitlinear", stock=False))
+            if args.kernels:
+                try:
+                    have = custom_ops.available_kernels()
+                except AttributeError:
+                    flags = cpu_flags()
+                    have = ["reference", "avx2"] if "avx2" in flags else ["reference"]
+                    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+                        have.append("avx512vnni")
+                for kern in have:
+                    # The reference kernel is scalar: far too slow to run at M = 128 here.
+                    configs.append(Config(f"BitLinear [{kern}]", "bitlinear", kernel=kern, stock=False,
+                                          m128=kern != "reference"))
+        stock = [Config("int2 b128", "int2", 128), Config("int2 b256 LUT", "int2", 256, lut=True),
+                 Config("int4 b32", "int4", 32), Config("fp32 MatMul", "fp32")]
+        configs += stock
+        if with_quant:
+            # +Q rows at M = 1 only: at M = 128 the quantization subgraph is noise next to the GEMM.
+            configs += [Config(c.name + " +Q", c.kind, c.block, lut=c.lut, quant=True, m128=False)
+                        for c in stock]
+        base = np.random.default_rng(k * 7 + n).choice(np.array([-1, 0, 1], np.int8), size=(n, k))
+        scale = 0.75
+        models = {}
+        cache_models = {}
+        log(f"{k}->{n}: building models")
+        for c in configs:
+            c.bytes_per_call = bytes_per_call(c, n, k, custom_ops)
+            c.copies = max(2, math.ceil(target / c.bytes_per_call))
+            # Same weights, same graph: share one serialized model between configurations that
+            # differ only by session options (LUT, forced kernel).
+            mkey = (c.kind, c.block, c.quant)
+            if mkey not in cache_models:
+                t0 = time.perf_counter()
+                cache_models[mkey] = build_model(c, base, scale, custom_ops)
+                log(f"    model {c.name:<24} C={c.copies:<4} {len(cache_models[mkey]) >> 20} MiB "
+                    f"{time.perf_counter() - t0:5.1f}s")
+            models[c.name] = cache_models[mkey]
+        for t in args.threads:
+            log(f"{k}->{n} threads={t}: measuring")
+            results += run_group(k, n, t, args.m, configs, models, custom_ops, repeat, rounds_m128, log,
+                                 reference=base.astype(np.float32) * np.float32(scale))
+        del models, cache_models
+        gc.collect()
+
+    results.sort(key=lambda r: (SHAPES.index((r.k, r.n)) if (r.k, r.n) in SHAPES else 99, r.k, r.n,
+                                r.m, r.threads))
+    summary = summarize(results, bw)
+    print_text(results, summary, bw)
+    if args.markdown:
+        print()
+        print_markdown(results, summary, bw, header)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

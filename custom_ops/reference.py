@@ -23,7 +23,13 @@ def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def bitlinear(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """y = (xq @ w^T) / s * S for x [..., K], ternary w [N, K], S [1] or [N] (float32)."""
     xq, s = quantize_activations(x)
-    dot = (xq.reshape(-1, xq.shape[-1]).astype(np.int64) @ np.asarray(w, dtype=np.int64).T)
+    # float64 products and sums of these integers are exact (|dot| <= 128 * K << 2**53)
+    dot = xq.reshape(-1, xq.shape[-1]).astype(np.float64) @ np.asarray(w, dtype=np.float64).T
     dot = dot.reshape(*xq.shape[:-1], w.shape[0]).astype(np.float32)
     with np.errstate(invalid="ignore"):
         return (dot / s) * np.asarray(scale, dtype=np.float32).reshape(-1)
+
+
+def matmul_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """y = x @ w^T for float32 x [..., K] and float16 w [N, K], computed in float64."""
+    return (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)

@@ -115,8 +115,9 @@ def parse_config(config: dict) -> ModelSpec:
             "BitNet's attn_sub_norm needs them equal")
     if heads % kv_heads:
         raise ExportError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    if head_dim % 2:
-        raise ExportError(f"head_dim {head_dim} must be even for RoPE")
+    if head_dim % 16:
+        # ONNX Runtime's CPU GroupQueryAttention rejects other head sizes at run time.
+        raise ExportError(f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention needs it)")
 
     return ModelSpec(
         architecture=arch or "BitNetForCausalLM",

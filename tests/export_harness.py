@@ -108,6 +108,9 @@ def reference_greedy(model, prompt, new_tokens: int) -> list[int]:
     import torch
 
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+        ids = torch.tensor([prompt])
+        # An explicit mask: generate() would otherwise mask every token equal to pad_token_id.
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             do_sample=False, min_new_tokens=new_tokens, eos_token_id=None,
+                             pad_token_id=-1)
     return out[0, len(prompt):].tolist()

@@ -1,0 +1,134 @@
+"""Generation settings and the logits processor / sampler (numpy, one vector at a time).
+
+Order of operations, as transformers' `generate` applies them:
+repetition penalty -> (greedy: argmax) | temperature -> top-k -> top-p -> softmax -> draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; transformers' CTRL-style penalty
+    seed: int | None = None  # None: a fresh random seed per generation
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    # Extras beyond the minimal contract:
+    stop_token_ids: list[int] | None = None  # None: the model's stop ids; []: never stop on ids
+    truncate: bool = False  # messages only: drop the oldest non-system turns when too long
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a list of strings")
+        self.stop = [s for s in self.stop if s]  # an empty stop string would stop at once
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' RepetitionPenaltyLogitsProcessor: for every token already seen (prompt and
+    generated), divide a positive logit by `penalty`, multiply a negative one. In place."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    values = logits[seen]
+    logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def filter_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits (ties at the k-th value are kept, as transformers does)."""
+    if k <= 0 or k >= logits.size:
+        return logits
+    kth = np.partition(logits, -k)[-k]
+    logits[logits < kth] = -np.inf
+    return logits
+
+
+def filter_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filter (transformers' TopPLogitsWarper): keep the smallest set of most likely
+    tokens whose probability sums to >= p; the most likely token is always kept."""
+    if p >= 1.0:
+        return logits
+    order = np.argsort(logits, kind="stable")  # ascending
+    probs = softmax(logits[order])
+    cumulative = np.cumsum(probs, dtype=np.float64)
+    remove = cumulative <= (1.0 - p)
+    remove[-1] = False
+    logits[order[remove]] = -np.inf
+    return logits
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x)
+    e = np.exp(x - m)
+    return e / e.sum()
+
+
+def token_distribution(logits: np.ndarray, settings: GenerationSettings, seen=None) -> np.ndarray:
+    """The probabilities the sampler draws from for one step (float64, sums to 1).
+    Greedy settings (temperature 0) give a one-hot vector. `logits` is not modified."""
+    x = np.array(logits, dtype=np.float32, copy=True)
+    if seen is not None:
+        apply_repetition_penalty(x, np.asarray(seen, dtype=np.int64), settings.repetition_penalty)
+    if settings.temperature == 0:
+        out = np.zeros(x.size, dtype=np.float64)
+        out[int(np.argmax(x))] = 1.0
+        return out
+    x /= np.float32(settings.temperature)
+    filter_top_k(x, settings.top_k)
+    filter_top_p(x, settings.top_p)
+    return softmax(x)
+
+
+class Sampler:
+    """Picks the next token from a logits vector. One per generation (it owns the RNG)."""
+
+    def __init__(self, settings: GenerationSettings, vocab_size: int, prompt_ids=()):
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+        # For the repetition penalty: which tokens were seen (prompt + generated), as a mask.
+        self._seen = None
+        if settings.repetition_penalty != 1.0:
+            self._seen = np.zeros(vocab_size, dtype=bool)
+            ids = np.asarray(list(prompt_ids), dtype=np.int64)
+            self._seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+
+    def __call__(self, logits: np.ndarray) -> int:
+        s = self.settings
+        if s.temperature == 0 and self._seen is None:
+            token = int(np.argmax(logits))
+        else:
+            seen = None if self._seen is None else np.flatnonzero(self._seen)
+            probs = token_distribution(logits, s, seen)
+            if s.temperature == 0:
+                token = int(np.argmax(probs))
+            else:
+                # Inverse CDF with one uniform draw: reproducible for a seed.
+                cdf = np.cumsum(probs)
+                token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+                token = min(token, probs.size - 1)
+                while probs[token] == 0 and token > 0:  # float edge at the top of the cdf
+                    token -= 1
+        if self._seen is not None and 0 <= token < self._seen.size:
+            self._seen[token] = True
+        return token

@@ -1,0 +1,52 @@
+"""Per-generation statistics and process memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+from dataclasses import dataclass
+
+
+def rss_mb() -> float:
+    """Current resident memory of the whole process, MB (2**20 bytes)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # psutil missing: /proc
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:
+            return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of the whole process since it started, MB (getrusage)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return peak / 1024.0
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # request start (incl. tokenization) -> first new token chosen
+    prefill_tokens_per_s: float = 0.0  # prompt tokens / prefill model time
+    decode_tokens_per_s: float = 0.0  # tokens after the first / time since the first
+    total_s: float = 0.0
+    rss_mb: float = 0.0  # current RSS of the process (all generations, all models in it)
+    peak_rss_mb: float = 0.0  # peak RSS of the process since it started
+    variant: str = ""
+    threads: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_cache_tokens: int = 0  # capacity of this generation's KV cache
+    kv_cache_mb: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def copy(self) -> "GenerationStats":
+        return dataclasses.replace(self)

@@ -323,25 +323,40 @@ BITNET_AVX2 static void matmul_f16_avx2_tile(const MatMulF16Problem& p, int64_t 
 
 // ---- MatMulF16: AVX-512 --------------------------------------------------------------------
 
+// One 16-wide step of k for an MR x NR tile (lanes outside `keep` read nothing).
+template <int MR, int NR>
+BITNET_AVX512 static inline __attribute__((always_inline)) void matmul_f16_avx512_step(
+    __m512 (&acc)[MR][NR], const float* const (&xr)[MR], const uint16_t* const (&wr)[NR], int64_t k, __mmask16 keep) {
+  __m512 w[NR];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r) w[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, wr[r] + k));
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xv = _mm512_maskz_loadu_ps(keep, xr[m] + k);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
+  }
+}
+
 template <int MR, int NR>
 BITNET_AVX512 static void matmul_f16_avx512_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
+  const int64_t K = p.K;
+  const uint16_t* wr[NR];
+  const float* xr[MR];
+  for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + r) * K;
+  for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < p.K; k += 16) {
-    const int64_t left = p.K - k;
-    const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    __m512 w[NR];
-#pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r)
-      w[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, p.w + (n0 + r) * p.K + k));
-#pragma GCC unroll 4
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(keep, p.x + (m0 + m) * p.K + k);
-#pragma GCC unroll 4
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
-    }
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {  // one 64-byte line of each weight row per iteration
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 512), _MM_HINT_T0);
+    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, 0xffff);
+    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k + 16, 0xffff);
   }
+  for (; k < K; k += 16)
+    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u));
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
@@ -371,6 +386,11 @@ BITNET_AVX2 static void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, i
 }
 
 BITNET_AVX512 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m1 - m0 == 1) {  // decode: one row against many weight rows, 8 streams at a time
+    matmul_f16_tiles<1, 8, matmul_f16_avx512_tile<1, 8>, matmul_f16_avx512_tile<1, 8>, matmul_f16_avx512_tile<1, 1>,
+                     matmul_f16_avx512_tile<1, 1>>(p, m0, m1, n0, n1);
+    return;
+  }
   matmul_f16_tiles<4, 4, matmul_f16_avx512_tile<4, 4>, matmul_f16_avx512_tile<1, 4>, matmul_f16_avx512_tile<4, 1>,
                    matmul_f16_avx512_tile<1, 1>>(p, m0, m1, n0, n1);
 }

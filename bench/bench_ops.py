@@ -35,12 +35,15 @@ Usage: python bench/bench_ops.py [--shapes 2560x2560,...] [--threads 1,2] [--m 1
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import gc
 import math
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +90,12 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
 
 
 def cpu_flags() -> set[str]:
@@ -253,30 +262,45 @@ class Runner:
         return self.outs[0].numpy()
 
 
-def stream_bandwidth(threads: int, rounds: int = 7, nbytes: int = 256 << 20) -> float:
-    """GB/s of ORT ReduceSum over a [256, L] float32 tensor (reduce over L), IO-bound."""
-    rows = 256
-    cols = nbytes // 4 // rows
-    x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
-    g = helper.make_graph([helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0, axes=[1])], "bw",
-                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, cols])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    b = sess.io_binding()
-    xv = ort.OrtValue.ortvalue_from_numpy(x)
-    b.bind_ortvalue_input("X", xv)
-    b.bind_output("Y")
-    sess.run_with_iobinding(b)
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        sess.run_with_iobinding(b)
-        ts.append(time.perf_counter() - t0)
-    return x.nbytes / float(np.median(ts)) / 1e9
+STREAM_BYTES = 256 << 20
+STREAM_NAME = "stream read (ReduceSum)"
+
+
+class StreamReader:
+    """Plain streaming read through ORT's thread pool: ReduceSum over a [256, L] float32 tensor
+    of 256 MiB (reduce over L, MLAS vectorized, rows split over the intra-op threads)."""
+
+    def __init__(self):
+        rows = 256
+        cols = STREAM_BYTES // 4 // rows
+        self.x = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+        g = helper.make_graph([helper.make_node("ReduceSum", ["X"], ["Y"], keepdims=0, axes=[1])], "bw",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, cols])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows])])
+        self.model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)]).SerializeToString()
+        self.xv = ort.OrtValue.ortvalue_from_numpy(self.x)
+
+    def runner(self, threads: int):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+        sess = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+        b = sess.io_binding()
+        b.bind_ortvalue_input("X", self.xv)
+        b.bind_output("Y")
+
+        class _R:
+            def run(self_inner):
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(b)
+                return time.perf_counter() - t0
+        return _R()
+
+    def bandwidth(self, threads: int, rounds: int = 7) -> float:
+        r = self.runner(threads)
+        r.run()
+        return STREAM_BYTES / float(np.median([r.run() for _ in range(rounds)])) / 1e9
 
 
 def lut_check(custom_ops=None) -> str:
@@ -316,7 +340,7 @@ class Result:
 
 
 def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_m128, log,
-              reference=None):
+              reference=None, stream=None):
     rng = np.random.default_rng(1000 + k + n)
     sessions = {}
     for cfg in configs:
@@ -328,11 +352,19 @@ def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_
         active = [c for c in configs if m == 1 or c.m128]
         x = rng.standard_normal((m, k)).astype(np.float32)
         runners = {c.name: Runner(sessions[c.name], x, n) for c in active}
+        if m == 1 and stream is not None:
+            # The streaming read runs in the same rounds, so BitLinear's fraction of it compares
+            # numbers taken under the same machine load.
+            sc = Config(STREAM_NAME, "stream", stock=False, copies=1, bytes_per_call=STREAM_BYTES)
+            active = active + [sc]
+            runners[sc.name] = stream.runner(threads)
         for r in runners.values():  # warm-up: allocations, thread pools, page faults
             r.run()
         if reference is not None:  # every configuration computes about x @ (w * scale)^T
             ref = x @ reference.T
             for name, r in runners.items():
+                if name == STREAM_NAME:
+                    continue
                 err = float(np.abs(r.first_output() - ref).max() / max(np.abs(ref).max(), 1e-30))
                 if not err < 0.05:
                     log(f"WARNING: {name} at M={m} differs from x @ w^T: relative max error {err:.3g}")
@@ -356,7 +388,7 @@ def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_
 
 # ---- reporting ------------------------------------------------------------------------------
 
-def summarize(results, bw):
+def summarize(results):
     """Per (shape, M, threads): BitLinear vs fastest stock, vs fp32, fraction of bandwidth."""
     out = []
     groups = {}
@@ -367,24 +399,37 @@ def summarize(results, bw):
         stock_alone = [r for r in rs if r.cfg.stock and not r.cfg.quant]
         fastest = min(stock_alone, key=lambda r: r.us) if stock_alone else None
         fp32 = next((r for r in rs if r.cfg.kind == "fp32" and not r.cfg.quant), None)
-        out.append(dict(key=key, bl=bl, fastest=fastest, fp32=fp32,
-                        bw_frac=(bl.gbs / bw[key[3]]) if (bl and key[3] in bw and key[2] == 1) else None))
+        st = next((r for r in rs if r.cfg.kind == "stream"), None)
+        out.append(dict(key=key, bl=bl, fastest=fastest, fp32=fp32, stream=st,
+                        bw_frac=(bl.gbs / st.gbs) if (bl and st) else None))
     return out
 
 
-def print_text(results, summary, bw):
+def _gops(r) -> str:
+    """Multiply-adds x 2 per second, in 1e9: the compute rate (what matters at M = 128)."""
+    if r.cfg.kind == "stream":
+        return "-"
+    return f"{2 * r.m * r.n * r.k / r.us / 1e3:.1f}"
+
+
+def print_groups(results):
     cur = None
     for r in results:
         key = (r.k, r.n, r.m, r.threads)
         if key != cur:
             cur = key
             print(f"\n{r.k}->{r.n} ({SHAPE_NAMES.get((r.k, r.n), '')})  M={r.m}  threads={r.threads}")
-            print(f"  {'config':<24}{'us/call':>10}{'best':>10}{'GB/s':>8}{'copies':>8}{'x BitLinear':>13}")
+            print(f"  {'config':<24}{'us/call':>10}{'best':>10}{'GB/s':>8}{'GOP/s':>8}{'copies':>8}"
+                  f"{'x BitLinear':>13}")
             bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
                        and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
-        ratio = f"{r.us / bl.us:12.2f}x" if bl else f"{'-':>13}"
+        ratio = f"{r.us / bl.us:12.2f}x" if bl and r.cfg.kind != "stream" else f"{'-':>13}"
         best = min(r.samples) * 1e6
-        print(f"  {r.cfg.name:<24}{r.us:10.1f}{best:10.1f}{r.gbs:8.1f}{r.cfg.copies:8d}{ratio}")
+        print(f"  {r.cfg.name:<24}{r.us:10.1f}{best:10.1f}{r.gbs:8.1f}{_gops(r):>8}{r.cfg.copies:8d}{ratio}")
+    sys.stdout.flush()
+
+
+def print_summary(summary):
     print("\nSummary (speedup = stock time / BitLinear time; fastest stock = fastest op alone):")
     for s in summary:
         k, n, m, t = s["key"]
@@ -401,18 +446,18 @@ def print_text(results, summary, bw):
         print(line)
 
 
-def print_markdown(results, summary, bw, header):
+def print_markdown(results, summary, header):
     print(header)
     print()
-    print("| K->N | M | threads | config | us/call | GB/s | time / BitLinear |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| K->N | M | threads | config | us/call | weight GB/s | GOP/s | time / BitLinear |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in results:
         key = (r.k, r.n, r.m, r.threads)
         bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
                    and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
-        ratio = f"{r.us / bl.us:.2f}x" if bl else "-"
+        ratio = f"{r.us / bl.us:.2f}x" if bl and r.cfg.kind != "stream" else "-"
         name = f"**{r.cfg.name}**" if r is bl else r.cfg.name
-        print(f"| {r.k}->{r.n} | {r.m} | {r.threads} | {name} | {r.us:.1f} | {r.gbs:.1f} | {ratio} |")
+        print(f"| {r.k}->{r.n} | {r.m} | {r.threads} | {name} | {r.us:.1f} | {r.gbs:.1f} | {_gops(r)} | {ratio} |")
     if any(s["bl"] for s in summary):
         print()
         print("| K->N | M | threads | BitLinear us | fastest stock (op alone) | its us | BitLinear speedup "
@@ -427,6 +472,26 @@ def print_markdown(results, summary, bw, header):
             print(f"| {k}->{n} | {m} | {t} | {bl.us:.1f} | {f.cfg.name if f else '-'} | "
                   f"{f.us if f else float('nan'):.1f} | {f.us / bl.us if f else float('nan'):.2f}x | "
                   f"{fp.us / bl.us if fp else float('nan'):.1f}x | {frac} |")
+
+
+class _BenchOps:
+    """custom_ops with a private copy of the library, taken once at start: a rebuild of the
+    library in the tree while the benchmark runs (sources edited) cannot change what it times."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.DOMAIN = mod.DOMAIN
+        self.pack_ternary = mod.pack_ternary
+        self._dir = tempfile.mkdtemp(prefix="bench_ops_")
+        self._path = os.path.join(self._dir, "libbitnet_ops_bench.so")
+        shutil.copy2(mod.library_path(), self._path)
+        atexit.register(shutil.rmtree, self._dir, True)
+
+    def library_path(self) -> str:
+        return self._path
+
+    def available_kernels(self) -> list[str]:
+        return self._mod.available_kernels()
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -451,7 +516,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=_ints, default=[1, 2], help="intra-op thread counts (default 1,2)")
     ap.add_argument("--m", type=_ints, default=[1, 128], help="rows of X (default 1,128)")
     ap.add_argument("--repeat", type=int, default=None,
-                    help="interleaved rounds at M=1 (default 15); M>1 uses a third, at least 3")
+                    help="interleaved rounds at M=1 (default 10); M>1 uses a third, at least 3")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2560x2560 only, few rounds, no +Q rows")
     ap.add_argument("--kernels", action="store_true", help="add a BitLinear row per forced BITNET_KERNEL")
@@ -463,7 +528,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     shapes = args.shapes or ([(2560, 2560)] if args.quick else SHAPES)
-    repeat = args.repeat or (4 if args.quick else 15)
+    repeat = args.repeat or (4 if args.quick else 10)
     rounds_m128 = max(3, repeat // 3) if not args.quick else 2
     with_quant = not (args.no_quant or args.quick)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -472,8 +537,7 @@ def main(argv=None) -> int:
     if not args.no_bitlinear:
         try:
             import custom_ops as _co  # noqa: PLC0415
-            _co.library_path()
-            custom_ops = _co
+            custom_ops = _BenchOps(_co)
         except Exception as e:  # noqa: BLE001 - report and go on with the stock rows
             log(f"BitLinear unavailable, stock rows only: {type(e).__name__}: {e}")
 
@@ -484,12 +548,14 @@ def main(argv=None) -> int:
               f"({os.cpu_count()} CPUs, LLC {llc >> 20} MiB), onnxruntime {ort.__version__}, "
               f"command `{command.strip()}`")
     print(header)
+    print(f"load average at start: {_loadavg()} (other processes on this machine skew every number;"
+          " ratios inside one group are measured interleaved)")
 
     # Streaming bandwidth and the LUT sanity check.
-    bw = {}
+    stream = StreamReader()
     for t in sorted(set(args.threads)):
-        bw[t] = stream_bandwidth(t)
-        print(f"stream read bandwidth (ORT ReduceSum over 256 MiB fp32), {t} thread(s): {bw[t]:.1f} GB/s")
+        print(f"stream read bandwidth (ORT ReduceSum over 256 MiB fp32), {t} thread(s), alone: "
+              f"{stream.bandwidth(t):.1f} GB/s (also measured inside every M=1 group below)")
     print(lut_check())
 
     results = []
@@ -535,18 +601,21 @@ def main(argv=None) -> int:
             models[c.name] = cache_models[mkey]
         for t in args.threads:
             log(f"{k}->{n} threads={t}: measuring")
-            results += run_group(k, n, t, args.m, configs, models, custom_ops, repeat, rounds_m128, log,
-                                 reference=base.astype(np.float32) * np.float32(scale))
+            group = run_group(k, n, t, args.m, configs, models, custom_ops, repeat, rounds_m128, log,
+                              reference=base.astype(np.float32) * np.float32(scale), stream=stream)
+            print_groups(group)
+            results += group
         del models, cache_models
         gc.collect()
 
     results.sort(key=lambda r: (SHAPES.index((r.k, r.n)) if (r.k, r.n) in SHAPES else 99, r.k, r.n,
                                 r.m, r.threads))
-    summary = summarize(results, bw)
-    print_text(results, summary, bw)
+    print(f"\nload average at end: {_loadavg()}")
+    summary = summarize(results)
+    print_summary(summary)
     if args.markdown:
         print()
-        print_markdown(results, summary, bw, header)
+        print_markdown(results, summary, header)
     return 0
 
 

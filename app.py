@@ -1,0 +1,76 @@
+"""The BitNet b1.58 playground: a Gradio web chat comparing the ternary engine with a stock
+ONNX Runtime baseline, side by side.
+
+    python app.py [--model ID|DIR|demo] [--host 0.0.0.0] [--port 7860] [--share] [--threads N]
+
+Default model: microsoft/bitnet-b1.58-2B-4T, downloaded and exported once into the cache
+(BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx). Without the hub and
+without a cached copy it says so and serves a fallback model, with a banner on the page.
+The page is served at once; the model is prepared in the background and the page shows the
+progress. Hugging Face Spaces runs this file as is (see docs/SPACES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from playground.models import DEFAULT_MODEL
+from playground.service import Playground
+from playground.ui import build_demo, launch_kwargs
+
+DEFAULT_QUEUE_SIZE = 16
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=os.environ.get("BITNET_MODEL", DEFAULT_MODEL),
+                   help="hub id, checkpoint folder, exported model folder, or 'demo' "
+                        "(default: %(default)s)")
+    p.add_argument("--variants", default=None,
+                   help="variants to export for a new model, e.g. ternary,int2,int4,fp32 "
+                        "(default: ternary,int2,int4 for hub models)")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per engine (default: one per physical core)")
+    p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                   help="requests that may wait in the queue (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    return args
+
+
+def create_playground(args: argparse.Namespace) -> Playground:
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    return Playground(model=args.model, threads=args.threads, variants=variants)
+
+
+def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
+    """The queued Blocks: one generation at a time (the engines use every core)."""
+    demo = build_demo(pg)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    return demo
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if os.environ.get("SPACE_ID"):
+        args.host = "0.0.0.0"  # a Space routes to the container's port 7860
+        args.share = False  # ignored on Spaces anyway
+    pg = create_playground(args)
+    pg.start(background=True)
+    demo = create_demo(pg, args.queue_size)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                show_error=True, **launch_kwargs())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

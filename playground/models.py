@@ -1,0 +1,275 @@
+"""Which model folder the playground serves: cache, download + export, fallback.
+
+    folder = resolve_model("microsoft/bitnet-b1.58-2B-4T", progress=print)
+
+`resolve_model` returns a `ResolvedModel` (an exported folder plus what the banner says about
+it). A hub id is exported once into the cache (`model_cache_dir()`); a later start reuses it.
+Where the hub cannot be reached and nothing is cached, it says so in one line and falls back
+to the demo model (issue 6) or, until that ships, to a tiny random model made here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "microsoft/bitnet-b1.58-2B-4T"
+CONFIG_NAME = "bitnet_onnx.json"
+# Variants exported for a hub model. fp32 of 2B4T is ~10 GB on disk and in memory: opt-in.
+HUB_VARIANTS = ("ternary", "int2", "int4")
+STAND_IN_VARIANTS = ("ternary", "int2", "int4", "fp32")
+STAND_IN_NAME = "stand-in-tiny-random"
+ROOT = Path(__file__).resolve().parent.parent
+# Where the demo checkpoint of issue 6 may live (the first that exists is used).
+DEMO_CANDIDATES = ("demo_model", "demo/model", "models/demo")
+
+
+@dataclass
+class ResolvedModel:
+    folder: str
+    name: str  # what the banner calls it
+    requested: str
+    fallback: bool = False  # not the model that was asked for
+    untrained: bool = False  # random weights: answers are noise
+    notice: str = ""  # one plain line about how we got here ("" when all went as asked)
+    log: list = field(default_factory=list)
+
+
+def model_cache_dir() -> Path:
+    """BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx."""
+    if os.environ.get("BITNET_ONNX_CACHE"):
+        return Path(os.environ["BITNET_ONNX_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "bitnet-onnx"
+    return Path.home() / ".cache" / "bitnet-onnx"
+
+
+def is_exported(folder) -> bool:
+    return os.path.isfile(os.path.join(folder, CONFIG_NAME))
+
+
+def is_checkpoint(folder) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def hub_reachable(timeout: float = 4.0) -> bool:
+    """Can we talk to the Hugging Face hub? (False at once when HF_HUB_OFFLINE is set.)"""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        req = urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout):
+            return True
+    except Exception as e:  # noqa: BLE001 - any failure means unreachable
+        code = getattr(e, "code", None)
+        return code is not None and code < 500  # an HTTP answer (even 4xx) means reachable
+
+
+def _hub_cache_folder(repo_id: str) -> str | None:
+    """The checkpoint's folder in the local hub cache, without any network access."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        from export.source import HUB_PATTERNS
+
+        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (or a broken cache): treat as absent
+        return None
+    has_weights = any(name.endswith(".safetensors") for name in os.listdir(folder))
+    return folder if has_weights and is_checkpoint(folder) else None
+
+
+def _export(source: str, out: Path, variants, progress) -> str:
+    from export import export_checkpoint
+
+    progress(f"exporting {source} to ONNX (variants {','.join(variants)}) into {out} ...")
+    started = time.time()
+    export_checkpoint(source, str(out), list(variants), overwrite=True, progress=progress)
+    progress(f"export of {source} finished in {time.time() - started:.0f} s")
+    return str(out)
+
+
+def _local_cache_name(folder: str) -> str:
+    path = os.path.abspath(folder)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:10]
+    return f"local--{os.path.basename(path.rstrip('/')) or 'model'}-{digest}"
+
+
+def resolve_model(spec: str | None = None, variants=None, progress=print, check_hub=hub_reachable) -> ResolvedModel:
+    """Turn --model (hub id, checkpoint folder, exported folder or "demo") into an exported folder."""
+    spec = spec or DEFAULT_MODEL
+    cache = model_cache_dir()
+    if spec == "demo":
+        return demo_model(progress, requested="demo")
+    if os.path.isdir(spec):
+        if is_exported(spec):
+            return ResolvedModel(os.path.abspath(spec), _display_name(spec), spec)
+        if is_checkpoint(spec):
+            out = cache / _local_cache_name(spec)
+            newest = max(os.path.getmtime(p) for p in Path(spec).iterdir())
+            if is_exported(out) and os.path.getmtime(out / CONFIG_NAME) >= newest:
+                progress(f"using the cached export of {spec} in {out}")
+            else:
+                _export(os.path.abspath(spec), out, variants or STAND_IN_VARIANTS, progress)
+            return ResolvedModel(str(out), os.path.basename(os.path.abspath(spec)), spec)
+        raise SystemExit(f"{spec} is neither an exported model folder ({CONFIG_NAME}) "
+                         "nor a checkpoint folder (config.json)")
+    if os.path.exists(spec) or spec.count("/") != 1:
+        raise SystemExit(f"--model {spec}: no such folder, and not a hub id of the form org/name")
+
+    out = cache / spec.replace("/", "--")
+    if is_exported(out):
+        progress(f"using the cached export of {spec} in {out}")
+        return ResolvedModel(str(out), spec, spec)
+    local = _hub_cache_folder(spec)
+    if local is not None:
+        progress(f"{spec} is in the hub cache ({local}); exporting it once")
+        _export(local, out, variants or HUB_VARIANTS, progress)
+        _record_source(out, spec)
+        return ResolvedModel(str(out), spec, spec)
+    if check_hub():
+        progress(f"downloading {spec} from the Hugging Face hub (first start only)")
+        _export(spec, out, variants or HUB_VARIANTS, progress)
+        return ResolvedModel(str(out), spec, spec)
+    fallback = demo_model(progress, requested=spec)
+    fallback.notice = (f"Cannot reach the Hugging Face hub and {spec} is not cached, "
+                       f"so this serves {fallback.name} instead.")
+    progress(fallback.notice)
+    return fallback
+
+
+def _record_source(folder, source: str) -> None:
+    """The export read a hub-cache path; name the hub id as the source in the config."""
+    path = os.path.join(folder, CONFIG_NAME)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["source"] = source
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _display_name(folder) -> str:
+    try:
+        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as f:
+            source = json.load(f).get("source") or ""
+    except (OSError, ValueError):
+        source = ""
+    if source and not os.path.isabs(source):
+        return source
+    return os.path.basename(os.path.abspath(folder))
+
+
+def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
+    """The shipped demo model (issue 6) when present, else a tiny random stand-in."""
+    for rel in DEMO_CANDIDATES:
+        path = ROOT / rel
+        if is_exported(path):
+            return ResolvedModel(str(path), "the Shakespeare demo model", requested,
+                                 fallback=requested != "demo")
+        if is_checkpoint(path):
+            out = model_cache_dir() / "demo"
+            newest = max(os.path.getmtime(p) for p in path.iterdir())
+            if not (is_exported(out) and os.path.getmtime(out / CONFIG_NAME) >= newest):
+                _export(str(path), out, STAND_IN_VARIANTS, progress)
+            return ResolvedModel(str(out), "the Shakespeare demo model", requested,
+                                 fallback=requested != "demo")
+    out = model_cache_dir() / STAND_IN_NAME
+    if not is_exported(out):
+        progress("making a tiny random BitNet model as a stand-in (no demo model ships yet)")
+        ckpt = model_cache_dir() / (STAND_IN_NAME + "-checkpoint")
+        write_stand_in_checkpoint(ckpt)
+        _export(str(ckpt), out, STAND_IN_VARIANTS, progress)
+    return ResolvedModel(str(out), "a tiny random BitNet b1.58 model", requested,
+                         fallback=True, untrained=True)
+
+
+# -- the stand-in: a random tiny BitNet checkpoint, numpy + safetensors only (no torch) ---------
+
+STAND_IN_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def _byte_tokenizer():
+    """Byte-level tokenizer: the 256 bytes, then BOS, EOS, EOT (ids 256, 257, 258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    for i, name in enumerate(SPECIALS):
+        vocab[name] = 256 + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIALS))
+    return tok, byte_chars
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(cs, bs))[ord(ch)]
+
+
+def write_stand_in_checkpoint(path, seed: int = 0) -> Path:
+    """A random BitNet b1.58 checkpoint (float master weights, untied head) with a byte-level
+    tokenizer. The head favours printable ASCII so the noise it writes is at least readable."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from export.model_folder import DEFAULT_CHAT_TEMPLATE
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok, _ = _byte_tokenizer()
+    vocab = 256 + len(SPECIALS)
+    s = STAND_IN_SHAPE
+    h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["num_key_value_heads"]
+    d = h // heads
+    rng = np.random.default_rng(seed)
+    t = {"model.embed_tokens.weight": rng.standard_normal((vocab, h)).astype(np.float32),
+         "model.norm.weight": np.ones(h, np.float32)}
+    head = np.zeros((vocab, h), np.float32)
+    printable = [b for b in range(256) if 32 <= b < 127 and chr(b).isalnum() or b in (32, 44, 46)]
+    head[printable] = rng.standard_normal((len(printable), h)) * 3.0
+    head[32] *= 1.5  # more spaces: word-like noise
+    head[256 + 2] = rng.standard_normal(h) * 2.0  # an occasional end of turn
+    t["lm_head.weight"] = head
+    shapes = {"self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h),
+              "self_attn.v_proj": (kv * d, h), "self_attn.o_proj": (h, heads * d),
+              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}
+    for layer in range(s["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for norm, width in (("input_layernorm", h), ("post_attention_layernorm", h),
+                            ("self_attn.attn_sub_norm", h), ("mlp.ffn_sub_norm", inter)):
+            t[p + norm + ".weight"] = np.ones(width, np.float32)
+        for name, shape in shapes.items():
+            t[p + name + ".weight"] = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "vocab_size": vocab,
+              "hidden_act": "relu2", "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": [257, 258],
+              **s}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "chat_template": DEFAULT_CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return path

@@ -1,0 +1,204 @@
+"""The Gradio page: compare-mode chat, settings, stats, charts, sharing.
+
+`build_demo(playground)` returns the gr.Blocks; app.py queues and launches it (or, later,
+mounts it on a FastAPI app next to the OpenAI-compatible API).
+Stable API names (gradio_client): /chat, /retry, /stop, /clear, /status.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .service import (NO_BASELINE, LABELS, ChatSettings, NotReady, Playground, TooLong,
+                      chart_frames, drop_last_exchange)
+
+TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
+EXAMPLES = [
+    "Explain in three sentences why ternary weights make a language model faster on a CPU.",
+    "Write a haiku about a 1.58-bit neural network.",
+    "What is the capital of France, and what is it famous for?",
+    "List three tips for writing clear Python code.",
+]
+DEFAULT_SYSTEM = "You are a helpful assistant."
+CSS = """
+#summary {min-height: 2.5em}
+.pane-stats {font-size: 0.92em; min-height: 3.6em}
+footer {display: none !important}
+"""
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def build_demo(pg: Playground) -> gr.Blocks:
+    with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
+        gr.Markdown(f"## {TITLE}")
+        banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
+        with gr.Row(equal_height=False):
+            baseline = gr.Dropdown(
+                choices=[(LABELS.get(v, v), v) for v in BASELINES_INITIAL(pg)],
+                value=pg.default_baseline() if pg.state == "ready" else "int2",
+                label="Baseline (runs after the ternary engine, on the same cores)",
+                elem_id="baseline", scale=2, allow_custom_value=False)
+            share = gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!",
+                                      scale=1)
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                chat_t = gr.Chatbot(label=LABELS["ternary"], elem_id="chat-ternary", height=420,
+                                    buttons=["copy", "copy_all"], feedback_options=None,
+                                    layout="bubble")
+                stats_t = gr.Markdown("**ternary** · idle", elem_id="stats-ternary",
+                                      elem_classes=["pane-stats"])
+            with gr.Column() as col_b:
+                chat_b = gr.Chatbot(label="baseline", elem_id="chat-baseline", height=420,
+                                    buttons=["copy", "copy_all"], feedback_options=None,
+                                    layout="bubble")
+                stats_b = gr.Markdown("**baseline** · idle", elem_id="stats-baseline",
+                                      elem_classes=["pane-stats"])
+        summary = gr.Markdown("", elem_id="summary")
+        with gr.Row():
+            msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                             elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+        with gr.Row():
+            retry = gr.Button("Retry", size="sm", elem_id="retry")
+            clear = gr.Button("Clear", size="sm", elem_id="clear")
+        gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
+        with gr.Row():
+            speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
+                                    title="Decode speed (tokens/s)", elem_id="speed-plot",
+                                    height=260, sort="-y")
+            time_plot = gr.LinePlot(None, x="seconds", y="tokens", color="engine",
+                                    title="Tokens over time (each engine from its own start)",
+                                    elem_id="time-plot", height=260)
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system")
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=ChatSettings.temperature, step=0.05,
+                                        label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=ChatSettings.top_p, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=ChatSettings.top_k, step=1, label="Top-k (0 = off)")
+            with gr.Row():
+                rep = gr.Slider(0.8, 2.0, value=ChatSettings.repetition_penalty, step=0.05,
+                                label="Repetition penalty (1 = off)")
+                max_new = gr.Slider(1, 2048, value=ChatSettings.max_new_tokens, step=1,
+                                    label="Max new tokens")
+                seed = gr.Number(ChatSettings.seed, precision=0,
+                                 label="Seed (same on both engines; -1 = random)")
+        with gr.Accordion("Raw stats (JSON)", open=False):
+            raw = gr.JSON(None, elem_id="raw-stats")
+        timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
+
+        settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
+        outputs = [msg, chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
+
+        def run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_,
+                rep_, seed_, request: gr.Request, keep_box=False):
+            message = message if isinstance(message, str) else ""
+            if not message.strip():
+                yield tuple(gr.skip() for _ in outputs)
+                return
+            settings = ChatSettings(max_new_tokens=max_new_, temperature=temp_, top_p=top_p_,
+                                    top_k=top_k_, repetition_penalty=rep_,
+                                    seed=-1 if seed_ is None else seed_)
+            try:
+                states = pg.compare(message, hist_t, hist_b, system_, baseline_, settings,
+                                    session=_session(request))
+                first = True
+                for s in states:
+                    speed, timeline = chart_frames(s["results"]) if not s["summary"].endswith("…") \
+                        else (gr.skip(), gr.skip())
+                    raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
+                                     "text": r.get("text")} for v, r in s["results"].items()}
+                    yield ("" if first and not keep_box else gr.skip(), s["chat_t"],
+                           s["chat_b"] if s["baseline"] != NO_BASELINE else gr.skip(),
+                           s["stats_t"], s["stats_b"] or gr.skip(), s["summary"], speed, timeline,
+                           raw_value)
+                    first = False
+            except TooLong as e:
+                raise gr.Error(str(e), title="Message too long") from None
+            except NotReady as e:
+                raise gr.Error(str(e), title="Not ready") from None
+
+        def chat_fn(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_,
+                    rep_, seed_, request: gr.Request):
+            """Send a message; stream the ternary answer, then the baseline's."""
+            yield from run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_,
+                           top_k_, rep_, seed_, request)
+
+        def retry_fn(hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_, rep_,
+                     seed_, request: gr.Request):
+            """Answer the last message again (both panes)."""
+            hist_t, message = drop_last_exchange(hist_t)
+            hist_b, _ = drop_last_exchange(hist_b)
+            if not message:
+                yield tuple(gr.skip() for _ in outputs)
+                return
+            yield from run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_,
+                           top_k_, rep_, seed_, request, keep_box=True)
+
+        def stop_fn(request: gr.Request):
+            """Stop the running generation of this session (the decode loop checks the flag)."""
+            pg.stop(_session(request))
+
+        def clear_fn():
+            """Start a new conversation."""
+            return ([], [], "**ternary** · idle", "**baseline** · idle", "", None, None, None)
+
+        common = dict(outputs=outputs, concurrency_id="engine", concurrency_limit=1,
+                      show_progress="full", show_progress_on=[chat_t, chat_b])
+        chat_inputs = [msg, chat_t, chat_b] + settings_inputs
+        ev_send = send.click(chat_fn, chat_inputs, api_name="chat", **common)
+        ev_submit = msg.submit(chat_fn, chat_inputs, api_visibility="private", **common)
+        ev_retry = retry.click(retry_fn, [chat_t, chat_b] + settings_inputs, api_name="retry", **common)
+        stop.click(stop_fn, None, None, queue=False, api_name="stop")
+        clear.click(clear_fn, None, [chat_t, chat_b, stats_t, stats_b, summary, speed_plot,
+                                     time_plot, raw], queue=False, api_name="clear")
+        del ev_send, ev_submit, ev_retry
+
+        def baseline_changed(choice):
+            visible = choice != NO_BASELINE
+            return gr.update(visible=visible), gr.update(label=LABELS.get(choice, choice))
+
+        baseline.change(baseline_changed, [baseline], [col_b, chat_b], queue=False,
+                        api_visibility="private")
+
+        def refresh():
+            ready = pg.state in ("ready", "failed")
+            choices = [(LABELS.get(v, v), v) for v in pg.baselines()] if pg.state == "ready" else gr.skip()
+            value = pg.default_baseline() if pg.state == "ready" else gr.skip()
+            label = gr.update(label=LABELS.get(value, value)) if pg.state == "ready" else gr.skip()
+            return (pg.banner_markdown(), gr.update(choices=choices, value=value) if ready and
+                    pg.state == "ready" else gr.skip(), label, gr.Timer(active=not ready))
+
+        timer.tick(refresh, None, [banner, baseline, chat_b, timer], queue=False,
+                   api_visibility="private", show_progress="hidden")
+
+        def on_load(request: gr.Request):
+            prompt = ""
+            if request is not None:
+                prompt = request.query_params.get("prompt", "") or ""
+            banner_md, base, label, tmr = refresh()
+            return (prompt[:20000] if prompt else gr.skip(), banner_md, base, label, tmr)
+
+        demo.load(on_load, None, [msg, banner, baseline, chat_b, timer], queue=False,
+                  api_visibility="private", show_progress="hidden")
+
+        def status() -> dict:
+            """Model and engine status: state (preparing/ready/failed), live model, fallback,
+            variants, active generations, recent log lines."""
+            return pg.status()
+
+        gr.api(status, api_name="status", queue=False)
+    return demo
+
+
+def BASELINES_INITIAL(pg: Playground) -> list[str]:  # noqa: N802 - reads like a constant
+    return pg.baselines() if pg.state == "ready" else ["int2", "int4", "fp32", NO_BASELINE]
+
+
+def launch_kwargs() -> dict:
+    """Arguments of demo.launch() that style the page (Gradio 6 takes them at launch)."""
+    return {"css": CSS, "theme": gr.themes.Soft()}

@@ -262,6 +262,22 @@ class Engine:
         ids = self.prompt_ids(prompt, messages, settings)
         return self._run(ids, settings, cancel, started)
 
+    def stream_tokens(self, ids, settings: GenerationSettings | None = None,
+                      cancel: threading.Event | None = None):
+        """stream() from token ids as they are (no tokenizer, no BOS added)."""
+        started = time.perf_counter()
+        settings = dataclasses.replace(settings) if settings is not None else GenerationSettings()
+        settings.stop = list(settings.stop) if not isinstance(settings.stop, str) else [settings.stop]
+        settings.validate()
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("no prompt tokens")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.context_length:
+            raise PromptTooLongError(len(ids), self.context_length)
+        return self._run(ids, settings, cancel, started)
+
     def _cache_capacity(self, prompt_len: int, new_tokens: int) -> int:
         need = prompt_len + new_tokens
         return min(self.context_length, -(-need // CACHE_BLOCK) * CACHE_BLOCK)

@@ -23,9 +23,20 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of the whole process since it started, MB (getrusage)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return peak / 1024.0
+    """Peak resident memory of the whole process since it started, MB.
+
+    Linux: VmHWM of /proc/self/status (the high-water mark of this program's memory).
+    getrusage's ru_maxrss is the fallback only: on Linux it survives exec(), so a process
+    started by a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 @dataclass

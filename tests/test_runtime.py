@@ -310,6 +310,27 @@ def test_concurrent_generations_equal_solo(engine):
     assert engine.active_generations == 0
 
 
+def test_closing_the_iterator_ends_the_generation(engine):
+    gen = engine.stream(prompt=PROMPT_B, settings=GenerationSettings(max_new_tokens=100, **NO_STOP))
+    next(gen)
+    next(gen)
+    assert engine.active_generations == 1
+    gen.close()  # what a disconnected client / Gradio's stop does
+    assert engine.active_generations == 0
+
+
+def test_stream_tokens(engine):
+    ids = engine.prompt_ids(PROMPT_B)
+    expected = engine.generate(prompt=PROMPT_B, settings=GenerationSettings(max_new_tokens=8, **NO_STOP))
+    events = list(engine.stream_tokens(ids, GenerationSettings(max_new_tokens=8, **NO_STOP)))
+    assert [t for e in events for t in e.token_ids] == expected.token_ids
+    for bad in ([], [engine.vocab_size], [-1]):
+        with pytest.raises(ValueError):
+            engine.stream_tokens(bad)
+    with pytest.raises(PromptTooLongError):
+        engine.stream_tokens([5] * engine.context_length)
+
+
 # ---- prompts: overlong, empty, control characters, chat ------------------------------------
 
 def test_overlong_prompt_raises_before_compute(engine):

@@ -1,0 +1,17 @@
+"""The HTTP side of the playground: an OpenAI-compatible API (/v1) in the same process as the
+Gradio page, with limits, a bounded queue for the one CPU, and cancel on disconnect.
+
+    from server import create_api
+    api = create_api({"bitnet-b1.58-2B-4T": engine})
+    app = gr.mount_gradio_app(api, demo, path="/")
+    uvicorn.run(app, host=host, port=port)
+
+See docs/SERVING.md for the limits, environment variables and measured behaviour.
+"""
+
+from .limits import API_KEY_ENV, Limits
+from .openai_api import ApiError, ApiState, ModelRegistry, create_api, install_api
+from .scheduler import Busy, Gate, QueueTimeout
+
+__all__ = ["API_KEY_ENV", "ApiError", "ApiState", "Busy", "Gate", "Limits", "ModelRegistry",
+           "QueueTimeout", "create_api", "install_api"]

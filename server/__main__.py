@@ -1,0 +1,47 @@
+"""Serve the API alone (plus, with --page, a minimal Gradio page mounted at /):
+
+    python -m server MODEL_DIR [--variant ternary] [--name ID] [--host 127.0.0.1] [--port 8000]
+
+The playground (app.py) mounts its own page the same way; this is for API-only hosting,
+benchmarks and tests. Limits come from BITNET_API_* variables, the key from BITNET_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", help="exported model folder (python -m export ... --out DIR)")
+    p.add_argument("--variant", default="ternary", help="engine variant (default: %(default)s)")
+    p.add_argument("--name", default=None, help="model id in the API (default: the folder's name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--page", action="store_true", help="mount a minimal Gradio page at /")
+    args = p.parse_args(argv)
+
+    import uvicorn
+
+    from runtime import Engine
+
+    from . import create_api
+
+    engine = Engine(args.model_dir, variant=args.variant, threads=args.threads)
+    name = args.name or os.path.basename(os.path.normpath(args.model_dir))
+    app = create_api({name: engine})
+    if args.page:
+        import gradio as gr
+
+        with gr.Blocks(title="bitnet-onnx API") as demo:
+            gr.Markdown(f"bitnet-onnx API: model `{name}`; POST /v1/chat/completions")
+        app = gr.mount_gradio_app(app, demo, path="/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

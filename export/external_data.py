@@ -27,8 +27,9 @@ class ExternalDataWriter:
         array = np.ascontiguousarray(array)
         if array.nbytes <= INLINE_LIMIT:
             return numpy_helper.from_array(array, name)
+        # A memoryview writes the array's buffer without the copy tobytes() would make.
         return self._external(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape,
-                              array.tobytes())
+                              memoryview(array.reshape(-1)).cast("B"))
 
     def from_proto(self, proto: TensorProto) -> TensorProto:
         """Move an in-memory TensorProto (e.g. from make_matmulnbits) to the data file."""
@@ -38,7 +39,7 @@ class ExternalDataWriter:
             return self.tensor(proto.name, numpy_helper.to_array(proto))
         return self._external(proto.name, proto.data_type, tuple(proto.dims), proto.raw_data)
 
-    def _external(self, name, data_type, shape, raw: bytes) -> TensorProto:
+    def _external(self, name, data_type, shape, raw) -> TensorProto:
         if len(raw) >= 64 * 1024:
             pad = (-self._offset) % PAGE
             if pad:

@@ -68,14 +68,17 @@ def llama3_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_greedy_equals_transformers(tiny, reference, variant):
-    for chunk in (256, 3):  # whole prompt in one run; then chunks of 3 (past > 0 and seq > 1)
-        engine = Engine(tiny["dir"], variant, threads=1, prefill_chunk=chunk)
+    # The whole prompt in one run; chunks of 3 (past > 0 and seq > 1); and the graph as
+    # exported (logits for every position) instead of the engine's last-position edit.
+    for chunk, last_only in ((256, True), (3, True), (3, False)):
+        engine = Engine(tiny["dir"], variant, threads=1, prefill_chunk=chunk, last_logits_only=last_only)
+        assert engine.last_logits_only == last_only
         for prompt in (PROMPT_A, PROMPT_B):
             ids = engine.prompt_ids(prompt)
             assert ids[0] == 0  # BOS from the tokenizer, as transformers' tokenizer adds it
             expected = reference_greedy(reference, ids, 40)
             result = engine.generate(prompt=prompt, settings=GenerationSettings(max_new_tokens=40, **NO_STOP))
-            assert result.token_ids == expected, (variant, chunk, prompt)
+            assert result.token_ids == expected, (variant, chunk, last_only, prompt)
             assert result.finish_reason == "length" and result.stats.new_tokens == 40
 
 

@@ -228,7 +228,7 @@ def _byte_of(ch: str) -> int:
     return dict(zip(cs, bs))[ord(ch)]
 
 
-def write_stand_in_checkpoint(path, seed: int = 0) -> Path:
+def write_stand_in_checkpoint(path, seed: int = 0, context: int | None = None) -> Path:
     """A random BitNet b1.58 checkpoint (float master weights, untied head) with a byte-level
     tokenizer. The head favours printable ASCII so the noise it writes is at least readable."""
     import numpy as np
@@ -240,7 +240,9 @@ def write_stand_in_checkpoint(path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tok, _ = _byte_tokenizer()
     vocab = 256 + len(SPECIALS)
-    s = STAND_IN_SHAPE
+    s = dict(STAND_IN_SHAPE)
+    if context:
+        s["max_position_embeddings"] = int(context)
     h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["num_key_value_heads"]
     d = h // heads
     rng = np.random.default_rng(seed)

@@ -406,8 +406,8 @@ class Playground:
                     baseline: stats_markdown(baseline, None, "waiting for the ternary engine",
                                              self.weights_mb(baseline)) if run_base else ""}
 
-        def state(summary=""):
-            return {"chat_t": chat_t, "chat_b": chat_b, "stats_t": stats_md["ternary"],
+        def state(summary="", final=False):
+            return {"final": final, "chat_t": chat_t, "chat_b": chat_b, "stats_t": stats_md["ternary"],
                     "stats_b": stats_md.get(baseline, ""), "summary": summary, "results": results,
                     "baseline": baseline}
 
@@ -467,7 +467,7 @@ class Playground:
                                    {v: self.weights_mb(v) for v in results})
             if cancel.is_set():
                 summary = "Stopped. " + summary
-            yield state(summary)
+            yield state(summary, final=True)
         finally:
             with self._active_lock:
                 self._active -= 1

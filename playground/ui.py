@@ -7,6 +7,8 @@ Stable API names (gradio_client): /chat, /retry, /stop, /clear, /status.
 
 from __future__ import annotations
 
+import contextlib
+
 import gradio as gr
 
 from .service import (NO_BASELINE, LABELS, ChatSettings, NotReady, Playground, TooLong,
@@ -69,7 +71,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
         with gr.Row():
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
                                     title="Decode speed (tokens/s)", elem_id="speed-plot",
-                                    height=260, sort="-y")
+                                    height=260, y_lim=[0, None],
+                                    sort=["ternary", "int2", "int4", "fp32"])
             time_plot = gr.LinePlot(None, x="seconds", y="tokens", color="engine",
                                     title="Tokens over time (each engine from its own start)",
                                     elem_id="time-plot", height=260)
@@ -83,7 +86,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             with gr.Row():
                 rep = gr.Slider(0.8, 2.0, value=ChatSettings.repetition_penalty, step=0.05,
                                 label="Repetition penalty (1 = off)")
-                max_new = gr.Slider(1, 2048, value=ChatSettings.max_new_tokens, step=1,
+                max_new = gr.Slider(1, 8192, value=ChatSettings.max_new_tokens, step=1,
                                     label="Max new tokens")
                 seed = gr.Number(ChatSettings.seed, precision=0,
                                  label="Seed (same on both engines; -1 = random)")
@@ -94,50 +97,52 @@ def build_demo(pg: Playground) -> gr.Blocks:
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
         outputs = [msg, chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
 
-        def run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_,
-                rep_, seed_, request: gr.Request, keep_box=False):
+        def run(message, hist_t, hist_b, system_prompt, baseline_, max_new_tokens, temperature_,
+                top_p_, top_k_, repetition_penalty, seed_, request, keep_box=False):
             message = message if isinstance(message, str) else ""
             if not message.strip():
                 yield tuple(gr.skip() for _ in outputs)
                 return
-            settings = ChatSettings(max_new_tokens=max_new_, temperature=temp_, top_p=top_p_,
-                                    top_k=top_k_, repetition_penalty=rep_,
+            settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature_,
+                                    top_p=top_p_, top_k=top_k_, repetition_penalty=repetition_penalty,
                                     seed=-1 if seed_ is None else seed_)
             try:
-                states = pg.compare(message, hist_t, hist_b, system_, baseline_, settings,
+                states = pg.compare(message, hist_t, hist_b, system_prompt, baseline_, settings,
                                     session=_session(request))
                 first = True
-                for s in states:
-                    speed, timeline = chart_frames(s["results"]) if not s["summary"].endswith("…") \
-                        else (gr.skip(), gr.skip())
-                    raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
-                                     "text": r.get("text")} for v, r in s["results"].items()}
-                    yield ("" if first and not keep_box else gr.skip(), s["chat_t"],
-                           s["chat_b"] if s["baseline"] != NO_BASELINE else gr.skip(),
-                           s["stats_t"], s["stats_b"] or gr.skip(), s["summary"], speed, timeline,
-                           raw_value)
-                    first = False
+                with contextlib.closing(states):  # a cancelled request closes the engine's loop
+                    for s in states:
+                        speed, timeline = chart_frames(s["results"]) if s["final"] else (gr.skip(), gr.skip())
+                        raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
+                                         "text": r.get("text")} for v, r in s["results"].items()}
+                        yield ("" if first and not keep_box else gr.skip(), s["chat_t"],
+                               s["chat_b"] if s["baseline"] != NO_BASELINE else gr.skip(),
+                               s["stats_t"], s["stats_b"] or gr.skip(), s["summary"], speed, timeline,
+                               raw_value)
+                        first = False
             except TooLong as e:
                 raise gr.Error(str(e), title="Message too long") from None
             except NotReady as e:
                 raise gr.Error(str(e), title="Not ready") from None
 
-        def chat_fn(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_,
-                    rep_, seed_, request: gr.Request):
-            """Send a message; stream the ternary answer, then the baseline's."""
-            yield from run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_,
-                           top_k_, rep_, seed_, request)
+        def chat_fn(message, history_ternary, history_baseline, system_prompt, baseline,
+                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                    request: gr.Request):
+            """Send a message; stream the ternary engine's answer, then the baseline's."""
+            yield from run(message, history_ternary, history_baseline, system_prompt, baseline,
+                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request)
 
-        def retry_fn(hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_, top_k_, rep_,
-                     seed_, request: gr.Request):
-            """Answer the last message again (both panes)."""
-            hist_t, message = drop_last_exchange(hist_t)
-            hist_b, _ = drop_last_exchange(hist_b)
+        def retry_fn(history_ternary, history_baseline, system_prompt, baseline, max_new_tokens,
+                     temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request):
+            """Answer the last user message again (both panes)."""
+            history_ternary, message = drop_last_exchange(history_ternary)
+            history_baseline, _ = drop_last_exchange(history_baseline)
             if not message:
                 yield tuple(gr.skip() for _ in outputs)
                 return
-            yield from run(message, hist_t, hist_b, system_, baseline_, max_new_, temp_, top_p_,
-                           top_k_, rep_, seed_, request, keep_box=True)
+            yield from run(message, history_ternary, history_baseline, system_prompt, baseline,
+                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request,
+                           keep_box=True)
 
         def stop_fn(request: gr.Request):
             """Stop the running generation of this session (the decode loop checks the flag)."""

@@ -107,3 +107,14 @@ def test_graph_uses_fused_projections_and_contrib_ops(exported):
         assert head.op_type == "MatMulF16"  # shares the fp16 embedding, never expanded
         if exported["cfg"]["tie_word_embeddings"]:
             assert head.input[1] == "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("runner_class", [GrowingCache, SharedBuffer])
+def test_prompt_in_chunks_matches_one_prefill(exported, runner_class):
+    """A later multi-token call (chunked prefill, several tokens after a cached prefix)."""
+    session = make_session(exported["out"], "ternary")
+    runner = runner_class(session, exported["cfg"])
+    runner.step(PROMPT[:3])
+    got = runner.step(PROMPT[3:])
+    expected = exported["logits"][0][3:]
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE["ternary"] * np.abs(expected).max()

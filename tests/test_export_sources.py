@@ -130,3 +130,20 @@ def test_int8_lm_head_effect_on_logits(tmp_path):
         print(f"int8 lm_head ({variant}): max |diff| {diff:.4f} = {diff / scale:.2e} of max |logit| "
               f"{scale:.1f}; top-1 agreement {same_top1:.0%}")
         assert diff <= 2e-2 * scale
+
+
+def test_float_weights_without_quantization_config(tmp_path):
+    """bf16 master weights with no quantization_config (as a plain float checkpoint would be)
+    are quantized with absmean exactly as the online autobitlinear config does."""
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", fmt="float", tied=True)
+    plain = tmp_path / "plain"
+    shutil.copytree(ckpt, plain)
+    config = json.loads((plain / "config.json").read_text())
+    del config["quantization_config"]
+    (plain / "config.json").write_text(json.dumps(config))
+    outs = [export_checkpoint(str(p), str(tmp_path / f"m{i}"), ["ternary"], progress=lambda m: None)
+            for i, p in enumerate((ckpt, plain))]
+    logits = [GrowingCache(make_session(o, "ternary"), load_config(o)).step(PROMPT) for o in outs]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    expected = reference_logits(load_reference(ckpt), PROMPT, [])[0]
+    assert np.abs(logits[1] - expected).max() <= 2e-3 * np.abs(expected).max()

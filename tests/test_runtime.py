@@ -173,7 +173,7 @@ def test_repetition_penalty_changes_greedy_output(engine):
 
 def test_bad_settings_raise_before_compute(engine):
     for kw in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-               dict(top_k=-1), dict(repetition_penalty=0)):
+               dict(top_k=-1), dict(repetition_penalty=0), dict(seed=-1), dict(stop=[3])):
         with pytest.raises(ValueError):
             engine.stream(prompt="w5", settings=GenerationSettings(**kw))
     with pytest.raises(ValueError):

@@ -388,6 +388,15 @@ def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_
 
 # ---- reporting ------------------------------------------------------------------------------
 
+def ratio(r: Result, ref: Result) -> float:
+    """Median over rounds of r's time / ref's time in the same round: robust to load drifting
+    between rounds (the two were timed back to back in every round)."""
+    a, b = np.asarray(r.samples), np.asarray(ref.samples)
+    if len(a) != len(b) or not len(a):
+        return r.us / ref.us
+    return float(np.median(a / b))
+
+
 def summarize(results):
     """Per (shape, M, threads): BitLinear vs fastest stock, vs fp32, fraction of bandwidth."""
     out = []
@@ -401,7 +410,8 @@ def summarize(results):
         fp32 = next((r for r in rs if r.cfg.kind == "fp32" and not r.cfg.quant), None)
         st = next((r for r in rs if r.cfg.kind == "stream"), None)
         out.append(dict(key=key, bl=bl, fastest=fastest, fp32=fp32, stream=st,
-                        bw_frac=(bl.gbs / st.gbs) if (bl and st) else None))
+                        bw_frac=(1.0 / ratio(bl, st) * bl.cfg.bytes_per_call / st.cfg.bytes_per_call)
+                        if (bl and st) else None))
     return out
 
 
@@ -423,14 +433,15 @@ def print_groups(results):
                   f"{'x BitLinear':>13}")
             bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
                        and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
-        ratio = f"{r.us / bl.us:12.2f}x" if bl and r.cfg.kind != "stream" else f"{'-':>13}"
+        rt = f"{ratio(r, bl):12.2f}x" if bl and r.cfg.kind != "stream" else f"{'-':>13}"
         best = min(r.samples) * 1e6
-        print(f"  {r.cfg.name:<24}{r.us:10.1f}{best:10.1f}{r.gbs:8.1f}{_gops(r):>8}{r.cfg.copies:8d}{ratio}")
+        print(f"  {r.cfg.name:<24}{r.us:10.1f}{best:10.1f}{r.gbs:8.1f}{_gops(r):>8}{r.cfg.copies:8d}{rt}")
     sys.stdout.flush()
 
 
 def print_summary(summary):
-    print("\nSummary (speedup = stock time / BitLinear time; fastest stock = fastest op alone):")
+    print("\nSummary (speedup = stock time / BitLinear time, median of per-round ratios; "
+          "fastest stock = fastest op alone by median time):")
     for s in summary:
         k, n, m, t = s["key"]
         bl, f, fp = s["bl"], s["fastest"], s["fp32"]
@@ -438,9 +449,9 @@ def print_summary(summary):
             continue
         line = f"  {k}->{n} M={m:<3} t={t}: BitLinear {bl.us:8.1f} us"
         if f:
-            line += f" | vs fastest stock ({f.cfg.name}) {f.us / bl.us:5.2f}x"
+            line += f" | vs fastest stock ({f.cfg.name}) {ratio(f, bl):5.2f}x"
         if fp:
-            line += f" | vs fp32 {fp.us / bl.us:5.1f}x"
+            line += f" | vs fp32 {ratio(fp, bl):5.1f}x"
         if s["bw_frac"] is not None:
             line += f" | {100 * s['bw_frac']:.0f}% of stream BW"
         print(line)
@@ -455,9 +466,9 @@ def print_markdown(results, summary, header):
         key = (r.k, r.n, r.m, r.threads)
         bl = next((x for x in results if (x.k, x.n, x.m, x.threads) == key
                    and x.cfg.kind == "bitlinear" and x.cfg.kernel is None), None)
-        ratio = f"{r.us / bl.us:.2f}x" if bl and r.cfg.kind != "stream" else "-"
+        rt = f"{ratio(r, bl):.2f}x" if bl and r.cfg.kind != "stream" else "-"
         name = f"**{r.cfg.name}**" if r is bl else r.cfg.name
-        print(f"| {r.k}->{r.n} | {r.m} | {r.threads} | {name} | {r.us:.1f} | {r.gbs:.1f} | {_gops(r)} | {ratio} |")
+        print(f"| {r.k}->{r.n} | {r.m} | {r.threads} | {name} | {r.us:.1f} | {r.gbs:.1f} | {_gops(r)} | {rt} |")
     if any(s["bl"] for s in summary):
         print()
         print("| K->N | M | threads | BitLinear us | fastest stock (op alone) | its us | BitLinear speedup "
@@ -470,8 +481,8 @@ def print_markdown(results, summary, header):
                 continue
             frac = f"{100 * s['bw_frac']:.0f}%" if s["bw_frac"] is not None else "-"
             print(f"| {k}->{n} | {m} | {t} | {bl.us:.1f} | {f.cfg.name if f else '-'} | "
-                  f"{f.us if f else float('nan'):.1f} | {f.us / bl.us if f else float('nan'):.2f}x | "
-                  f"{fp.us / bl.us if fp else float('nan'):.1f}x | {frac} |")
+                  f"{f.us if f else float('nan'):.1f} | {ratio(f, bl) if f else float('nan'):.2f}x | "
+                  f"{ratio(fp, bl) if fp else float('nan'):.1f}x | {frac} |")
 
 
 class _BenchOps:

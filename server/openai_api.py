@@ -109,7 +109,13 @@ class ModelRegistry:
             return value
         with self._lock:
             if name not in self._loaded:
-                self._loaded[name] = value()
+                try:
+                    self._loaded[name] = value()
+                except Exception as e:  # not cached: the next request tries again
+                    log.exception("loading model %s failed", name)
+                    raise ApiError(503, f"the model {name!r} cannot be loaded now: {type(e).__name__}: {e}",
+                                   "server_error", param="model", code="model_unavailable",
+                                   headers={"Retry-After": "30"}) from None
             return self._loaded[name]
 
     def describe(self, name: str, value) -> dict:

@@ -350,3 +350,29 @@ def test_queue_timeout_gets_503_with_retry_after(engine):
         assert results["running"][0] == 200
         assert wait_until(state.engine_idle)
         assert post(url, ok_body()).status_code == 200  # and the server serves again
+
+
+def test_install_on_gradios_own_server(engine):
+    """The other way to serve both (keeps demo.launch(share=...)): add the routes to Gradio's
+    app after launch, in front of Gradio's own routes."""
+    import gradio as gr
+
+    from server import install_api
+    from tests.api_support import free_port
+
+    with gr.Blocks() as demo:
+        gr.Markdown("page")
+    demo.queue(default_concurrency_limit=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        state = install_api(demo.app, {MODEL: engine}, limits=Limits(), api_key=None, first=True)
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        chunks = list(client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=6, temperature=0,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == greedy(engine, 6).text
+        assert httpx.get(url + "/", timeout=30).status_code == 200
+        assert wait_until(state.engine_idle)
+    finally:
+        demo.close()

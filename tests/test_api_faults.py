@@ -199,6 +199,11 @@ def test_models_still_loading_gets_503(engine):
         assert httpx.get(url + "/v1/health", timeout=10).json()["status"] == "loading"
         ready["models"] = {MODEL: engine}
         assert httpx.post(url + "/v1/chat/completions", json=body(max_tokens=2), timeout=30).status_code == 200
+        # a model whose loader fails: 503 with the reason, retried on the next request
+        ready["models"] = {MODEL: engine, "broken": lambda: Engine(tiny_model_dir(), variant="fp32")}
+        r = httpx.post(url + "/v1/chat/completions", json=body(model="broken", max_tokens=2), timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+        assert "fp32" in r.json()["error"]["message"]
 
 
 # -- the exporter killed midway ------------------------------------------------------------

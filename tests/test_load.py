@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.api_support import tiny_model_dir
+from tests.api_support import free_port, tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = int(os.environ.get("BITNET_LOAD_CLIENTS", 16))
@@ -32,12 +31,6 @@ SECONDS = float(os.environ.get("BITNET_LOAD_SECONDS", 8))
 MAX_TOKENS = int(os.environ.get("BITNET_LOAD_MAX_TOKENS", 24))
 QUEUE_SIZE = 8
 RSS_BOUND_MB = 40  # RSS after the run may exceed RSS after warm-up by at most this
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     if os.environ.get("SPACE_ID"):
         args.host = "0.0.0.0"  # a Space routes to the container's port 7860

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -211,8 +212,7 @@ class Playground:
     def progress(self, message: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {message}"
         self.log_lines.append(line)
-        log.info(message)
-        print(f"[bitnet-onnx] {message}", flush=True)
+        print(f"[bitnet-onnx] {message}", file=sys.stderr, flush=True)
 
     def start(self, background: bool = True) -> None:
         if background:
@@ -281,8 +281,21 @@ class Playground:
                     del self.engines[other]
             folder = self.resolved.folder if self.resolved else None
             eng = Engine(folder, variant=variant, threads=self.threads)
+            self._warm_up(eng)
             self.engines[variant] = eng
             return eng
+
+    @staticmethod
+    def _warm_up(eng) -> None:
+        """One short generation, so the first user's timings do not include onnxruntime's
+        first-run costs (allocations, kernel selection) on one engine and not the other."""
+        from runtime import GenerationSettings
+
+        try:
+            eng.generate(messages=[{"role": "user", "content": "Hello"}],
+                         settings=GenerationSettings(max_new_tokens=4, stop_token_ids=[]))
+        except Exception as e:  # noqa: BLE001 - a warm-up failure shows up in the first chat
+            log.warning("warm-up of %s failed: %s", eng, e)
 
     def weights_mb(self, variant: str) -> float | None:
         eng = self.engines.get(variant)
@@ -312,7 +325,8 @@ class Playground:
         cfg = self.config
         threads = self.engines["ternary"].threads if "ternary" in self.engines else "?"
         lines = [f"**Live model: {r.name}** · variants {', '.join(self.variants_available())} · "
-                 f"context {cfg.get('context_length', '?')} tokens · {threads} threads per engine"]
+                 f"context {cfg.get('context_length', '?')} tokens · {threads} "
+                 f"thread{'' if threads == 1 else 's'} per engine, one engine at a time"]
         if r.notice:
             lines.append(f"⚠️ {r.notice}")
         if r.untrained:

@@ -47,12 +47,15 @@ def build_demo(pg: Playground) -> gr.Blocks:
                                       scale=1)
         with gr.Row(equal_height=True):
             with gr.Column():
-                chat_t = gr.Chatbot(label=LABELS["ternary"], elem_id="chat-ternary", height=420,
+                gr.Markdown(f"**{LABELS['ternary']}**", elem_id="title-ternary")
+                chat_t = gr.Chatbot(label="ternary", elem_id="chat-ternary", height=420,
                                     buttons=["copy", "copy_all"], feedback_options=None,
                                     layout="bubble")
                 stats_t = gr.Markdown("**ternary** · idle", elem_id="stats-ternary",
                                       elem_classes=["pane-stats"])
-            with gr.Column() as col_b:
+            with gr.Column():
+                title_b = gr.Markdown(_baseline_title(pg.default_baseline() if pg.state == "ready"
+                                                      else "int2"), elem_id="title-baseline")
                 chat_b = gr.Chatbot(label="baseline", elem_id="chat-baseline", height=420,
                                     buttons=["copy", "copy_all"], feedback_options=None,
                                     layout="bubble")
@@ -93,15 +96,26 @@ def build_demo(pg: Playground) -> gr.Blocks:
         with gr.Accordion("Raw stats (JSON)", open=False):
             raw = gr.JSON(None, elem_id="raw-stats")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
+        # The last values of the stats outputs of this session: an empty message sends them
+        # back unchanged. (Not gr.skip(): in Gradio 6.31 an update to a component makes the
+        # session record its later values under a new id, so deep links lose them.)
+        last_shown = gr.State(None)
 
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
-        outputs = [msg, chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
+        outputs = [msg, chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw,
+                   last_shown]
+
+        def unchanged(hist_t, hist_b, last):
+            """Outputs that leave the page as it is."""
+            rest = tuple(last) if last else tuple(gr.skip() for _ in range(6))
+            return (gr.skip(), hist_t if hist_t is not None else gr.skip(),
+                    hist_b if hist_b is not None else gr.skip()) + rest + (last,)
 
         def run(message, hist_t, hist_b, system_prompt, baseline_, max_new_tokens, temperature_,
-                top_p_, top_k_, repetition_penalty, seed_, request, keep_box=False):
+                top_p_, top_k_, repetition_penalty, seed_, last, request, keep_box=False):
             message = message if isinstance(message, str) else ""
             if not message.strip():
-                yield tuple(gr.skip() for _ in outputs)
+                yield unchanged(hist_t, hist_b, last)
                 return
             settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature_,
                                     top_p=top_p_, top_k=top_k_, repetition_penalty=repetition_penalty,
@@ -112,13 +126,14 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 first = True
                 with contextlib.closing(states):  # a cancelled request closes the engine's loop
                     for s in states:
-                        speed, timeline = chart_frames(s["results"]) if s["final"] else (gr.skip(), gr.skip())
+                        # the charts appear once both engines are done
+                        speed, timeline = chart_frames(s["results"]) if s["final"] else (None, None)
                         raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
                                          "text": r.get("text")} for v, r in s["results"].items()}
-                        yield ("" if first and not keep_box else gr.skip(), s["chat_t"],
-                               s["chat_b"] if s["baseline"] != NO_BASELINE else gr.skip(),
-                               s["stats_t"], s["stats_b"] or gr.skip(), s["summary"], speed, timeline,
-                               raw_value)
+                        shown_now = (s["stats_t"], s["stats_b"] or NO_BASELINE_STATS, s["summary"],
+                                     speed, timeline, raw_value)
+                        yield (("" if first and not keep_box else gr.skip()), s["chat_t"], s["chat_b"]) \
+                            + shown_now + (shown_now if s["final"] else last,)
                         first = False
             except TooLong as e:
                 raise gr.Error(str(e), title="Message too long") from None
@@ -126,22 +141,23 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 raise gr.Error(str(e), title="Not ready") from None
 
         def chat_fn(message, history_ternary, history_baseline, system_prompt, baseline,
-                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, last,
                     request: gr.Request):
             """Send a message; stream the ternary engine's answer, then the baseline's."""
             yield from run(message, history_ternary, history_baseline, system_prompt, baseline,
-                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request)
+                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, last,
+                           request)
 
         def retry_fn(history_ternary, history_baseline, system_prompt, baseline, max_new_tokens,
-                     temperature, top_p, top_k, repetition_penalty, seed, request: gr.Request):
+                     temperature, top_p, top_k, repetition_penalty, seed, last, request: gr.Request):
             """Answer the last user message again (both panes)."""
-            history_ternary, message = drop_last_exchange(history_ternary)
-            history_baseline, _ = drop_last_exchange(history_baseline)
+            hist_t, message = drop_last_exchange(history_ternary)
+            hist_b, _ = drop_last_exchange(history_baseline)
             if not message:
-                yield tuple(gr.skip() for _ in outputs)
+                yield unchanged(history_ternary, history_baseline, last)
                 return
-            yield from run(message, history_ternary, history_baseline, system_prompt, baseline,
-                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, request,
+            yield from run(message, hist_t, hist_b, system_prompt, baseline, max_new_tokens,
+                           temperature, top_p, top_k, repetition_penalty, seed, last, request,
                            keep_box=True)
 
         def stop_fn(request: gr.Request):
@@ -150,45 +166,44 @@ def build_demo(pg: Playground) -> gr.Blocks:
 
         def clear_fn():
             """Start a new conversation."""
-            return ([], [], "**ternary** · idle", "**baseline** · idle", "", None, None, None)
+            return ([], [], "**ternary** · idle", "**baseline** · idle", "", None, None, None, None)
 
         common = dict(outputs=outputs, concurrency_id="engine", concurrency_limit=1,
                       show_progress="full", show_progress_on=[chat_t, chat_b])
-        chat_inputs = [msg, chat_t, chat_b] + settings_inputs
+        chat_inputs = [msg, chat_t, chat_b] + settings_inputs + [last_shown]
         ev_send = send.click(chat_fn, chat_inputs, api_name="chat", **common)
         ev_submit = msg.submit(chat_fn, chat_inputs, api_visibility="private", **common)
-        ev_retry = retry.click(retry_fn, [chat_t, chat_b] + settings_inputs, api_name="retry", **common)
+        ev_retry = retry.click(retry_fn, [chat_t, chat_b] + settings_inputs + [last_shown],
+                               api_name="retry", **common)
         stop.click(stop_fn, None, None, queue=False, api_name="stop")
         clear.click(clear_fn, None, [chat_t, chat_b, stats_t, stats_b, summary, speed_plot,
-                                     time_plot, raw], queue=False, api_name="clear")
+                                     time_plot, raw, last_shown], queue=False, api_name="clear")
         del ev_send, ev_submit, ev_retry
 
-        def baseline_changed(choice):
-            visible = choice != NO_BASELINE
-            return gr.update(visible=visible), gr.update(label=LABELS.get(choice, choice))
+        baseline.change(_baseline_title, [baseline], [title_b], queue=False,
+                        api_visibility="private", show_progress="hidden")
 
-        baseline.change(baseline_changed, [baseline], [col_b, chat_b], queue=False,
-                        api_visibility="private")
+        def refresh(current=None):
+            """Banner, baseline choices (known once the model folder is), pane title, timer."""
+            done = pg.state in ("ready", "failed")
+            if pg.state != "ready":
+                return pg.banner_markdown(), gr.skip(), gr.skip(), gr.Timer(active=not done)
+            choices = pg.baselines()
+            value = current if current in choices else pg.default_baseline()
+            return (pg.banner_markdown(), gr.update(choices=[(LABELS.get(v, v), v) for v in choices],
+                                                    value=value),
+                    _baseline_title(value), gr.Timer(active=False))
 
-        def refresh():
-            ready = pg.state in ("ready", "failed")
-            choices = [(LABELS.get(v, v), v) for v in pg.baselines()] if pg.state == "ready" else gr.skip()
-            value = pg.default_baseline() if pg.state == "ready" else gr.skip()
-            label = gr.update(label=LABELS.get(value, value)) if pg.state == "ready" else gr.skip()
-            return (pg.banner_markdown(), gr.update(choices=choices, value=value) if ready and
-                    pg.state == "ready" else gr.skip(), label, gr.Timer(active=not ready))
-
-        timer.tick(refresh, None, [banner, baseline, chat_b, timer], queue=False,
+        timer.tick(refresh, [baseline], [banner, baseline, title_b, timer], queue=False,
                    api_visibility="private", show_progress="hidden")
 
-        def on_load(request: gr.Request):
+        def on_load(current, request: gr.Request):
             prompt = ""
             if request is not None:
                 prompt = request.query_params.get("prompt", "") or ""
-            banner_md, base, label, tmr = refresh()
-            return (prompt[:20000] if prompt else gr.skip(), banner_md, base, label, tmr)
+            return (prompt[:20000] if prompt else gr.skip(),) + refresh(current)
 
-        demo.load(on_load, None, [msg, banner, baseline, chat_b, timer], queue=False,
+        demo.load(on_load, [baseline], [msg, banner, baseline, title_b, timer], queue=False,
                   api_visibility="private", show_progress="hidden")
 
         def status() -> dict:
@@ -198,6 +213,15 @@ def build_demo(pg: Playground) -> gr.Blocks:
 
         gr.api(status, api_name="status", queue=False)
     return demo
+
+
+NO_BASELINE_STATS = "**baseline** · none selected"
+
+
+def _baseline_title(choice: str) -> str:
+    if choice == NO_BASELINE:
+        return "**No baseline** (pick one above to compare)"
+    return f"**Baseline: {LABELS.get(choice, choice)}**"
 
 
 def BASELINES_INITIAL(pg: Playground) -> list[str]:  # noqa: N802 - reads like a constant

@@ -161,7 +161,8 @@ def test_baseline_choice_and_none(server):
     assert status["loaded_engines"] == ["ternary", "fp32"]  # at most one baseline kept
     out = client.predict(**chat_args("No baseline now", baseline="none", max_new_tokens=6))
     assert set(out[RAW]) == {"ternary"}
-    assert is_skip(out[CHAT_B])
+    assert out[CHAT_B] == []  # the baseline pane is left as it was
+    assert "none selected" in out[STATS_B]
     assert "no baseline" in out[SUMMARY]
 
 
@@ -169,7 +170,13 @@ def test_empty_message_does_nothing(server):
     client = server.client()
     for message in ("", "   ", "\n\t"):
         out = client.predict(**chat_args(message))
-        assert all(is_skip(v) for v in out), out
+        assert out[CHAT_T] == [] and out[CHAT_B] == []
+        assert all(is_skip(v) for v in out[:1] + out[STATS_T:]), out
+    # after a conversation: the page stays exactly as it was
+    before = client.predict(**chat_args("Hi", max_new_tokens=4))
+    after = client.predict(**chat_args("  ", before[CHAT_T], before[CHAT_B]))
+    assert after[CHAT_T] == before[CHAT_T] and after[CHAT_B] == before[CHAT_B]
+    assert after[STATS_T:RAW + 1] == before[STATS_T:RAW + 1]
     assert wait_idle(client)["active_generations"] == 0
 
 

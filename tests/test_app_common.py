@@ -49,7 +49,8 @@ class AppServer:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.extra_args = list(extra_args)
         self.env = dict(os.environ, BITNET_ONNX_CACHE=str(self.workdir / "cache"),
-                        GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", **(env or {}))
+                        GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+        self.env.update(env or {})
         self.ready_timeout = ready_timeout
         self.proc = None
         self.log_path = self.workdir / f"app-{self.port}.log"

@@ -1,0 +1,138 @@
+"""Which model the playground serves (cache, export once, offline fallback) and the pure
+helpers of the page (history flattening, escaping, summary), without a server."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from playground import models
+from playground.service import (ChatSettings, Playground, drop_last_exchange, flatten_content,
+                                history_to_messages, shown, stats_markdown, summary_line)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    return tmp_path / "cache"
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("BITNET_ONNX_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert models.model_cache_dir() == tmp_path / "hf" / "bitnet-onnx"
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "c"))
+    assert models.model_cache_dir() == tmp_path / "c"
+
+
+def test_offline_without_cache_falls_back_to_a_labelled_stand_in(cache, capsys):
+    lines = []
+    r = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
+    assert r.fallback and r.untrained and r.requested == models.DEFAULT_MODEL
+    assert models.is_exported(r.folder) and r.folder.startswith(str(cache))
+    # one plain line says what happened
+    notice = [line for line in lines if "Cannot reach the Hugging Face hub" in line]
+    assert len(notice) == 1 and "\n" not in notice[0] and models.DEFAULT_MODEL in notice[0]
+    with open(os.path.join(r.folder, "bitnet_onnx.json")) as f:
+        cfg = json.load(f)
+    assert set(cfg["variants"]) == {"ternary", "int2", "int4", "fp32"}
+    # the banner names the live model and says it is an untrained stand-in
+    pg = Playground(models.DEFAULT_MODEL, threads=1,
+                    resolver=lambda spec, variants, progress: r)
+    pg.start(background=False)
+    assert pg.state == "ready", pg.error
+    banner = pg.banner_markdown()
+    assert "tiny random" in banner and "untrained stand-in" in banner
+    assert "Cannot reach the Hugging Face hub" in banner
+    # a second start reuses the stand-in (no new export)
+    mtime = os.path.getmtime(os.path.join(r.folder, "bitnet_onnx.json"))
+    again = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
+    assert again.folder == r.folder
+    assert os.path.getmtime(os.path.join(r.folder, "bitnet_onnx.json")) == mtime
+
+
+def test_cached_export_is_reused_and_checkpoint_folders_are_exported_once(cache, tmp_path):
+    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=1)
+    lines = []
+    first = models.resolve_model(str(ckpt), progress=lines.append, check_hub=lambda: pytest.fail("no hub"))
+    assert not first.fallback and models.is_exported(first.folder)
+    assert any("exporting" in line for line in lines)
+    lines.clear()
+    second = models.resolve_model(str(ckpt), progress=lines.append)
+    assert second.folder == first.folder
+    assert not any("exporting" in line for line in lines)
+    # an exported folder is served as it is
+    direct = models.resolve_model(first.folder, progress=lines.append)
+    assert direct.folder == os.path.abspath(first.folder) and not direct.fallback
+    # a hub id whose export is cached needs no hub
+    hub_out = cache / "someorg--somemodel"
+    os.rename(first.folder, hub_out)
+    cached = models.resolve_model("someorg/somemodel", progress=lines.append,
+                                  check_hub=lambda: pytest.fail("no hub"))
+    assert cached.folder == str(hub_out) and not cached.fallback
+
+
+def test_bad_model_argument_is_one_clear_error(cache, tmp_path):
+    with pytest.raises(SystemExit, match="not a hub id"):
+        models.resolve_model("no-such-thing", progress=lambda m: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="neither an exported model folder"):
+        models.resolve_model(str(tmp_path / "empty"), progress=lambda m: None)
+
+
+def test_failed_preparation_is_shown_not_raised(cache):
+    def broken(spec, variants, progress):
+        raise RuntimeError("disk full")
+
+    pg = Playground("x/y", resolver=broken)
+    pg.start(background=False)
+    assert pg.state == "failed" and "disk full" in pg.banner_markdown()
+    assert pg.status()["state"] == "failed"
+
+
+def test_preparing_banner_shows_progress():
+    pg = Playground("org/model")
+    pg.state = "preparing"
+    pg.progress("layer 3/30 done (12 s)")
+    text = pg.banner_markdown()
+    assert "Preparing" in text and "layer 3/30" in text and "org/model" in text
+
+
+def test_history_flattening_and_escaping():
+    raw = 'Hi <script>alert("x")</script> & <b>bold</b>'
+    assert shown(raw) == 'Hi &lt;script&gt;alert("x")&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;'
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": shown(raw)}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "part 1 "}, {"type": "text", "text": "part 2"}]},
+        {"role": "assistant", "content": "note", "metadata": {"title": "a note"}},
+        {"role": "user", "content": "plain string"},
+    ]
+    assert history_to_messages(history) == [
+        {"role": "user", "content": raw}, {"role": "assistant", "content": "part 1 part 2"},
+        {"role": "user", "content": "plain string"}]
+    rest, last = drop_last_exchange(history)
+    assert last == "plain string" and len(rest) == 3
+    assert flatten_content(None) == "" and flatten_content({"text": "t"}) == "t"
+
+
+def test_summary_and_stats_lines():
+    t = {"decode_tokens_per_s": 40.0, "prefill_tokens_per_s": 200.0, "ttft_s": 0.25,
+         "new_tokens": 10, "prompt_tokens": 5, "rss_mb": 1500.0}
+    b = dict(t, decode_tokens_per_s=20.0, prefill_tokens_per_s=100.0, ttft_s=0.5)
+    line = summary_line(t, b, "int2", {"ternary": 500.0, "int2": 1000.0})
+    assert "2.00x" in line and "memory: 0.50x" in line and "\n" not in line
+    md = stats_markdown("ternary", t, "done", 500.0)
+    assert "TTFT **250 ms**" in md and "decode **40.0 tok/s**" in md and "**5** in + **10** out" in md
+    assert "no baseline" in summary_line(t, None, "none", {})
+
+
+def test_settings_map_to_the_runtime():
+    s = ChatSettings(max_new_tokens=0, temperature=-1, top_p=0, top_k=-3, seed=-1).to_runtime()
+    s.validate()
+    assert s.max_new_tokens == 1 and s.temperature == 0 and s.top_k == 0 and s.seed is None
+    assert s.truncate  # long histories drop their oldest turns
+    assert ChatSettings(seed=5).to_runtime().seed == 5

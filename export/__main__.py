@@ -7,6 +7,7 @@ import sys
 
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
+from .variants import INT2_BLOCK_SIZE
 
 
 def main(argv=None) -> int:
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
                         help="comma-separated: ternary,int2,int4,fp32 (default: %(default)s)")
     parser.add_argument("--lm-head", default="native", choices=["native", "int8"],
                         help="lm_head precision: the checkpoint's (fp16/fp32) or int8 MatMulNBits")
-    parser.add_argument("--int2-block-size", type=int, default=256,
+    parser.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                         help="MatMulNBits block size of the int2 baseline (default: %(default)s)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")

@@ -14,7 +14,7 @@ from .graph import DecoderGraph, LayerWeights, Projection
 from .model_folder import (atomic_output_dir, copy_tokenizer_files, model_config,
                            tokenizer_metadata, write_config)
 from .source import resolve_source
-from .variants import VARIANT_NAMES, make_variant
+from .variants import INT2_BLOCK_SIZE, VARIANT_NAMES, make_variant
 
 DEFAULT_VARIANTS = ("ternary", "int2")
 FP16_MAX = 65504.0
@@ -65,7 +65,7 @@ def parse_variants(text: str | list | tuple) -> list[str]:
 
 
 def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, lm_head: str = "native",
-                      overwrite: bool = False, revision: str | None = None, int2_block_size: int = 256,
+                      overwrite: bool = False, revision: str | None = None, int2_block_size: int = INT2_BLOCK_SIZE,
                       progress=print) -> str:
     """Export SOURCE (hub id or folder) to the model folder out_dir; return out_dir."""
     names = parse_variants(variants)

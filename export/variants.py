@@ -145,9 +145,12 @@ class Fp32Variant(_EmulatedQuantVariant):
 
 
 VARIANT_NAMES = ("ternary", "int2", "int4", "fp32")
+# MLAS has int8-activation 2-bit kernels up to block 128; at 256 ORT 1.32 silently dequantizes
+# the weights to fp32 on every call (~100x slower; measured in bench/README.md).
+INT2_BLOCK_SIZE = 128
 
 
-def make_variant(name: str, lm_head_precision: str = "native", int2_block_size: int = 256):
+def make_variant(name: str, lm_head_precision: str = "native", int2_block_size: int = INT2_BLOCK_SIZE):
     if name == "ternary":
         return TernaryVariant(lm_head_precision)
     if name == "int2":

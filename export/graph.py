@@ -168,9 +168,20 @@ class DecoderGraph:
         hidden = self._sub_norm(f"{p}.mlp.ffn_sub_norm", hidden, lw.ffn_sub_norm)
         self.pending = v.linear(b, f"{p}.mlp.down_proj", hidden, lw.down)
 
+    def _keep_last_positions(self, hidden: str) -> str:
+        """Optional input `logits_to_keep` (int64 scalar, default 0 = every position): with n > 0
+        only the last n positions go through the lm_head, so a prefill does not pay the
+        [seq, vocab] head for logits nobody reads. Drivers that do not feed it get all logits."""
+        b = self.b
+        self._inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
+        b.initializers.append(numpy_helper.from_array(np.array(0, np.int64), "logits_to_keep"))
+        start = b.op("Unsqueeze", [b.op("Neg", ["logits_to_keep"]), b.const("axes_0", [0], np.int64)])
+        end = b.const("int64_max", [np.iinfo(np.int64).max], np.int64)
+        return b.op("Slice", [hidden, start, end, b.const("axes_1", [1], np.int64)], name="keep_last_positions")
+
     def finish(self, final_norm: np.ndarray, producer: str) -> onnx.ModelProto:
         s, b = self.spec, self.b
-        normed = self._norm("model.norm", final_norm)
+        normed = self._keep_last_positions(self._norm("model.norm", final_norm))
         self.variant.lm_head(b, normed, "logits")
         logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                ["batch_size", "sequence_length", s.vocab_size])

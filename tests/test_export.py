@@ -118,3 +118,19 @@ def test_prompt_in_chunks_matches_one_prefill(exported, runner_class):
     got = runner.step(PROMPT[3:])
     expected = exported["logits"][0][3:]
     assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE["ternary"] * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("variant", ["ternary", "int2"])
+def test_logits_to_keep_returns_the_last_positions(exported, variant):
+    """Optional input logits_to_keep: 0 (default) = all positions, n = the last n only."""
+    session = make_session(exported["out"], variant)
+    cfg = exported["cfg"]
+    empty = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+    feed = {"input_ids": np.array([PROMPT], np.int64), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
+    feed.update({f"past_key_values.{i}.{k}": empty for i in range(cfg["num_layers"]) for k in ("key", "value")})
+    full = session.run(["logits"], feed)[0]
+    last = session.run(["logits"], dict(feed, logits_to_keep=np.array(1, np.int64)))[0]
+    two = session.run(["logits"], dict(feed, logits_to_keep=np.array(2, np.int64)))[0]
+    assert full.shape[1] == len(PROMPT) and last.shape[1] == 1 and two.shape[1] == 2
+    np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5 * np.abs(full).max())
+    np.testing.assert_allclose(two[0], full[0, -2:], rtol=0, atol=1e-5 * np.abs(full).max())

@@ -22,13 +22,13 @@ class Limits:
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_chars: int = 256  # characters per stop string
     # generation
-    default_max_tokens: int = 512  # when the request gives none (clamped to the context too)
+    default_max_tokens: int = 256  # when the request gives none (clamped to the context too)
     max_tokens_cap: int = 0  # upper bound for max_tokens; 0 = the model's context length
     default_temperature: float = 1.0  # OpenAI's default
     # concurrency: the CPU runs `concurrency` generations at once; `queue_size` more may wait
     concurrency: int = 1
     queue_size: int = 8  # more waiting requests: 429 with Retry-After
-    queue_timeout_s: float = 60.0  # waited longer for the CPU: 503 with Retry-After
+    queue_timeout_s: float = 120.0  # waited longer for the CPU: 503 with Retry-After
     generation_timeout_s: float = 300.0  # a generation running longer is stopped (finish "length")
     body_timeout_s: float = 15.0  # a request body that takes longer to arrive: 408
     history: int = 256  # finished generations remembered for /v1/health and tests

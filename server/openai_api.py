@@ -508,6 +508,9 @@ def build_router(state: ApiState):
     return router
 
 
+MIN_TEMPERATURE = 1e-4  # below this a temperature means greedy decoding
+
+
 def _settings_for(engine, req: ChatRequest, limits: Limits):
     """GenerationSettings for the request, max_tokens clamped to the context left after the
     prompt (raises ApiError 400 when the prompt alone does not fit)."""
@@ -525,6 +528,10 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
     wanted = req.max_tokens if req.max_tokens is not None else limits.default_max_tokens
     max_new = max(1, min(wanted, cap, context - len(prompt)))
     temperature = limits.default_temperature if req.temperature is None else req.temperature
+    if temperature < MIN_TEMPERATURE:
+        # greedy: logits / a subnormal temperature overflow float32 and the runtime's sampler
+        # then draws from NaNs (found by the API fuzz; reported to the runtime)
+        temperature = 0.0
     settings = GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),
                                   top_k=req.top_k, top_p=req.top_p,
                                   repetition_penalty=req.repetition_penalty, seed=req.seed,

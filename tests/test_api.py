@@ -104,6 +104,12 @@ def test_seed_makes_sampling_reproducible(client):
     assert len({run(s) for s in (1, 2, 3)}) > 1
 
 
+def test_tiny_temperature_is_greedy(client, engine):
+    # a subnormal temperature used to overflow the logits into NaNs in the sampler
+    out = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=8, temperature=1e-45)
+    assert out.choices[0].message.content == greedy(engine, 8).text
+
+
 def test_max_tokens_hit(client):
     out = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=5, temperature=0)
     assert out.choices[0].finish_reason == "length"

@@ -36,8 +36,13 @@ contents = st.one_of(st.text(max_size=60), json_values,
                      st.lists(st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
                                         st.dictionaries(st.sampled_from(["type", "text", "image_url"]), json_values,
                                                         max_size=3)), max_size=3))
-messages = st.lists(st.one_of(st.fixed_dictionaries({"role": roles, "content": contents}), json_values),
-                    min_size=0, max_size=10)
+# any code point, lone surrogates and control characters included (json.dumps escapes them)
+any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=80)
+valid_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant"]),
+                                       "content": st.one_of(any_text, st.lists(st.fixed_dictionaries(
+                                           {"type": st.just("text"), "text": any_text}), max_size=3))})
+messages = st.lists(st.one_of(valid_message, st.fixed_dictionaries({"role": roles, "content": contents}),
+                              json_values), min_size=0, max_size=10)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +110,23 @@ def test_random_messages(server, msgs, stream, stop):
     if stop is not None:
         body["stop"] = stop
     check("messages", client.post("/v1/chat/completions", json=body))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(msgs=st.lists(valid_message, min_size=1, max_size=8), stream=st.booleans(),
+       temperature=st.one_of(st.none(), st.floats(0, 2)), top_p=st.one_of(st.none(), st.floats(0, 1)),
+       seed=st.one_of(st.none(), st.integers(-2**70, 2**70)), stop=st.lists(any_text.filter(lambda t: len(t) < 20),
+                                                                        max_size=4))
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # e.g. overflow in the sampler
+def test_well_formed_requests_with_odd_text(server, msgs, stream, temperature, top_p, seed, stop):
+    """Valid structure, hostile text and edge values: these generate (or say the prompt is
+    too long), never anything else."""
+    client, _ = server
+    body = {"model": MODEL, "messages": msgs, "stream": stream, "max_tokens": 4, "stop": stop,
+            "temperature": temperature, "top_p": top_p, "seed": seed}
+    r = client.post("/v1/chat/completions", json=body)
+    check("well_formed", r)
+    assert r.status_code == 200 or r.json()["error"]["code"] == "context_length_exceeded", r.text
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

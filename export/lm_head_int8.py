@@ -12,19 +12,25 @@ from onnx import helper, numpy_helper
 
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations: the fast int8 x int8 kernel
+CHUNK_ROWS = 8192
 
 
 def quantize_int8_blocks(weight: np.ndarray, block_size: int = BLOCK_SIZE):
     """float [N, K] -> (codes uint8 [N, n_blocks, block_size], scales float32 [N, n_blocks])."""
     n, k = weight.shape
     n_blocks = -(-k // block_size)
-    padded = np.zeros((n, n_blocks * block_size), dtype=np.float32)
-    padded[:, :k] = weight
-    blocks = padded.reshape(n, n_blocks, block_size)
-    scales = np.abs(blocks).max(axis=2) / 127.0
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127)
-    return (q + 128).astype(np.uint8), scales.astype(np.float32)
+    codes = np.empty((n, n_blocks, block_size), dtype=np.uint8)
+    scales = np.empty((n, n_blocks), dtype=np.float32)
+    for start in range(0, n, CHUNK_ROWS):  # chunks keep the float temporaries small
+        rows = slice(start, min(start + CHUNK_ROWS, n))
+        padded = np.zeros((rows.stop - start, n_blocks * block_size), dtype=np.float32)
+        padded[:, :k] = weight[rows]
+        blocks = padded.reshape(-1, n_blocks, block_size)
+        scale = np.abs(blocks).max(axis=2) / np.float32(127.0)
+        scale[scale == 0] = 1.0
+        codes[rows] = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        scales[rows] = scale
+    return codes, scales
 
 
 def make_int8_head(name: str, weight: np.ndarray):

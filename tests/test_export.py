@@ -134,3 +134,16 @@ def test_logits_to_keep_returns_the_last_positions(exported, variant):
     assert full.shape[1] == len(PROMPT) and last.shape[1] == 1 and two.shape[1] == 2
     np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5 * np.abs(full).max())
     np.testing.assert_allclose(two[0], full[0, -2:], rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+def test_shared_buffers_need_no_clearing(exported):
+    """Stale values beyond the current length (a previous conversation) are never read."""
+    session = make_session(exported["out"], "ternary")
+    runner = SharedBuffer(session, exported["cfg"])
+    rng = np.random.default_rng(0)
+    for value in runner.buffers.values():
+        value.update_inplace(rng.standard_normal(value.shape()).astype(np.float32) * 100)
+    got = [runner.step(PROMPT)] + [runner.step([t]) for t in STEPS]
+    scale = max(float(np.abs(x).max()) for x in exported["logits"])
+    for g, e in zip(got, exported["logits"]):
+        assert np.abs(g - e).max() <= RELATIVE_TOLERANCE["ternary"] * scale

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 API_KEY_ENV = "BITNET_API_KEY"  # unset or empty: the API is open
 ENV_PREFIX = "BITNET_API_"

@@ -367,8 +367,6 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
                 gate: Gate | None = None, default_name: str | None = None, first: bool = False) -> ApiState:
     """Add the /v1 routes to an existing FastAPI app (e.g. Gradio's own `demo.app` after
     `demo.launch(prevent_thread_lock=True)`: first=True puts them before Gradio's routes)."""
-    from fastapi import APIRouter
-
     limits = limits or Limits.from_env()
     if api_key is ...:
         api_key = os.environ.get(API_KEY_ENV) or None

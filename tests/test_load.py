@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import httpx
 import psutil
 import pytest
 
+from server.loadgen import run_load, summarize
 from tests.api_support import free_port, tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,82 +64,6 @@ def server_process():
         proc.kill()
 
 
-def pct(values, q):
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-async def one_request(client: httpx.AsyncClient, url: str, i: int, n: int) -> dict:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": f"w{5 + i} w{n % 200} hello"}],
-            "max_tokens": MAX_TOKENS, "temperature": 0.8, "seed": i * 1000 + n, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.monotonic()
-    rec = {"client": i, "n": n}
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        rec["status"] = r.status_code
-        if r.status_code != 200:
-            raw = await r.aread()
-            rec["retry_after"] = r.headers.get("retry-after")
-            try:
-                rec["error"] = json.loads(raw)["error"]
-            except Exception:
-                rec["error"] = {"message": None, "raw": raw[:200].decode(errors="replace")}
-            rec["latency_s"] = time.monotonic() - t0
-            return rec
-        text, done, usage, ttft = [], False, None, None
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                done = True
-                break
-            obj = json.loads(data)
-            if "error" in obj:
-                rec["error"] = obj["error"]
-                continue
-            if obj.get("usage") and not obj.get("choices"):
-                usage = obj["usage"]
-            for ch in obj.get("choices", []):
-                piece = ch["delta"].get("content")
-                if piece:
-                    if ttft is None:
-                        ttft = time.monotonic() - t0
-                    text.append(piece)
-        rec.update(done=done, usage=usage, ttft_s=ttft, latency_s=time.monotonic() - t0, chars=len("".join(text)))
-    return rec
-
-
-async def run_load(url: str) -> tuple[list[dict], float]:
-    deadline = time.monotonic() + SECONDS
-    limits = httpx.Limits(max_connections=CLIENTS + 4, max_keepalive_connections=CLIENTS + 4)
-    records = []
-
-    async with httpx.AsyncClient(timeout=httpx.Timeout(60), limits=limits) as client:
-        async def client_loop(i):
-            rng = random.Random(i)
-            n = 0
-            while time.monotonic() < deadline:
-                try:
-                    rec = await one_request(client, url, i, n)
-                except Exception as e:  # counted as an error below
-                    rec = {"client": i, "n": n, "status": "exception", "error": {"message": repr(e)}}
-                records.append(rec)
-                n += 1
-                if rec["status"] in (429, 503):
-                    wait = float(rec.get("retry_after") or 1)
-                else:  # a user reads the answer before asking again
-                    wait = rng.uniform(0, THINK_S)
-                await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
-
-        t0 = time.monotonic()
-        await asyncio.gather(*(client_loop(i) for i in range(CLIENTS)))
-        wall = time.monotonic() - t0
-    return records, wall
-
-
 def rss_mb(proc) -> float:
     return psutil.Process(proc.pid).memory_info().rss / 2**20
 
@@ -154,7 +77,7 @@ def test_load_many_streaming_clients(server_process, tmp_path):
         assert r.status_code == 200
     rss_before = rss_mb(proc)
 
-    records, wall = asyncio.run(run_load(url))
+    records, wall = asyncio.run(run_load(url, "tiny", CLIENTS, SECONDS, MAX_TOKENS, THINK_S))
 
     ok = [r for r in records if r["status"] == 200]
     busy = [r for r in records if r["status"] in (429, 503)]
@@ -170,30 +93,16 @@ def test_load_many_streaming_clients(server_process, tmp_path):
     # not a fairness guarantee (429 means "come back later"), but nobody should starve entirely
     assert len(served) >= CLIENTS // 2, f"only {len(served)} of {CLIENTS} clients got an answer"
 
-    health = httpx.get(url + "/v1/health", timeout=10).json()
     time.sleep(0.5)
     rss_after = rss_mb(proc)
     health = httpx.get(url + "/v1/health", timeout=10).json()
     assert health["running"] == 0 and health["waiting"] == 0 and health["active_jobs"] == 0
 
-    latencies = [r["latency_s"] for r in ok]
-    ttfts = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
-    tokens = sum(r["usage"]["completion_tokens"] for r in ok)
-    report = {
-        "clients": CLIENTS, "seconds": SECONDS, "max_tokens": MAX_TOKENS, "queue_size": QUEUE_SIZE,
-        "think_s": THINK_S, "requests": len(records), "clients_served": len(served), "completed": len(ok), "busy_429": sum(r["status"] == 429 for r in busy),
-        "busy_503": sum(r["status"] == 503 for r in busy), "errors": len(other), "wall_s": round(wall, 2),
-        "latency_p50_s": round(pct(latencies, 50), 4), "latency_p95_s": round(pct(latencies, 95), 4),
-        "latency_max_s": round(max(latencies), 4),
-        "ttft_p50_s": round(pct(ttfts, 50), 4) if ttfts else None,
-        "ttft_p95_s": round(pct(ttfts, 95), 4) if ttfts else None,
-        "completed_per_s": round(len(ok) / wall, 2), "completion_tokens": tokens,
-        "tokens_per_s": round(tokens / wall, 1),
-        "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-        "rss_growth_mb": round(rss_after - rss_before, 1), "rss_bound_mb": RSS_BOUND_MB,
-        "server_counters": health["counters"],
-        "mean_latency_s": round(statistics.mean(latencies), 4),
-    }
+    report = summarize(records, wall, clients=CLIENTS, seconds=SECONDS, max_tokens=MAX_TOKENS,
+                       think_s=THINK_S, queue_size=QUEUE_SIZE)
+    report.update(rss_before_mb=round(rss_before, 1), rss_after_mb=round(rss_after, 1),
+                  rss_growth_mb=round(rss_after - rss_before, 1), rss_bound_mb=RSS_BOUND_MB,
+                  server_counters=health["counters"])
     path = os.environ.get("BITNET_LOAD_REPORT") or str(tmp_path / "load_report.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)

@@ -17,7 +17,14 @@ from . import ternary
 from .errors import ExportError
 from .safetensors_reader import FLOAT_DTYPES, TensorInfo, read_float32, read_header, read_raw
 
-SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM",)
+# BitNet (2B4T: sub-norms, relu2) and LLaMA-architecture BitNet b1.58 checkpoints
+# (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit: no sub-norms, SiLU-gated MLP) loaded by
+# transformers as LlamaForCausalLM with a bitnet quantization_config.
+SUPPORTED_ARCHITECTURES = ("BitNetForCausalLM", "LlamaForCausalLM")
+ARCH_TRAITS = {  # architecture -> (has attn/ffn sub-norms, MLP activation)
+    "BitNetForCausalLM": (True, "relu2"),
+    "LlamaForCausalLM": (False, "silu"),
+}
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -45,6 +52,8 @@ class ModelSpec:
     linear_class: str | None
     quantization_mode: str  # "offline" | "online"
     raw_config: dict
+    sub_norms: bool = True  # attn_sub_norm / ffn_sub_norm (BitNet); absent in LLaMA variants
+    activation: str = "relu2"  # "relu2" (BitNet) or "silu" (LLaMA variants)
 
 
 def _eos_list(value) -> list[int]:
@@ -57,14 +66,18 @@ def parse_config(config: dict) -> ModelSpec:
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None and not archs and model_type == "bitnet":
-        arch = "BitNetForCausalLM"
+    if arch is None and not archs and model_type in ("bitnet", "llama"):
+        arch = "BitNetForCausalLM" if model_type == "bitnet" else "LlamaForCausalLM"
     if arch is None:
         raise ExportError(
             f"unsupported architecture {archs or model_type!r}: this exporter reads "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints (model_type 'bitnet')")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints")
+    sub_norms, activation = ARCH_TRAITS[arch]
 
     quant = config.get("quantization_config")
+    if arch == "LlamaForCausalLM" and (quant or {}).get("quant_method") != "bitnet":
+        raise ExportError("LlamaForCausalLM without a bitnet quantization_config is not a "
+                          "BitNet b1.58 model (its weights are not ternary)")
     if quant is None:
         linear_class, mode = None, "online"
     else:
@@ -87,9 +100,9 @@ def parse_config(config: dict) -> ModelSpec:
             if extra:
                 raise ExportError(f"unsupported quantization_config.modules_to_not_convert {extra}")
 
-    act = config.get("hidden_act", "relu2")
-    if act != "relu2":
-        raise ExportError(f"unsupported hidden_act {act!r} (BitNet uses relu2)")
+    act = config.get("hidden_act", activation)
+    if act != activation:
+        raise ExportError(f"unsupported hidden_act {act!r} for {arch} (expected {activation})")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise ExportError("checkpoints with linear biases (attention_bias/mlp_bias) are not supported")
 
@@ -109,7 +122,7 @@ def parse_config(config: dict) -> ModelSpec:
     heads = int(need("num_attention_heads", 20))
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
-    if heads * head_dim != hidden:
+    if sub_norms and heads * head_dim != hidden:
         raise ExportError(
             f"num_attention_heads*head_dim = {heads * head_dim} differs from hidden_size {hidden}; "
             "BitNet's attn_sub_norm needs them equal")
@@ -138,6 +151,8 @@ def parse_config(config: dict) -> ModelSpec:
         linear_class=linear_class,
         quantization_mode=mode,
         raw_config=config,
+        sub_norms=sub_norms,
+        activation=activation,
     )
 
 
@@ -240,8 +255,9 @@ def _expected_shapes(spec: ModelSpec) -> dict[str, tuple]:
         p = f"model.layers.{layer}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.attn_sub_norm.weight"] = (h,)
-        shapes[p + "mlp.ffn_sub_norm.weight"] = (i,)
+        if spec.sub_norms:
+            shapes[p + "self_attn.attn_sub_norm.weight"] = (h,)
+            shapes[p + "mlp.ffn_sub_norm.weight"] = (i,)
         for name, shape in linear.items():
             shapes[p + name + ".weight"] = shape
     return shapes

@@ -36,8 +36,8 @@ def read_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:
     return LayerWeights(
         input_norm=ckpt.float_tensor(p + "input_layernorm.weight"),
         post_attention_norm=ckpt.float_tensor(p + "post_attention_layernorm.weight"),
-        attn_sub_norm=ckpt.float_tensor(p + "self_attn.attn_sub_norm.weight"),
-        ffn_sub_norm=ckpt.float_tensor(p + "mlp.ffn_sub_norm.weight"),
+        attn_sub_norm=ckpt.float_tensor(p + "self_attn.attn_sub_norm.weight") if ckpt.spec.sub_norms else None,
+        ffn_sub_norm=ckpt.float_tensor(p + "mlp.ffn_sub_norm.weight") if ckpt.spec.sub_norms else None,
         qkv=_stacked(ckpt, [names["q_proj"], names["k_proj"], names["v_proj"]]),
         o=_stacked(ckpt, [names["o_proj"]]),
         gate_up=_stacked(ckpt, [names["gate_proj"], names["up_proj"]]),

@@ -34,8 +34,8 @@ class Projection:
 class LayerWeights:
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
-    attn_sub_norm: np.ndarray
-    ffn_sub_norm: np.ndarray
+    attn_sub_norm: np.ndarray | None  # None: no sub-norms (LLaMA-architecture BitNet)
+    ffn_sub_norm: np.ndarray | None
     qkv: Projection  # q, k, v stacked along N (the packed-QKV order GroupQueryAttention reads)
     o: Projection
     gate_up: Projection  # gate then up along N
@@ -132,7 +132,9 @@ class DecoderGraph:
         self.residual, self.pending = summed, None
         return out
 
-    def _sub_norm(self, name: str, x: str, weight: np.ndarray) -> str:
+    def _sub_norm(self, name: str, x: str, weight: np.ndarray | None) -> str:
+        if weight is None:
+            return x
         gamma = self.b.initializer(name + ".weight", weight.astype(np.float32))
         return self.b.op("SimplifiedLayerNormalization", [x, gamma], name=name, axis=-1,
                          epsilon=self.spec.rms_norm_eps, stash_type=1)
@@ -162,9 +164,12 @@ class DecoderGraph:
         size = s.intermediate_size
         gate, up = b.op("Split", [gate_up, b.const(f"{p}.mlp.split", [size, size], np.int64)],
                         name=f"{p}.mlp.split", n_outputs=2, axis=-1)
-        relu = b.op("Relu", [gate], name=f"{p}.mlp.relu")
-        relu2 = b.op("Mul", [relu, relu], name=f"{p}.mlp.relu_squared")
-        hidden = b.op("Mul", [relu2, up], name=f"{p}.mlp.gated")
+        if s.activation == "relu2":
+            relu = b.op("Relu", [gate], name=f"{p}.mlp.relu")
+            act = b.op("Mul", [relu, relu], name=f"{p}.mlp.relu_squared")
+        else:  # silu(x) = x * sigmoid(x), as torch computes it
+            act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{p}.mlp.sigmoid")], name=f"{p}.mlp.silu")
+        hidden = b.op("Mul", [act, up], name=f"{p}.mlp.gated")
         hidden = self._sub_norm(f"{p}.mlp.ffn_sub_norm", hidden, lw.ffn_sub_norm)
         self.pending = v.linear(b, f"{p}.mlp.down_proj", hidden, lw.down)
 

@@ -94,16 +94,19 @@ def copy_llama3_tokenizer(path: Path, chat_template: str | None) -> None:
 
 def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed: int = 0,
                           shards: int = 1, float_dtype: str = "bf16", tokenizer: str = "tiny",
-                          chat_template: str | None = None, **config_overrides) -> Path:
+                          chat_template: str | None = None, arch: str = "bitnet",
+                          **config_overrides) -> Path:
     """Write a random tiny BitNet checkpoint folder (config, safetensors, tokenizer); return it.
 
     `config_overrides` change the BitNetConfig fields of TINY (e.g. num_hidden_layers=3).
     tokenizer: "tiny" (word-level, ids 0/1/2 = BOS/EOS/EOT) or "llama3" (real Llama 3
     tokenizer; then vocab_size should be 128256 and bos/eos 128000/128001).
+    arch: "bitnet" (BitNetForCausalLM) or "llama" (LlamaForCausalLM with the bitnet
+    quantization_config: the layout of HF1BitLLM/Llama3-8B-1.58 and Falcon3-*-1.58bit).
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import BitNetConfig, BitNetForCausalLM
+    from transformers import BitNetConfig, BitNetForCausalLM, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -112,11 +115,15 @@ def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed:
     if tokenizer == "llama3":
         fields.update(vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
     fields.update(config_overrides)
-    config = BitNetConfig(**fields)
-    config.architectures = ["BitNetForCausalLM"]
+    config_class, model_class = {"bitnet": (BitNetConfig, BitNetForCausalLM),
+                                 "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    if arch == "llama":
+        fields.setdefault("hidden_act", "silu")
+    config = config_class(**fields)
+    config.architectures = [model_class.__name__]
     # The transformers model gives the tensor names and shapes; values come from our RNG.
     with torch.device("meta"):
-        names_shapes = {n: tuple(p.shape) for n, p in BitNetForCausalLM(config).state_dict().items()}
+        names_shapes = {n: tuple(p.shape) for n, p in model_class(config).state_dict().items()}
     if tied:
         names_shapes.pop("lm_head.weight", None)
 
@@ -138,7 +145,7 @@ def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed:
     _save_shards(path, tensors, shards, save_file)
     config_dict = config.to_dict()
     config_dict["quantization_config"] = _quant_config(fmt)
-    config_dict["architectures"] = ["BitNetForCausalLM"]
+    config_dict["architectures"] = [model_class.__name__]
     (path / "config.json").write_text(json.dumps(config_dict, indent=2))
     if tokenizer == "llama3":
         copy_llama3_tokenizer(path, chat_template)
@@ -185,17 +192,18 @@ def _save_shards(path: Path, tensors: dict, shards: int, save_file) -> None:
 
 
 def load_reference(path, quantization_config: dict | None = None):
-    """transformers' BitNetForCausalLM on the checkpoint, float32, eager attention, eval mode."""
+    """transformers' model (BitNetForCausalLM, LlamaForCausalLM) on the checkpoint, float32,
+    eager attention, eval mode."""
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
-    from transformers import BitNetForCausalLM
+    from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if quantization_config is not None:
         from transformers import BitNetQuantConfig
 
         kwargs["quantization_config"] = BitNetQuantConfig(**quantization_config)
-    model = BitNetForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                               attn_implementation="eager", **kwargs)
     # transformers leaves unpacked AutoBitLinear weights in the checkpoint's bf16 even with
     # dtype=float32; the values are ternary, so casting them is exact.

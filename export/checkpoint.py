@@ -199,14 +199,13 @@ class Checkpoint:
         cls, mode = self.spec.linear_class, self.spec.quantization_mode
         if packed:
             w = ternary.unpack_rows(read_raw(info))
-        elif cls is None or mode == "online" or (cls == "bitlinear"):
+        elif cls is None or mode == "online" or (
+                cls == "bitlinear" and prefix + ".weight_scale" not in self.tensors):
             # Float master weights: quantize now as transformers does at every forward.
             scale_c, w = ternary.absmean_quantize(read_float32(info))
             return TernaryLinear(w, np.float32(1.0) / scale_c)
         else:
             w = ternary.float_to_ternary(read_float32(info), prefix)
-        if cls == "autobitlinear" and mode == "online":
-            raise ExportError(f"{prefix}: packed weights with quantization_mode 'online' make no sense")
         ws = self._weight_scale(prefix)
         if cls == "bitlinear":
             return TernaryLinear(w, np.float32(1.0) / ws)
@@ -285,6 +284,8 @@ def _validate(spec: ModelSpec, tensors: dict[str, TensorInfo]) -> None:
                              f"{list(packed_shape)} (unpacked {list(shape)})")
             elif spec.linear_class is None:
                 wrong.append(f"{name} is packed uint8 but config.json has no bitnet quantization_config")
+            elif spec.quantization_mode == "online":
+                wrong.append(f"{name} is packed uint8 but quantization_mode is 'online' (float weights)")
         elif info.dtype not in FLOAT_DTYPES:
             wrong.append(f"{name} has dtype {info.dtype}")
         elif info.shape != shape:

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -127,10 +128,10 @@ class Gate:
             return ticket
 
     def retry_after_s(self) -> int:
-        """Seconds until a place is likely free: recent mean generation time x queue depth."""
+        """Seconds until a queue place is likely free: one recent mean generation time (the
+        running generation must end first), at least 1 s, at most 60 s."""
         mean = sum(self._durations) / len(self._durations) if self._durations else 1.0
-        ahead = max(len(self._waiting), 1) / max(self.concurrency, 1)
-        return int(max(1, min(120, round(mean * ahead + 0.5))))
+        return int(max(1, min(60, math.ceil(mean / max(self.concurrency, 1)))))
 
     def _try_take(self, ticket: Ticket) -> bool:
         with self._cond:

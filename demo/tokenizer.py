@@ -1,0 +1,77 @@
+"""Byte-level BPE tokenizer for the demo model, trained with `tokenizers` on the training plays.
+
+Special tokens (ids 0, 1, 2) use Llama 3's names so the chat template and stop logic of
+microsoft/bitnet-b1.58-2B-4T apply unchanged. Like Llama 3's tokenizer, encoding with
+special tokens prepends <|begin_of_text|>; the chat template writes it itself (encode a
+rendered chat with add_special_tokens=False, as transformers' apply_chat_template does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import corpus
+
+VOCAB_SIZE = 4096
+
+# microsoft/bitnet-b1.58-2B-4T's chat template (tokenizer_config.json), verbatim.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+
+
+def train_tokenizer(plays, vocab_size: int = VOCAB_SIZE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=list(corpus.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus.tokenizer_texts(plays), trainer=trainer)
+    bos_id = tok.token_to_id(corpus.BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{corpus.BOS} $A", pair=f"{corpus.BOS} $A {corpus.BOS} $B",
+        special_tokens=[(corpus.BOS, bos_id)])
+    return tok
+
+
+def tokenizer_config(tok) -> dict:
+    """tokenizer_config.json in the shape of 2B4T's (PreTrainedTokenizerFast)."""
+    added = {}
+    for text in corpus.SPECIAL_TOKENS:
+        added[str(tok.token_to_id(text))] = {
+            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+    return {
+        "added_tokens_decoder": added,
+        "bos_token": corpus.BOS,
+        "eos_token": corpus.EOS,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 512,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def save(tok, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config(tok), f, indent=2)
+        f.write("\n")
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": corpus.BOS, "eos_token": corpus.EOS}, f, indent=2)
+        f.write("\n")
+
+
+def load(folder: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))

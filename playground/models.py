@@ -25,7 +25,7 @@ STAND_IN_VARIANTS = ("ternary", "int2", "int4", "fp32")
 STAND_IN_NAME = "stand-in-tiny-random"
 ROOT = Path(__file__).resolve().parent.parent
 # Where the demo checkpoint of issue 6 may live (the first that exists is used).
-DEMO_CANDIDATES = ("demo_model", "demo/model", "models/demo")
+DEMO_CANDIDATES = ("models/shakespeare-bitnet", "demo_model", "models/demo")
 
 
 @dataclass
@@ -162,9 +162,9 @@ def _display_name(folder) -> str:
             source = json.load(f).get("source") or ""
     except (OSError, ValueError):
         source = ""
-    if source and not os.path.isabs(source):
-        return source
-    return os.path.basename(os.path.abspath(folder))
+    looks_like_hub_id = source.count("/") == 1 and not source.startswith((".", "/")) \
+        and not os.path.exists(source)
+    return source if looks_like_hub_id else os.path.basename(os.path.abspath(folder))
 
 
 def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import os
 import sys
 import threading
 import time
@@ -27,6 +28,20 @@ SHORT = {"ternary": "ternary", "int2": "int2", "int4": "int4", "fp32": "fp32"}
 UPDATE_EVERY_S = 0.1  # at most ~10 page updates per second per pane while streaming
 WAITING = "*waiting: the baseline runs after the ternary engine, so the two never share the cores*"
 MAX_TIMELINE_POINTS = 240
+# Each engine's answer is cut after this many seconds (checked between tokens), so a slow
+# baseline cannot hold the one CPU slot for minutes; its tokens/s stay a fair rate.
+TIME_LIMIT_S = float(os.environ.get("BITNET_APP_TIME_LIMIT_S", "120"))
+
+
+class _EitherSet:
+    """A cancel flag for one engine run: the user's Stop, or the run's time limit."""
+
+    def __init__(self, user: threading.Event):
+        self.user = user
+        self.timed_out = False
+
+    def is_set(self) -> bool:
+        return self.user.is_set() or self.timed_out
 
 
 class NotReady(RuntimeError):
@@ -191,11 +206,12 @@ class Playground:
     """Model preparation (in a background thread, so the page can show progress) and chats."""
 
     def __init__(self, model: str | None = DEFAULT_MODEL, threads: int | None = None,
-                 variants=None, resolver=resolve_model):
+                 variants=None, resolver=resolve_model, time_limit_s: float = TIME_LIMIT_S):
         self.model_spec = model or DEFAULT_MODEL
         self.threads = threads
         self.variants_requested = variants
         self.resolver = resolver
+        self.time_limit_s = time_limit_s
         self.state = "starting"  # starting | preparing | ready | failed
         self.error = ""
         self.resolved: ResolvedModel | None = None
@@ -236,11 +252,15 @@ class Playground:
             self.resolved = self.resolver(self.model_spec, variants=self.variants_requested,
                                           progress=self.progress)
             self.progress(f"loading the ternary engine from {self.resolved.folder}")
+            started = time.time()
             self.engine("ternary")
+            self.progress(f"ternary engine loaded and warmed up in {time.time() - started:.1f} s")
             default = self.default_baseline()
             if default != NO_BASELINE:
                 self.progress(f"loading the {default} baseline engine")
+                started = time.time()
                 self.engine(default)
+                self.progress(f"{default} engine loaded and warmed up in {time.time() - started:.1f} s")
             self.state = "ready"
             self.progress(f"ready: serving {self.resolved.name}")
         except BaseException as e:  # noqa: BLE001 - shown on the page, not a crash
@@ -449,11 +469,14 @@ class Playground:
                 yield state(f"{SHORT[variant]} engine answering…")
                 started = time.perf_counter()
                 last_yield = 0.0
+                run_cancel = _EitherSet(cancel)
                 stream = engine.stream(messages=sys_msgs + msgs + [{"role": "user", "content": message}],
-                                       settings=gen_settings, cancel=cancel)
+                                       settings=gen_settings, cancel=run_cancel)
                 try:
                     for event in stream:
                         text += event.text
+                        if time.perf_counter() - started > self.time_limit_s:
+                            run_cancel.timed_out = True  # the engine stops after this token
                         st = event.stats.as_dict()
                         res["stats"] = st
                         res["timeline"].append((time.perf_counter() - started, st["new_tokens"]))
@@ -465,6 +488,10 @@ class Playground:
                             if event.done:
                                 label = {"stop": "done", "length": "done (max new tokens)",
                                          "cancelled": "stopped"}.get(event.finish_reason, "done")
+                                if event.finish_reason == "cancelled" and run_cancel.timed_out \
+                                        and not cancel.is_set():
+                                    label = f"cut at the {self.time_limit_s:.0f} s time limit"
+                                    res["time_limit"] = True
                                 res["finish_reason"] = event.finish_reason
                                 res["text"] = text
                             stats_md[variant] = stats_markdown(variant, st, label, self.weights_mb(variant))
@@ -481,6 +508,10 @@ class Playground:
                                    {v: self.weights_mb(v) for v in results})
             if cancel.is_set():
                 summary = "Stopped. " + summary
+            cut = [SHORT.get(v, v) for v, r in results.items() if r.get("time_limit")]
+            if cut:
+                summary += (f" ({' and '.join(cut)} cut at the {self.time_limit_s:.0f} s time limit: "
+                            "its rates cover the tokens it wrote.)")
             yield state(summary, final=True)
         finally:
             with self._active_lock:

@@ -90,7 +90,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 rep = gr.Slider(0.8, 2.0, value=ChatSettings.repetition_penalty, step=0.05,
                                 label="Repetition penalty (1 = off)")
                 max_new = gr.Slider(1, 8192, value=ChatSettings.max_new_tokens, step=1,
-                                    label="Max new tokens")
+                                    label="Max new tokens", elem_id="max-new-tokens")
                 seed = gr.Number(ChatSettings.seed, precision=0,
                                  label="Seed (same on both engines; -1 = random)")
         with gr.Accordion("Raw stats (JSON)", open=False):
@@ -129,7 +129,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
                         # the charts appear once both engines are done
                         speed, timeline = chart_frames(s["results"]) if s["final"] else (None, None)
                         raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
-                                         "text": r.get("text")} for v, r in s["results"].items()}
+                                         "text": r.get("text"), "time_limit": bool(r.get("time_limit"))}
+                                     for v, r in s["results"].items()}
                         shown_now = (s["stats_t"], s["stats_b"] or NO_BASELINE_STATS, s["summary"],
                                      speed, timeline, raw_value)
                         yield (("" if first and not keep_box else gr.skip()), s["chat_t"], s["chat_b"]) \

@@ -136,3 +136,29 @@ def test_settings_map_to_the_runtime():
     assert s.max_new_tokens == 1 and s.temperature == 0 and s.top_k == 0 and s.seed is None
     assert s.truncate  # long histories drop their oldest turns
     assert ChatSettings(seed=5).to_runtime().seed == 5
+
+
+def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, monkeypatch):
+    """In-process: the ternary engine answers, then the baseline; a run longer than the time
+    limit is cut between tokens (the baseline still runs), and the page says so."""
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
+    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, context=8192)
+    resolved = models.resolve_model(str(ckpt), progress=lambda m: None)
+    pg = Playground(str(ckpt), threads=1, resolver=lambda spec, variants, progress: resolved,
+                    time_limit_s=0.3)
+    pg.start(background=False)
+    assert pg.state == "ready", pg.error
+    overlaps = 0
+    for final in pg.compare("Tell me everything", [], [], "", "int2",
+                            ChatSettings(max_new_tokens=8000, temperature=0.8, seed=1)):
+        # (the state dicts are live: check each as it comes) never both engines at once
+        t, b = final["results"]["ternary"], final["results"]["int2"]
+        overlaps += bool(t and t.get("finish_reason") is None and b)
+    assert overlaps == 0
+    assert final["final"]
+    for variant in ("ternary", "int2"):
+        r = final["results"][variant]
+        assert r["finish_reason"] == "cancelled" and r["time_limit"]
+        assert 0 < r["stats"]["new_tokens"] < 8000
+    assert "time limit" in final["summary"] and "time limit" in final["stats_t"]
+    assert pg.status()["active_generations"] == 0

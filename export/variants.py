@@ -42,7 +42,7 @@ class _Variant:
     def embedding(self, b: GraphBuilder, ids: str, embedding, lm_head, storage_dtype) -> str:
         dtype = self.storage(storage_dtype)
         self._head_is_f16 = dtype == np.float16
-        table = b.initializer("model.embed_tokens.weight", embedding.astype(dtype))
+        table = b.initializer("model.embed_tokens.weight", embedding.astype(dtype, copy=False))
         rows = b.op("Gather", [table, ids], name="model.embed_tokens", axis=0)
         if dtype != np.float32:
             rows = b.op("Cast", [rows], name="model.embed_tokens.cast", to=1)
@@ -51,7 +51,7 @@ class _Variant:
         elif lm_head is None:
             self._head_weight = table  # tied: the lm_head reads the embedding initializer itself
         else:
-            self._head_weight = b.initializer("lm_head.weight", lm_head.astype(dtype))
+            self._head_weight = b.initializer("lm_head.weight", lm_head.astype(dtype, copy=False))
         return rows
 
     def storage(self, checkpoint_dtype):

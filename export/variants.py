@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import MS_DOMAIN, GraphBuilder, Projection
+from .graph import GraphBuilder, Projection
 from .lm_head_int8 import make_int8_head
 from .matmulnbits import make_matmulnbits
 
@@ -31,7 +31,6 @@ class _Variant:
     name = ""
     file_name = ""
     extra_domains: tuple = ()
-    embedding_dtype = np.float32
 
     def __init__(self, lm_head_precision: str = "native"):
         self.lm_head_precision = lm_head_precision

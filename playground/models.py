@@ -38,6 +38,13 @@ class ResolvedModel:
     notice: str = ""  # one plain line about how we got here ("" when all went as asked)
     log: list = field(default_factory=list)
 
+    @property
+    def model_id(self) -> str:
+        """A short id for APIs: the hub id when that is what is served, else the folder name."""
+        if not self.fallback and self.requested.count("/") == 1 and not os.path.exists(self.requested):
+            return self.requested
+        return os.path.basename(os.path.normpath(self.folder))
+
 
 def model_cache_dir() -> Path:
     """BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx."""
@@ -167,23 +174,33 @@ def _display_name(folder) -> str:
     return source if looks_like_hub_id else os.path.basename(os.path.abspath(folder))
 
 
+def demo_candidates() -> list[Path]:
+    """BITNET_DEMO_MODEL (a folder; "none" = no demo model), else the shipped locations."""
+    env = os.environ.get("BITNET_DEMO_MODEL")
+    if env is not None:
+        return [] if env.strip().lower() in ("", "none") else [Path(env)]
+    return [ROOT / rel for rel in DEMO_CANDIDATES]
+
+
 def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
-    """The shipped demo model (issue 6) when present, else a tiny random stand-in."""
-    for rel in DEMO_CANDIDATES:
-        path = ROOT / rel
-        if is_exported(path):
-            return ResolvedModel(str(path), "the Shakespeare demo model", requested,
-                                 fallback=requested != "demo")
-        if is_checkpoint(path):
-            out = model_cache_dir() / "demo"
-            newest = max(os.path.getmtime(p) for p in path.iterdir())
-            if not (is_exported(out) and os.path.getmtime(out / CONFIG_NAME) >= newest):
-                _export(str(path), out, STAND_IN_VARIANTS, progress)
-            return ResolvedModel(str(out), "the Shakespeare demo model", requested,
-                                 fallback=requested != "demo")
+    """The shipped demo model (issue 6) when present and exportable, else a tiny random stand-in."""
+    name = "the Shakespeare demo model (BitNet b1.58, trained by this project)"
+    for path in demo_candidates():
+        try:
+            if is_exported(path):
+                return ResolvedModel(str(path), name, requested, fallback=requested != "demo")
+            if is_checkpoint(path):
+                out = model_cache_dir() / ("demo-" + _local_cache_name(str(path)))
+                newest = max(os.path.getmtime(p) for p in path.iterdir())
+                if not (is_exported(out) and os.path.getmtime(out / CONFIG_NAME) >= newest):
+                    _export(str(path), out, STAND_IN_VARIANTS, progress)
+                return ResolvedModel(str(out), name, requested, fallback=requested != "demo")
+        except Exception as e:  # noqa: BLE001 - a broken demo folder must not stop the app
+            progress(f"the demo model in {path} cannot be used ({type(e).__name__}: {e}); "
+                     "using a tiny random stand-in")
     out = model_cache_dir() / STAND_IN_NAME
     if not is_exported(out):
-        progress("making a tiny random BitNet model as a stand-in (no demo model ships yet)")
+        progress("making a tiny random BitNet model as a stand-in (no demo model found)")
         ckpt = model_cache_dir() / (STAND_IN_NAME + "-checkpoint")
         write_stand_in_checkpoint(ckpt)
         _export(str(ckpt), out, STAND_IN_VARIANTS, progress)

@@ -332,6 +332,13 @@ class Playground:
         size = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
         return size / 2**20 if size else None
 
+    def api_models(self):
+        """For the OpenAI-compatible API (server.create_api takes a callable): {model id: the
+        ternary engine} once ready, None while the model is being prepared."""
+        if self.state != "ready" or "ternary" not in self.engines:
+            return None
+        return {self.resolved.model_id: self.engines["ternary"]}
+
     # -- status ----------------------------------------------------------------------------------
     def banner_markdown(self) -> str:
         if self.state in ("starting", "preparing"):
@@ -360,6 +367,7 @@ class Playground:
             "state": self.state,
             "error": self.error,
             "model": r.name if r else None,
+            "model_id": r.model_id if r else None,
             "requested": self.model_spec,
             "folder": r.folder if r else None,
             "fallback": bool(r and r.fallback),

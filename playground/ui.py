@@ -15,11 +15,11 @@ from .service import (NO_BASELINE, LABELS, ChatSettings, NotReady, Playground, T
                       chart_frames, drop_last_exchange)
 
 TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
-EXAMPLES = [
+EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo model
     "Explain in three sentences why ternary weights make a language model faster on a CPU.",
     "Write a haiku about a 1.58-bit neural network.",
-    "What is the capital of France, and what is it famous for?",
-    "List three tips for writing clear Python code.",
+    "What light through yonder window breaks?",
+    "Good morrow, my lord. What news from the court?",
 ]
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CSS = """

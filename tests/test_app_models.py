@@ -16,6 +16,7 @@ from playground.service import (ChatSettings, Playground, drop_last_exchange, fl
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITNET_DEMO_MODEL", "none")  # the stand-in, whatever ships in models/
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     return tmp_path / "cache"
@@ -48,6 +49,7 @@ def test_offline_without_cache_falls_back_to_a_labelled_stand_in(cache, capsys):
     banner = pg.banner_markdown()
     assert "tiny random" in banner and "untrained stand-in" in banner
     assert "Cannot reach the Hugging Face hub" in banner
+    assert list(pg.api_models()) == [models.STAND_IN_NAME]  # an id for the API, not the banner text
     # a second start reuses the stand-in (no new export)
     mtime = os.path.getmtime(os.path.join(r.folder, "bitnet_onnx.json"))
     again = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
@@ -74,6 +76,7 @@ def test_cached_export_is_reused_and_checkpoint_folders_are_exported_once(cache,
     cached = models.resolve_model("someorg/somemodel", progress=lines.append,
                                   check_hub=lambda: pytest.fail("no hub"))
     assert cached.folder == str(hub_out) and not cached.fallback
+    assert cached.model_id == "someorg/somemodel"
 
 
 def test_bad_model_argument_is_one_clear_error(cache, tmp_path):
@@ -162,3 +165,20 @@ def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, mon
         assert 0 < r["stats"]["new_tokens"] < 8000
     assert "time limit" in final["summary"] and "time limit" in final["stats_t"]
     assert pg.status()["active_generations"] == 0
+
+
+def test_demo_model_is_the_offline_fallback_when_it_ships(cache, tmp_path, monkeypatch):
+    demo = models.write_stand_in_checkpoint(tmp_path / "demo-ckpt", seed=5)  # any checkpoint
+    monkeypatch.setenv("BITNET_DEMO_MODEL", str(demo))
+    lines = []
+    r = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
+    assert r.fallback and not r.untrained and "Shakespeare demo model" in r.name
+    assert models.is_exported(r.folder)
+    assert models.resolve_model("demo", progress=lines.append).folder == r.folder
+    assert not models.resolve_model("demo", progress=lines.append).fallback
+    # a broken demo folder falls back to the stand-in, with one line saying why
+    (demo / "config.json").write_text("{not json")
+    os.utime(demo / "config.json", (2e9, 2e9))  # newer than the cached export
+    lines.clear()
+    broken = models.resolve_model("demo", progress=lines.append)
+    assert broken.untrained and any("cannot be used" in line for line in lines)

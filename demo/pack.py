@@ -115,3 +115,38 @@ def write_checkpoint(model: DemoBitNet, tok_dir: str, out: str, card: str | None
     if card is not None:
         with open(os.path.join(out, "README.md"), "w") as f:
             f.write(card)
+
+
+def load_packed(folder: str) -> DemoBitNet:
+    """The training model (DemoBitNet, quantized) rebuilt from a packed checkpoint folder.
+
+    Float masters are chosen so that the training model's own quantizer reproduces the stored
+    ternary values and bf16 scale exactly: W = t / (c * mean|t|) gives 1/mean|W| = c and
+    round(W * c) = round(t / mean|t|) = t after the clamp (mean|t| <= 1).
+    """
+    from safetensors.torch import load_file
+
+    from .model import DemoConfig
+
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    cfg = DemoConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"], num_key_value_heads=hf["num_key_value_heads"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope_theta=hf["rope_parameters"]["rope_theta"], rms_norm_eps=hf["rms_norm_eps"])
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    state = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        if t.dtype == torch.uint8:
+            ternary = unpack_ternary(t).float()
+            c = tensors[name[: -len(".weight")] + ".weight_scale"].float().reshape(())
+            state[name] = ternary / (c * ternary.abs().mean())
+        else:
+            state[name] = t.float()
+    model = DemoBitNet(cfg, quantized=True)
+    model.load_state_dict(state)
+    return model.eval()

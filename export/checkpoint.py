@@ -53,6 +53,9 @@ class ModelSpec:
     quantization_mode: str  # "offline" | "online"
     raw_config: dict
     sub_norms: bool = True  # attn_sub_norm / ffn_sub_norm (BitNet); absent in LLaMA variants
+    # quantization_config.use_rms_norm: every BitLinear normalizes its input first with its
+    # own `<proj>.rms_norm.weight` and this eps (None: no such norms)
+    linear_norm_eps: float | None = None
     activation: str = "relu2"  # "relu2" (BitNet) or "silu" (LLaMA variants)
 
 
@@ -91,10 +94,6 @@ def parse_config(config: dict) -> ModelSpec:
             raise ExportError(f"unsupported quantization_config.linear_class {linear_class!r}")
         if mode not in ("offline", "online"):
             raise ExportError(f"unsupported quantization_config.quantization_mode {mode!r}")
-        if quant.get("use_rms_norm"):
-            raise ExportError(
-                "quantization_config.use_rms_norm=true (an RMSNorm inside every BitLinear) is "
-                "not supported by this exporter")
         if quant.get("modules_to_not_convert"):
             extra = [m for m in quant["modules_to_not_convert"] if m not in ("lm_head",)]
             if extra:
@@ -153,6 +152,8 @@ def parse_config(config: dict) -> ModelSpec:
         raw_config=config,
         sub_norms=sub_norms,
         activation=activation,
+        linear_norm_eps=(float((quant or {}).get("rms_norm_eps") or 1e-6)
+                         if (quant or {}).get("use_rms_norm") else None),
     )
 
 
@@ -162,6 +163,7 @@ class TernaryLinear:
 
     w: np.ndarray  # int8 [out, in], values in {-1, 0, 1}
     multiplier: np.float32  # per-tensor weight scale, in the convention of the formula above
+    input_norm: np.ndarray | None = None  # use_rms_norm: RMSNorm weight applied to x first
 
 
 class Checkpoint:
@@ -194,6 +196,12 @@ class Checkpoint:
         - autobitlinear online / float master weights: absmean at load:
           w = clamp(round(W*c), -1, 1), W ~ w/c with c = 1/mean|W|    -> multiplier 1/c
         """
+        lin = self._ternary(prefix)
+        if self.spec.linear_norm_eps is not None:
+            lin.input_norm = self.float_tensor(prefix + ".rms_norm.weight")
+        return lin
+
+    def _ternary(self, prefix: str) -> TernaryLinear:
         info = self.tensors[prefix + ".weight"]
         packed = info.dtype == "U8"
         cls, mode = self.spec.linear_class, self.spec.quantization_mode
@@ -259,6 +267,8 @@ def _expected_shapes(spec: ModelSpec) -> dict[str, tuple]:
             shapes[p + "mlp.ffn_sub_norm.weight"] = (i,)
         for name, shape in linear.items():
             shapes[p + name + ".weight"] = shape
+            if spec.linear_norm_eps is not None:
+                shapes[p + name + ".rms_norm.weight"] = (shape[1],)
     return shapes
 
 

@@ -20,14 +20,20 @@ DEFAULT_VARIANTS = ("ternary", "int2")
 FP16_MAX = 65504.0
 
 
-def _stacked(ckpt: Checkpoint, prefixes: list[str]) -> Projection:
-    """Several projections sharing one input, stacked along the output axis."""
-    ws, ms = [], []
-    for prefix in prefixes:
-        lin = ckpt.linear(prefix)
-        ws.append(lin.w)
-        ms.append(np.full(lin.w.shape[0], lin.multiplier, dtype=np.float32))
-    return Projection(np.concatenate(ws, axis=0), np.concatenate(ms))
+def _projection(lin) -> Projection:
+    return Projection(lin.w, np.full(lin.w.shape[0], lin.multiplier, dtype=np.float32), lin.input_norm)
+
+
+def _grouped(ckpt: Checkpoint, prefixes: list[str]) -> list[Projection]:
+    """Projections reading the same input: one fused projection (stacked along the output
+    axis, sharing the input's int8 quantization), or one each when their own input RMSNorms
+    (use_rms_norm) differ, since then their quantized inputs differ too."""
+    lins = [ckpt.linear(prefix) for prefix in prefixes]
+    norms = [lin.input_norm for lin in lins]
+    if any(n is not None and not np.array_equal(n, norms[0]) for n in norms):
+        return [_projection(lin) for lin in lins]
+    return [Projection(np.concatenate([lin.w for lin in lins], axis=0),
+                       np.concatenate([_projection(lin).multiplier for lin in lins]), norms[0])]
 
 
 def read_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:
@@ -38,10 +44,10 @@ def read_layer(ckpt: Checkpoint, layer: int) -> LayerWeights:
         post_attention_norm=ckpt.float_tensor(p + "post_attention_layernorm.weight"),
         attn_sub_norm=ckpt.float_tensor(p + "self_attn.attn_sub_norm.weight") if ckpt.spec.sub_norms else None,
         ffn_sub_norm=ckpt.float_tensor(p + "mlp.ffn_sub_norm.weight") if ckpt.spec.sub_norms else None,
-        qkv=_stacked(ckpt, [names["q_proj"], names["k_proj"], names["v_proj"]]),
-        o=_stacked(ckpt, [names["o_proj"]]),
-        gate_up=_stacked(ckpt, [names["gate_proj"], names["up_proj"]]),
-        down=_stacked(ckpt, [names["down_proj"]]),
+        qkv=_grouped(ckpt, [names["q_proj"], names["k_proj"], names["v_proj"]]),
+        o=_projection(ckpt.linear(names["o_proj"])),
+        gate_up=_grouped(ckpt, [names["gate_proj"], names["up_proj"]]),
+        down=_projection(ckpt.linear(names["down_proj"])),
     )
 
 

@@ -28,6 +28,7 @@ class Projection:
 
     w: np.ndarray  # int8 [N, K]
     multiplier: np.ndarray  # float32 [N]
+    input_norm: np.ndarray | None = None  # use_rms_norm: RMSNorm weight [K] applied to x first
 
 
 @dataclass
@@ -36,9 +37,11 @@ class LayerWeights:
     post_attention_norm: np.ndarray
     attn_sub_norm: np.ndarray | None  # None: no sub-norms (LLaMA-architecture BitNet)
     ffn_sub_norm: np.ndarray | None
-    qkv: Projection  # q, k, v stacked along N (the packed-QKV order GroupQueryAttention reads)
+    # [q, k, v stacked along N] (the packed-QKV order GroupQueryAttention reads), or [q, k, v]
+    # separately when their use_rms_norm input norms differ; the same for [gate, up]
+    qkv: list[Projection]
     o: Projection
-    gate_up: Projection  # gate then up along N
+    gate_up: list[Projection]
     down: Projection
 
 
@@ -139,8 +142,16 @@ class DecoderGraph:
         return self.b.op("SimplifiedLayerNormalization", [x, gamma], name=name, axis=-1,
                          epsilon=self.spec.rms_norm_eps, stash_type=1)
 
+    def _linear(self, name: str, x: str, proj: Projection) -> str:
+        """The variant's projection, after the projection's own input RMSNorm if it has one."""
+        if proj.input_norm is not None:
+            gamma = self.b.initializer(name + ".rms_norm.weight", proj.input_norm.astype(np.float32))
+            x = self.b.op("SimplifiedLayerNormalization", [x, gamma], name=name + ".rms_norm", axis=-1,
+                          epsilon=self.spec.linear_norm_eps, stash_type=1)
+        return self.variant.linear(self.b, name, x, proj)
+
     def add_layer(self, i: int, lw: LayerWeights) -> None:
-        s, b, v = self.spec, self.b, self.variant
+        s, b = self.spec, self.b
         p = f"model.layers.{i}"
         kv_shape = ["batch_size", s.num_key_value_heads, "past_sequence_length", s.head_dim]
         present_shape = ["batch_size", s.num_key_value_heads, "present_sequence_length", s.head_dim]
@@ -150,20 +161,26 @@ class DecoderGraph:
         self._outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (pres_k, pres_v)]
 
         n = self._norm(f"{p}.input_layernorm", lw.input_norm)
-        qkv = v.linear(b, f"{p}.self_attn.qkv_proj", n, lw.qkv)
+        if len(lw.qkv) == 1:  # packed QKV
+            qkv = [self._linear(f"{p}.self_attn.qkv_proj", n, lw.qkv[0]), "", ""]
+        else:
+            qkv = [self._linear(f"{p}.self_attn.{m}_proj", n, proj) for m, proj in zip("qkv", lw.qkv)]
         attn, _, _ = b.op("GroupQueryAttention",
-                    [qkv, "", "", past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
+                    qkv + [past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
                     name=f"{p}.self_attn.attention", outputs=[f"{p}.self_attn.out", pres_k, pres_v],
                     domain=MS_DOMAIN, num_heads=s.num_attention_heads, kv_num_heads=s.num_key_value_heads,
                     do_rotary=1, rotary_interleaved=0, scale=float(s.head_dim ** -0.5))
         attn = self._sub_norm(f"{p}.self_attn.attn_sub_norm", attn, lw.attn_sub_norm)
-        self.pending = v.linear(b, f"{p}.self_attn.o_proj", attn, lw.o)
+        self.pending = self._linear(f"{p}.self_attn.o_proj", attn, lw.o)
 
         n = self._norm(f"{p}.post_attention_layernorm", lw.post_attention_norm)
-        gate_up = v.linear(b, f"{p}.mlp.gate_up_proj", n, lw.gate_up)
-        size = s.intermediate_size
-        gate, up = b.op("Split", [gate_up, b.const(f"{p}.mlp.split", [size, size], np.int64)],
-                        name=f"{p}.mlp.split", n_outputs=2, axis=-1)
+        if len(lw.gate_up) == 1:
+            gate_up = self._linear(f"{p}.mlp.gate_up_proj", n, lw.gate_up[0])
+            size = s.intermediate_size
+            gate, up = b.op("Split", [gate_up, b.const(f"{p}.mlp.split", [size, size], np.int64)],
+                            name=f"{p}.mlp.split", n_outputs=2, axis=-1)
+        else:
+            gate, up = (self._linear(f"{p}.mlp.{m}_proj", n, proj) for m, proj in zip(("gate", "up"), lw.gate_up))
         if s.activation == "relu2":
             relu = b.op("Relu", [gate], name=f"{p}.mlp.relu")
             act = b.op("Mul", [relu, relu], name=f"{p}.mlp.relu_squared")
@@ -171,7 +188,7 @@ class DecoderGraph:
             act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{p}.mlp.sigmoid")], name=f"{p}.mlp.silu")
         hidden = b.op("Mul", [act, up], name=f"{p}.mlp.gated")
         hidden = self._sub_norm(f"{p}.mlp.ffn_sub_norm", hidden, lw.ffn_sub_norm)
-        self.pending = v.linear(b, f"{p}.mlp.down_proj", hidden, lw.down)
+        self.pending = self._linear(f"{p}.mlp.down_proj", hidden, lw.down)
 
     def _keep_last_positions(self, hidden: str) -> str:
         """Optional input `logits_to_keep` (int64 scalar, default 0 = every position): with n > 0

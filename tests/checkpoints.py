@@ -95,7 +95,7 @@ def copy_llama3_tokenizer(path: Path, chat_template: str | None) -> None:
 def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed: int = 0,
                           shards: int = 1, float_dtype: str = "bf16", tokenizer: str = "tiny",
                           chat_template: str | None = None, arch: str = "bitnet",
-                          **config_overrides) -> Path:
+                          linear_rms_norm: str | None = None, **config_overrides) -> Path:
     """Write a random tiny BitNet checkpoint folder (config, safetensors, tokenizer); return it.
 
     `config_overrides` change the BitNetConfig fields of TINY (e.g. num_hidden_layers=3).
@@ -103,6 +103,8 @@ def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed:
     tokenizer; then vocab_size should be 128256 and bos/eos 128000/128001).
     arch: "bitnet" (BitNetForCausalLM) or "llama" (LlamaForCausalLM with the bitnet
     quantization_config: the layout of HF1BitLLM/Llama3-8B-1.58 and Falcon3-*-1.58bit).
+    linear_rms_norm: None, or "random" / "ones" to set quantization_config.use_rms_norm and
+    write an RMSNorm weight per projection (`<proj>.rms_norm.weight`), random or all ones.
     """
     import torch
     from safetensors.torch import save_file
@@ -139,12 +141,18 @@ def write_tiny_checkpoint(path, fmt: str = "bitlinear", tied: bool = True, seed:
         elif name.endswith("_proj.weight"):
             master = (0.05 * rng.standard_normal(shape)).astype(np.float32)
             tensors.update(_linear_tensors(name, master, fmt))
+            if linear_rms_norm:
+                norm = np.ones(shape[1]) if linear_rms_norm == "ones" else 1 + 0.2 * rng.standard_normal(shape[1])
+                tensors[name.replace(".weight", ".rms_norm.weight")] = \
+                    torch.tensor(norm, dtype=torch.float32).to(float_torch)
         else:
             raise AssertionError(f"unexpected tensor {name}")
 
     _save_shards(path, tensors, shards, save_file)
     config_dict = config.to_dict()
     config_dict["quantization_config"] = _quant_config(fmt)
+    if linear_rms_norm:
+        config_dict["quantization_config"].update(use_rms_norm=True, rms_norm_eps=1e-5)
     config_dict["architectures"] = [model_class.__name__]
     (path / "config.json").write_text(json.dumps(config_dict, indent=2))
     if tokenizer == "llama3":

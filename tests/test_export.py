@@ -41,6 +41,10 @@ CASES = {
     # LLaMA-architecture BitNet (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit): no sub-norms,
     # SiLU-gated MLP, head_dim 32 with heads*head_dim != hidden_size.
     "llama-bitlinear-untied": ("bitlinear", False, {"arch": "llama", "head_dim": 32}),
+    # quantization_config.use_rms_norm: an RMSNorm in front of every BitLinear. Distinct norm
+    # weights: q/k/v and gate/up can no longer share one quantized input, so they stay separate.
+    "llama-rmsnorm-autobitlinear": ("autobitlinear", False, {"arch": "llama", "linear_rms_norm": "random"}),
+    "bitlinear-rmsnorm-equal": ("bitlinear", True, {"linear_rms_norm": "ones"}),
 }
 
 
@@ -118,7 +122,9 @@ def test_graph_uses_fused_projections_and_contrib_ops(exported):
     model = onnx.load(os.path.join(exported["out"], "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     layers = exported["cfg"]["num_layers"]
-    assert ops.count("BitLinear") == 4 * layers  # qkv, o, gate_up, down
+    separate = CASES[exported["name"]][2].get("linear_rms_norm") == "random"
+    # fused: qkv, o, gate_up, down; separate input norms: q, k, v, o, gate, up, down
+    assert ops.count("BitLinear") == (7 if separate else 4) * layers
     assert ops.count("GroupQueryAttention") == layers
     assert "SkipSimplifiedLayerNormalization" in ops
     assert [i.name for i in model.graph.input][:2] == ["input_ids", "attention_mask"]

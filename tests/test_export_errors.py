@@ -57,7 +57,7 @@ BREAKAGES = {
                              "unsupported architecture"),
     "unknown-quant-method": (lambda p: _quant(p, quant_method="gptq"), "unsupported quantization method"),
     "unknown-linear-class": (lambda p: _quant(p, linear_class="fancylinear"), "linear_class"),
-    "use-rms-norm": (lambda p: _quant(p, use_rms_norm=True), "use_rms_norm"),
+    "use-rms-norm-without-norm-weights": (lambda p: _quant(p, use_rms_norm=True), "rms_norm.weight"),
     "truncated-safetensors": (_truncate, "truncated"),
     "garbage-safetensors": (lambda p: (p / "model.safetensors").write_bytes(b"not a file"), "truncated or not"),
     "no-weights": (lambda p: (p / "model.safetensors").unlink(), "no .safetensors"),

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
 from .variants import INT2_BLOCK_SIZE
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -25,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the partial output folder is removed on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         export_checkpoint(args.source, args.out, args.variants, lm_head=args.lm_head,
                           overwrite=args.overwrite, revision=args.revision,

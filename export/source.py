@@ -32,8 +32,8 @@ def resolve_source(source: str, revision: str | None = None) -> str:
         return snapshot_download(source, revision=revision, allow_patterns=HUB_PATTERNS)
     except LocalEntryNotFoundError:
         raise ExportError(
-            f"{source} is not in the hub cache and the hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download it once with network access") from None
+            f"{source}: no such local folder, and not in the hub cache while the hub cannot be "
+            "reached (offline or HF_HUB_OFFLINE=1); download it once with network access") from None
     except HfHubHTTPError as e:
         raise ExportError(f"could not download {source} from the hub: {str(e).splitlines()[0]}") from None
     except OSError as e:

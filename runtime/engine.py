@@ -136,8 +136,9 @@ class Engine:
         session_config: extra onnxruntime session config entries, e.g. {"mlas.use_lut_gemm": "1"}.
         prefill_chunk: the prompt is run in chunks of at most this many tokens (bounds the
             memory of the [chunk, vocab] logits and activations; 0 = whole prompt at once).
-        last_logits_only: run the lm_head on the last position only (an in-memory edit of the
-            graph; the files are not changed). False: the graph as exported.
+        last_logits_only: run the lm_head on the last position only: through the graph's
+            optional `logits_to_keep` input when it has one, else by an in-memory edit of the
+            graph (the files are not changed). False: logits for every prompt position.
         """
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -183,9 +184,32 @@ class Engine:
             import custom_ops
 
             so.register_custom_ops_library(custom_ops.library_path())
-        self.last_logits_only = bool(last_logits_only) and _last_position_logits(proto)
+        # How many positions get logits. Folders exported with the optional `logits_to_keep`
+        # input (an initializer that is also a graph input; IO binding cannot feed such an
+        # "overridable initializer"): its value is set in memory to 1 (or 0 = all) and it
+        # becomes a constant. A required `logits_to_keep` input is fed at run time. Older
+        # folders without it: a Slice to the last position is inserted in memory.
+        last_logits_only = bool(last_logits_only)
+        self._logits_to_keep_input, edited = False, False
+        if any(i.name == "logits_to_keep" for i in proto.graph.input):
+            inits = [t for t in proto.graph.initializer if t.name == "logits_to_keep"]
+            if inits:
+                from onnx import numpy_helper
+
+                inits[0].CopyFrom(numpy_helper.from_array(np.array(int(last_logits_only), np.int64),
+                                                          "logits_to_keep"))
+                kept = [i for i in proto.graph.input if i.name != "logits_to_keep"]
+                del proto.graph.input[:]
+                proto.graph.input.extend(kept)
+                edited = True
+            else:
+                self._logits_to_keep_input = True
+        elif last_logits_only:
+            edited = _last_position_logits(proto)
+        self.last_logits_only = last_logits_only and (edited or self._logits_to_keep_input)
+        so.log_severity_level = 3  # errors only: ORT's warnings are not for the end user
         try:
-            if self.last_logits_only:
+            if edited:
                 # The edited graph is passed as bytes; its weights are read from the folder.
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                             os.path.dirname(os.path.abspath(model_path)))
@@ -355,6 +379,8 @@ class Engine:
                     value = ort.OrtValue.ortvalue_from_numpy(kv_arrays[2 * i + j])
                     binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
                     binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+            if self._logits_to_keep_input:
+                binding.bind_cpu_input("logits_to_keep", np.array(int(self.last_logits_only), np.int64))
             mask = np.ones((1, capacity), np.int64)
             step_logits = np.empty((1, 1, self.vocab_size), np.float32)
 

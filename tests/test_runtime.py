@@ -82,6 +82,29 @@ def test_greedy_equals_transformers(tiny, reference, variant):
             assert result.finish_reason == "length" and result.stats.new_tokens == 40
 
 
+def test_folder_without_logits_to_keep_input(tiny, reference, tmp_path):
+    """Folders exported before the optional `logits_to_keep` input: the engine edits the graph
+    in memory instead (a Slice to the last position before the lm_head)."""
+    import onnx
+
+    src = tiny["dir"]
+    import shutil
+
+    for name in os.listdir(src):
+        if name != "model.onnx":
+            shutil.copy(os.path.join(src, name), tmp_path / name)  # ORT refuses symlinks out
+    model = onnx.load(os.path.join(src, "model.onnx"), load_external_data=False)
+    inputs = [i for i in model.graph.input if i.name != "logits_to_keep"]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)  # logits_to_keep stays an initializer (0 = all positions)
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    engine = Engine(str(tmp_path), threads=1, prefill_chunk=4)
+    assert engine.last_logits_only
+    ids = engine.prompt_ids(PROMPT_A)
+    result = engine.generate(prompt=PROMPT_A, settings=GenerationSettings(max_new_tokens=20, **NO_STOP))
+    assert result.token_ids == reference_greedy(reference, ids, 20)
+
+
 def test_stops_on_the_models_stop_ids(engine, reference):
     ids = engine.prompt_ids(PROMPT_A)
     expected = reference_greedy(reference, ids, 10)

@@ -144,8 +144,9 @@ def summary_line(t: dict | None, b: dict | None, base: str, weights: dict) -> st
     if not t:
         return ""
     if not b or base == NO_BASELINE:
+        why = "no baseline selected" if base == NO_BASELINE else f"the {base} baseline did not run"
         return (f"Ternary engine: {t['decode_tokens_per_s']:.1f} tok/s decode, "
-                f"TTFT {_fmt_s(t['ttft_s'])} (no baseline selected).")
+                f"TTFT {_fmt_s(t['ttft_s'])} ({why}).")
     td, bd = t["decode_tokens_per_s"], b["decode_tokens_per_s"]
     speed = f"{td / bd:.2f}x" if bd > 0 and td > 0 else "n/a"
     line = (f"**Speed-up: ternary decodes {speed} as fast as {base}** ({td:.1f} vs {bd:.1f} tok/s; "
@@ -505,7 +506,8 @@ class Playground:
                             stats_md[variant] = stats_markdown(variant, st, label, self.weights_mb(variant))
                             yield state(f"{SHORT[variant]} engine answering…" if not event.done else "")
                 finally:
-                    cancel.set() if res["finish_reason"] is None else None
+                    if res["finish_reason"] is None:  # closed mid-run (request cancelled)
+                        cancel.set()
                     stream.close()
                 if not text:
                     chat[-1] = {"role": "assistant", "content": "*(no text: the model ended its turn at once)*"

@@ -43,7 +43,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 value=pg.default_baseline() if pg.state == "ready" else "int2",
                 label="Baseline (runs after the ternary engine, on the same cores)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
-            share = gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!",
+            gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!",
                                       scale=1)
         with gr.Row(equal_height=True):
             with gr.Column():
@@ -79,7 +79,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             time_plot = gr.LinePlot(None, x="seconds", y="tokens", color="engine",
                                     title="Tokens over time (each engine from its own start)",
                                     elem_id="time-plot", height=260)
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system")
             with gr.Row():
                 temperature = gr.Slider(0.0, 2.0, value=ChatSettings.temperature, step=0.05,

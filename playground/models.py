@@ -98,9 +98,49 @@ def _export(source: str, out: Path, variants, progress) -> str:
 
     progress(f"exporting {source} to ONNX (variants {','.join(variants)}) into {out} ...")
     started = time.time()
-    export_checkpoint(source, str(out), list(variants), overwrite=True, progress=progress)
+    watcher = None if os.path.isdir(source) else _DownloadWatcher(source, progress)
+    try:
+        export_checkpoint(source, str(out), list(variants), overwrite=True, progress=progress)
+    finally:
+        if watcher:
+            watcher.stop()
     progress(f"export of {source} finished in {time.time() - started:.0f} s")
     return str(out)
+
+
+class _DownloadWatcher:
+    """While a hub download runs, report the bytes in the repo's hub-cache folder every few
+    seconds (huggingface_hub's own progress bars go to the terminal, not to the page)."""
+
+    def __init__(self, repo_id: str, progress, every_s: float = 5.0):
+        import threading
+
+        try:
+            from huggingface_hub.constants import HF_HUB_CACHE
+        except ImportError:  # pragma: no cover
+            HF_HUB_CACHE = os.path.expanduser("~/.cache/huggingface/hub")
+        self.folder = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
+        self.progress, self.every_s = progress, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="download-watcher", daemon=True)
+        self._thread.start()
+
+    def _size(self) -> int:
+        try:
+            return sum(p.stat().st_size for p in self.folder.iterdir())
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        last = -1
+        while not self._stop.wait(self.every_s):
+            size = self._size()
+            if size != last:
+                self.progress(f"downloading: {size / 2**30:.2f} GiB so far")
+                last = size
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _local_cache_name(folder: str) -> str:

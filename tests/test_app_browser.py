@@ -22,8 +22,17 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> hello'
 
-playwright_api = pytest.importorskip("playwright.sync_api")
+# CI sets BITNET_REQUIRE_BROWSER=1 so a missing browser fails instead of skipping quietly.
+REQUIRED = os.environ.get("BITNET_REQUIRE_BROWSER", "") not in ("", "0")
+try:
+    import playwright.sync_api as playwright_api
+except ImportError:
+    if REQUIRED:
+        raise
+    pytest.skip("playwright is not installed (pip install playwright)", allow_module_level=True)
 if not os.path.exists(CHROMIUM):
+    if REQUIRED:
+        raise RuntimeError(f"BITNET_REQUIRE_BROWSER is set but there is no chromium at {CHROMIUM}")
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
 

@@ -182,3 +182,20 @@ def test_demo_model_is_the_offline_fallback_when_it_ships(cache, tmp_path, monke
     lines.clear()
     broken = models.resolve_model("demo", progress=lines.append)
     assert broken.untrained and any("cannot be used" in line for line in lines)
+
+
+def test_download_progress_reaches_the_log(tmp_path):
+    lines = []
+    watcher = models._DownloadWatcher("org/name", lines.append, every_s=0.05)
+    watcher.folder = tmp_path
+    (tmp_path / "blob.incomplete").write_bytes(b"0" * (3 * 2**20))
+    import time
+
+    time.sleep(0.4)
+    watcher.stop()
+    assert any(line.startswith("downloading: ") for line in lines)
+
+
+def test_hub_probe_is_off_when_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models.hub_reachable() is False

@@ -313,8 +313,8 @@ class Playground:
         from runtime import GenerationSettings
 
         try:
-            eng.generate(messages=[{"role": "user", "content": "Hello"}],
-                         settings=GenerationSettings(max_new_tokens=4, stop_token_ids=[]))
+            eng.generate(messages=[{"role": "user", "content": "Hi"}],
+                         settings=GenerationSettings(max_new_tokens=2, stop_token_ids=[]))
         except Exception as e:  # noqa: BLE001 - a warm-up failure shows up in the first chat
             log.warning("warm-up of %s failed: %s", eng, e)
 

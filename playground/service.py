@@ -401,6 +401,11 @@ class Playground:
         """TooLong when the message alone (with the system prompt) leaves no room to answer."""
         from runtime import PromptTooLongError
 
+        context = engine.context_length
+        if len(message) + len(system) > 64 * context:  # no tokenizer has 64 characters a token
+            raise TooLong(f"Your message is too long for this model: {len(message):,} characters, "
+                          f"and the model's context holds {context} tokens in all (prompt and "
+                          "answer). Please shorten it.")
         msgs = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": "user", "content": message}]
         try:

@@ -189,6 +189,9 @@ def test_overlong_message_gets_a_clear_notice(server):
         client.predict(**chat_args("a" * 9000))
     assert "too long" in str(err.value) and "8192" in str(err.value)
     assert time.time() - started < 30
+    with pytest.raises(AppError) as err:  # huge: refused before tokenizing
+        client.predict(**chat_args("x" * 600_000))
+    assert "too long" in str(err.value)
     # a normal message still works afterwards
     out = client.predict(**chat_args("ok", max_new_tokens=4))
     assert out[RAW]["ternary"]["stats"]["new_tokens"] >= 1

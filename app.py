@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per engine (default: one per physical core)")
+                   help="intra-op threads per engine (default: the CPUs this process may use, "
+                        "cgroup quota included)")
     p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                    help="requests that may wait in the queue (default: %(default)s)")
     args = p.parse_args(argv)

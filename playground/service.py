@@ -44,6 +44,33 @@ class _EitherSet:
         return self.user.is_set() or self.timed_out
 
 
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
+    (containers such as a Space's often see all the host's cores but get 2 CPUs of time;
+    one thread per visible core would oversubscribe them and spoil the timings)."""
+    import math
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            with open(path) as f:
+                parts = f.read().split()
+            if path.endswith("cpu.max"):
+                quota, period = parts[0], parts[1] if len(parts) > 1 else "100000"
+            else:
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    quota, period = parts[0], f.read().strip()
+            if quota not in ("max", "-1") and float(period) > 0:
+                n = min(n, max(1, math.ceil(float(quota) / float(period))))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, n)
+
+
 class NotReady(RuntimeError):
     pass
 
@@ -209,7 +236,7 @@ class Playground:
     def __init__(self, model: str | None = DEFAULT_MODEL, threads: int | None = None,
                  variants=None, resolver=resolve_model, time_limit_s: float = TIME_LIMIT_S):
         self.model_spec = model or DEFAULT_MODEL
-        self.threads = threads
+        self.threads = threads or available_cpus()
         self.variants_requested = variants
         self.resolver = resolver
         self.time_limit_s = time_limit_s

@@ -199,3 +199,11 @@ def test_download_progress_reaches_the_log(tmp_path):
 def test_hub_probe_is_off_when_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert models.hub_reachable() is False
+
+
+def test_default_threads_respect_the_cpu_quota():
+    from playground.service import available_cpus
+
+    n = available_cpus()
+    assert 1 <= n <= (os.cpu_count() or 1)
+    assert Playground("x/y").threads == n and Playground("x/y", threads=3).threads == 3

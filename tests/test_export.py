@@ -62,7 +62,18 @@ def exported(request, tmp_path_factory):
         "greedy": tokens,
         # the reference's logits along its own greedy path: row -1 of entry i predicts tokens[i]
         "greedy_logits": reference_logits(model, PROMPT, tokens[:-1]),
+        "batch_logits": _reference_batch(model),
     }
+
+
+PROMPT_B = [0, 9, 8, 7, 6, 250, 100]
+
+
+def _reference_batch(model):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT, PROMPT_B])).logits.numpy()
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
@@ -176,3 +187,16 @@ def test_shared_buffers_need_no_clearing(exported):
     scale = max(float(np.abs(x).max()) for x in exported["logits"])
     for g, e in zip(got, exported["logits"]):
         assert np.abs(g - e).max() <= RELATIVE_TOLERANCE["ternary"] * scale
+
+
+def test_batch_of_two_without_padding(exported):
+    """Two rows of the same length in one call, growing-cache style (GQA takes no left padding)."""
+    session = make_session(exported["out"], "ternary")
+    cfg = exported["cfg"]
+    empty = np.zeros((2, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+    feed = {"input_ids": np.array([PROMPT, PROMPT_B], np.int64),
+            "attention_mask": np.ones((2, len(PROMPT)), np.int64)}
+    feed.update({f"past_key_values.{i}.{k}": empty for i in range(cfg["num_layers"]) for k in ("key", "value")})
+    logits = session.run(["logits"], feed)[0]
+    expected = exported["batch_logits"]
+    assert np.abs(logits - expected).max() <= RELATIVE_TOLERANCE["ternary"] * np.abs(expected).max()

@@ -2,12 +2,14 @@
 ONNX Runtime baseline, side by side.
 
     python app.py [--model ID|DIR|demo] [--host 0.0.0.0] [--port 7860] [--share] [--threads N]
+                  [--no-api]
 
 Default model: microsoft/bitnet-b1.58-2B-4T, downloaded and exported once into the cache
 (BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx). Without the hub and
 without a cached copy it says so and serves a fallback model, with a banner on the page.
 The page is served at once; the model is prepared in the background and the page shows the
-progress. Hugging Face Spaces runs this file as is (see docs/SPACES.md).
+progress. The same server answers the OpenAI-compatible API at /v1 (server/, when present),
+sharing one CPU gate with the page. Hugging Face Spaces runs this file as is (docs/SPACES.md).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per engine (default: the CPUs this process may use, "
                         "cgroup quota included)")
+    p.add_argument("--no-api", dest="api", action="store_false",
+                   help="do not serve the OpenAI-compatible API (/v1) next to the page")
     p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                    help="requests that may wait in the queue (default: %(default)s)")
     args = p.parse_args(argv)
@@ -59,6 +63,21 @@ def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
     return demo
 
 
+def attach_api(demo, pg: Playground):
+    """Serve the OpenAI-compatible API (server/, /v1) from the page's own FastAPI app, sharing
+    one CPU gate with the page: a page generation and an API generation never run at once.
+    Returns the API state, or None when the server package is not there."""
+    try:
+        from server import Gate, Limits, install_api
+    except ImportError:
+        return None
+    limits = Limits.from_env()
+    gate = Gate(limits.concurrency, limits.queue_size, limits.history)
+    pg.gate, pg.gate_timeout_s = gate, limits.queue_timeout_s
+    # pg.api_models: {model id: ternary engine} once ready, None (503 "loading") before.
+    return install_api(demo.app, pg.api_models, limits=limits, gate=gate, first=True)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -69,7 +88,10 @@ def main(argv=None) -> int:
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                show_error=True, **launch_kwargs())
+                show_error=True, prevent_thread_lock=True, **launch_kwargs())
+    if args.api and attach_api(demo, pg) is not None:
+        print(f"[bitnet-onnx] OpenAI-compatible API at {demo.local_url.rstrip('/')}/v1", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -7,6 +7,7 @@ is timed while the other holds the cores), and turns their events into what the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import logging
@@ -77,6 +78,10 @@ class NotReady(RuntimeError):
 
 class TooLong(ValueError):
     pass
+
+
+class CpuBusy(RuntimeError):
+    """The CPU gate shared with the HTTP API refused the run or timed out."""
 
 
 # -- text helpers --------------------------------------------------------------------------------
@@ -240,6 +245,10 @@ class Playground:
         self.variants_requested = variants
         self.resolver = resolver
         self.time_limit_s = time_limit_s
+        # A server.Gate shared with the OpenAI-compatible API (set by app.py): each engine run
+        # holds one slot, so page and API never generate on the CPU at the same time.
+        self.gate = None
+        self.gate_timeout_s = 120.0
         self.state = "starting"  # starting | preparing | ready | failed
         self.error = ""
         self.resolved: ResolvedModel | None = None
@@ -503,47 +512,13 @@ class Playground:
                     stats_md[variant] = stats_markdown(variant, None, f"loading the {variant} engine…", None)
                     yield state()
                 engine = self.engine(variant)
-                res = results[variant] = {"text": "", "finish_reason": None, "stats": None, "timeline": []}
-                text = ""
-                chat[-1] = {"role": "assistant", "content": ""}
-                stats_md[variant] = stats_markdown(variant, None, "prefill…", self.weights_mb(variant))
-                yield state(f"{SHORT[variant]} engine answering…")
-                started = time.perf_counter()
-                last_yield = 0.0
-                run_cancel = _EitherSet(cancel)
-                stream = engine.stream(messages=sys_msgs + msgs + [{"role": "user", "content": message}],
-                                       settings=gen_settings, cancel=run_cancel)
-                try:
-                    for event in stream:
-                        text += event.text
-                        if time.perf_counter() - started > self.time_limit_s:
-                            run_cancel.timed_out = True  # the engine stops after this token
-                        st = event.stats.as_dict()
-                        res["stats"] = st
-                        res["timeline"].append((time.perf_counter() - started, st["new_tokens"]))
-                        now = time.perf_counter()
-                        if event.done or now - last_yield >= UPDATE_EVERY_S:
-                            last_yield = now
-                            chat[-1] = {"role": "assistant", "content": shown(text)}
-                            label = "streaming…"
-                            if event.done:
-                                label = {"stop": "done", "length": "done (max new tokens)",
-                                         "cancelled": "stopped"}.get(event.finish_reason, "done")
-                                if event.finish_reason == "cancelled" and run_cancel.timed_out \
-                                        and not cancel.is_set():
-                                    label = f"cut at the {self.time_limit_s:.0f} s time limit"
-                                    res["time_limit"] = True
-                                res["finish_reason"] = event.finish_reason
-                                res["text"] = text
-                            stats_md[variant] = stats_markdown(variant, st, label, self.weights_mb(variant))
-                            yield state(f"{SHORT[variant]} engine answering…" if not event.done else "")
-                finally:
-                    if res["finish_reason"] is None:  # closed mid-run (request cancelled)
-                        cancel.set()
-                    stream.close()
-                if not text:
-                    chat[-1] = {"role": "assistant", "content": "*(no text: the model ended its turn at once)*"
-                                if res["finish_reason"] == "stop" else "*(stopped)*"}
+                if self.gate is not None and not self.gate.idle():
+                    stats_md[variant] = stats_markdown(variant, None, "waiting for the CPU (API "
+                                                       "requests ahead)…", self.weights_mb(variant))
+                    yield state()
+                with self._cpu_slot():
+                    yield from self._run_engine(variant, engine, chat, sys_msgs + msgs, message,
+                                                gen_settings, cancel, results, stats_md, state)
             t = results["ternary"].get("stats")
             b = results.get(baseline, {}).get("stats") if run_base else None
             summary = summary_line(t, b, baseline if run_base else NO_BASELINE,
@@ -560,3 +535,64 @@ class Playground:
                 self._active -= 1
             if self._cancels.get(session) is cancel:
                 del self._cancels[session]
+
+    @contextlib.contextmanager
+    def _cpu_slot(self):
+        """Hold a slot of the gate shared with the HTTP API for one engine run (no-op without)."""
+        if self.gate is None:
+            yield
+            return
+        slot = self.gate.slot(timeout=self.gate_timeout_s)
+        try:
+            slot.__enter__()
+        except Exception as e:  # noqa: BLE001 - server.Busy / server.QueueTimeout
+            raise CpuBusy(f"The server is busy ({e}); try again in a moment.") from None
+        try:
+            yield
+        finally:
+            slot.__exit__(None, None, None)
+
+    def _run_engine(self, variant, engine, chat, history, message, gen_settings, cancel, results,
+                    stats_md, state):
+        """One engine's answer to `message`, streamed into chat[-1]; yields page states."""
+        res = results[variant] = {"text": "", "finish_reason": None, "stats": None, "timeline": []}
+        text = ""
+        chat[-1] = {"role": "assistant", "content": ""}
+        stats_md[variant] = stats_markdown(variant, None, "prefill…", self.weights_mb(variant))
+        yield state(f"{SHORT[variant]} engine answering…")
+        started = time.perf_counter()
+        last_yield = 0.0
+        run_cancel = _EitherSet(cancel)
+        stream = engine.stream(messages=history + [{"role": "user", "content": message}],
+                               settings=gen_settings, cancel=run_cancel)
+        try:
+            for event in stream:
+                text += event.text
+                if time.perf_counter() - started > self.time_limit_s:
+                    run_cancel.timed_out = True  # the engine stops after this token
+                st = event.stats.as_dict()
+                res["stats"] = st
+                res["timeline"].append((time.perf_counter() - started, st["new_tokens"]))
+                now = time.perf_counter()
+                if event.done or now - last_yield >= UPDATE_EVERY_S:
+                    last_yield = now
+                    chat[-1] = {"role": "assistant", "content": shown(text)}
+                    label = "streaming…"
+                    if event.done:
+                        label = {"stop": "done", "length": "done (max new tokens)",
+                                 "cancelled": "stopped"}.get(event.finish_reason, "done")
+                        if event.finish_reason == "cancelled" and run_cancel.timed_out \
+                                and not cancel.is_set():
+                            label = f"cut at the {self.time_limit_s:.0f} s time limit"
+                            res["time_limit"] = True
+                        res["finish_reason"] = event.finish_reason
+                        res["text"] = text
+                    stats_md[variant] = stats_markdown(variant, st, label, self.weights_mb(variant))
+                    yield state(f"{SHORT[variant]} engine answering…" if not event.done else "")
+        finally:
+            if res["finish_reason"] is None:  # closed mid-run (request cancelled)
+                cancel.set()
+            stream.close()
+        if not text:
+            chat[-1] = {"role": "assistant", "content": "*(no text: the model ended its turn at once)*"
+                        if res["finish_reason"] == "stop" else "*(stopped)*"}

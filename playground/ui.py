@@ -11,7 +11,7 @@ import contextlib
 
 import gradio as gr
 
-from .service import (NO_BASELINE, LABELS, ChatSettings, NotReady, Playground, TooLong,
+from .service import (NO_BASELINE, LABELS, ChatSettings, CpuBusy, NotReady, Playground, TooLong,
                       chart_frames, drop_last_exchange)
 
 TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
@@ -138,6 +138,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
                         first = False
             except TooLong as e:
                 raise gr.Error(str(e), title="Message too long") from None
+            except CpuBusy as e:
+                raise gr.Error(str(e), title="Busy") from None
             except NotReady as e:
                 raise gr.Error(str(e), title="Not ready") from None
 

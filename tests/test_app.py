@@ -238,3 +238,44 @@ def test_cancelled_request_frees_the_engine(server):
     # and the server serves the next request
     out = client.predict(**chat_args("ok", max_new_tokens=4))
     assert out[RAW]["ternary"]["finish_reason"] in ("stop", "length")
+
+
+def test_openai_api_beside_the_page_shares_the_cpu(server):
+    """app.py serves the OpenAI-compatible API (server/) on the same port; an API request that
+    arrives while the page generates waits for the CPU instead of running alongside."""
+    import json
+    import threading
+    import urllib.request
+
+    pytest.importorskip("server")
+    base = server.url.rstrip("/")
+    with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+        models = json.load(r)
+    model_id = models["data"][0]["id"]
+    assert model_id == "onnx"  # the exported folder's name
+
+    def api_call(result):
+        body = json.dumps({"model": model_id, "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            result.update(json.load(r))
+
+    client = server.client()
+    job = client.submit(**chat_args("Tell me a long story", max_new_tokens=3000, temperature=0.8))
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the ternary engine is streaming
+        outs = job.outputs()
+        if outs and text_of(outs[-1][CHAT_T][-1]):
+            break
+        time.sleep(0.05)
+    result: dict = {}
+    caller = threading.Thread(target=api_call, args=(result,))
+    caller.start()
+    final = job.result(timeout=120)
+    caller.join(timeout=120)
+    assert result["usage"]["completion_tokens"] >= 1
+    # it waited for the page's ternary run (seconds), it did not share the cores with it
+    assert result["bitnet"]["queue_wait_s"] > 0.3, result["bitnet"]
+    assert final[RAW]["ternary"]["stats"]["new_tokens"] > 100

@@ -346,7 +346,8 @@ def test_queue_timeout_gets_503_with_retry_after(engine):
     state = api.state.bitnet
     with ServerThread(api) as url:
         results = {}
-        t1 = _stream_in_thread(url, ok_body(max_tokens=60, stream=True), results, "running")
+        # greedy: this prompt gives 120 tokens without a stop token (a sampled answer may stop early)
+        t1 = _stream_in_thread(url, ok_body(max_tokens=60, stream=True, temperature=0), results, "running")
         assert wait_until(lambda: state.gate.running == 1)
         t0 = time.monotonic()
         r = post(url, ok_body())

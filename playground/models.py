@@ -23,6 +23,8 @@ CONFIG_NAME = "bitnet_onnx.json"
 HUB_VARIANTS = ("ternary", "int2", "int4")
 STAND_IN_VARIANTS = ("ternary", "int2", "int4", "fp32")
 STAND_IN_NAME = "stand-in-tiny-random"
+STAND_IN_LABEL = "a tiny random BitNet b1.58 model"
+DEMO_NAME = "the Shakespeare demo model (BitNet b1.58, trained by this project)"
 ROOT = Path(__file__).resolve().parent.parent
 # Where the demo checkpoint of issue 6 may live (the first that exists is used).
 DEMO_CANDIDATES = ("models/shakespeare-bitnet", "demo_model", "models/demo")
@@ -185,11 +187,16 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, check_
         progress(f"downloading {spec} from the Hugging Face hub (first start only)")
         _export(spec, out, variants or HUB_VARIANTS, progress)
         return ResolvedModel(str(out), spec, spec)
+    # Say so first (one line), then prepare the fallback.
+    progress(_offline_notice(spec, DEMO_NAME if any(is_exported(p) or is_checkpoint(p)
+                                                    for p in demo_candidates()) else STAND_IN_LABEL))
     fallback = demo_model(progress, requested=spec)
-    fallback.notice = (f"Cannot reach the Hugging Face hub and {spec} is not cached, "
-                       f"so this serves {fallback.name} instead.")
-    progress(fallback.notice)
+    fallback.notice = _offline_notice(spec, fallback.name)
     return fallback
+
+
+def _offline_notice(spec: str, name: str) -> str:
+    return f"Cannot reach the Hugging Face hub and {spec} is not cached, so this serves {name} instead."
 
 
 def _record_source(folder, source: str) -> None:
@@ -224,7 +231,7 @@ def demo_candidates() -> list[Path]:
 
 def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
     """The shipped demo model (issue 6) when present and exportable, else a tiny random stand-in."""
-    name = "the Shakespeare demo model (BitNet b1.58, trained by this project)"
+    name = DEMO_NAME
     for path in demo_candidates():
         try:
             if is_exported(path):
@@ -244,8 +251,7 @@ def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
         ckpt = model_cache_dir() / (STAND_IN_NAME + "-checkpoint")
         write_stand_in_checkpoint(ckpt)
         _export(str(ckpt), out, STAND_IN_VARIANTS, progress)
-    return ResolvedModel(str(out), "a tiny random BitNet b1.58 model", requested,
-                         fallback=True, untrained=True)
+    return ResolvedModel(str(out), STAND_IN_LABEL, requested, fallback=True, untrained=True)
 
 
 # -- the stand-in: a random tiny BitNet checkpoint, numpy + safetensors only (no torch) ---------

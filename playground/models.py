@@ -183,20 +183,27 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, check_
         _export(local, out, variants or HUB_VARIANTS, progress)
         _record_source(out, spec)
         return ResolvedModel(str(out), spec, spec)
+    reason = f"Cannot reach the Hugging Face hub and {spec} is not cached"
     if check_hub():
         progress(f"downloading {spec} from the Hugging Face hub (first start only)")
-        _export(spec, out, variants or HUB_VARIANTS, progress)
-        return ResolvedModel(str(out), spec, spec)
+        from export import ExportError
+
+        try:
+            _export(spec, out, variants or HUB_VARIANTS, progress)
+            return ResolvedModel(str(out), spec, spec)
+        except ExportError as e:  # download or export failed: say why, serve the fallback
+            reason = f"Could not download and export {spec} ({str(e).splitlines()[0]})"
     # Say so first (one line), then prepare the fallback.
-    progress(_offline_notice(spec, DEMO_NAME if any(is_exported(p) or is_checkpoint(p)
-                                                    for p in demo_candidates()) else STAND_IN_LABEL))
+    expected = DEMO_NAME if any(is_exported(p) or is_checkpoint(p) for p in demo_candidates()) \
+        else STAND_IN_LABEL
+    progress(_fallback_notice(reason, expected))
     fallback = demo_model(progress, requested=spec)
-    fallback.notice = _offline_notice(spec, fallback.name)
+    fallback.notice = _fallback_notice(reason, fallback.name)
     return fallback
 
 
-def _offline_notice(spec: str, name: str) -> str:
-    return f"Cannot reach the Hugging Face hub and {spec} is not cached, so this serves {name} instead."
+def _fallback_notice(reason: str, name: str) -> str:
+    return f"{reason}, so this serves {name} instead."
 
 
 def _record_source(folder, source: str) -> None:

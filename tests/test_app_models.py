@@ -207,3 +207,18 @@ def test_default_threads_respect_the_cpu_quota():
     n = available_cpus()
     assert 1 <= n <= (os.cpu_count() or 1)
     assert Playground("x/y").threads == n and Playground("x/y", threads=3).threads == 3
+
+
+def test_failed_download_falls_back_with_the_reason(cache, monkeypatch):
+    from export import ExportError
+
+    def failing_export(source, out, variants, progress):
+        raise ExportError("could not download org/missing from the hub: 404 Not Found")
+
+    monkeypatch.setattr(models, "_export", failing_export)
+    monkeypatch.setattr(models, "demo_model", lambda progress, requested: models.ResolvedModel(
+        "/nowhere", models.STAND_IN_LABEL, requested, fallback=True, untrained=True))
+    lines = []
+    r = models.resolve_model("org/missing", progress=lines.append, check_hub=lambda: True)
+    assert r.fallback and "Could not download and export org/missing" in r.notice
+    assert "404 Not Found" in r.notice and sum("Could not download" in line for line in lines) == 1

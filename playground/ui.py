@@ -1,7 +1,7 @@
 """The Gradio page: compare-mode chat, settings, stats, charts, sharing.
 
-`build_demo(playground)` returns the gr.Blocks; app.py queues and launches it (or, later,
-mounts it on a FastAPI app next to the OpenAI-compatible API).
+`build_demo(playground)` returns the gr.Blocks; app.py queues and launches it and adds the
+OpenAI-compatible API routes to the same server.
 Stable API names (gradio_client): /chat, /retry, /stop, /clear, /status.
 """
 
@@ -44,7 +44,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 label="Baseline (runs after the ternary engine, on the same cores)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
             gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!",
-                                      scale=1)
+                              scale=1)
         with gr.Row(equal_height=True):
             with gr.Column():
                 gr.Markdown(f"**{LABELS['ternary']}**", elem_id="title-ternary")

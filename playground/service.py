@@ -555,7 +555,9 @@ class Playground:
     def _run_engine(self, variant, engine, chat, history, message, gen_settings, cancel, results,
                     stats_md, state):
         """One engine's answer to `message`, streamed into chat[-1]; yields page states."""
-        res = results[variant] = {"text": "", "finish_reason": None, "stats": None, "timeline": []}
+        # the timeline starts at (0 s, 0 tokens): the flat start is the time to first token
+        res = results[variant] = {"text": "", "finish_reason": None, "stats": None,
+                                  "timeline": [(0.0, 0)]}
         text = ""
         chat[-1] = {"role": "assistant", "content": ""}
         stats_md[variant] = stats_markdown(variant, None, "prefill…", self.weights_mb(variant))

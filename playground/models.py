@@ -298,9 +298,12 @@ def _byte_of(ch: str) -> int:
     return dict(zip(cs, bs))[ord(ch)]
 
 
-def write_stand_in_checkpoint(path, seed: int = 0, context: int | None = None) -> Path:
+def write_stand_in_checkpoint(path, seed: int = 0, context: int | None = None,
+                              end_of_turn_scale: float = 2.0) -> Path:
     """A random BitNet b1.58 checkpoint (float master weights, untied head) with a byte-level
-    tokenizer. The head favours printable ASCII so the noise it writes is at least readable."""
+    tokenizer. The head favours printable ASCII so the noise it writes is at least readable;
+    end_of_turn_scale sets how often it ends its turn (0: never, so only max tokens or a
+    cancel end an answer, whatever the CPU's rounding)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -322,7 +325,7 @@ def write_stand_in_checkpoint(path, seed: int = 0, context: int | None = None) -
     printable = [b for b in range(256) if 32 <= b < 127 and chr(b).isalnum() or b in (32, 44, 46)]
     head[printable] = rng.standard_normal((len(printable), h)) * 3.0
     head[32] *= 1.5  # more spaces: word-like noise
-    head[256 + 2] = rng.standard_normal(h) * 2.0  # an occasional end of turn
+    head[256 + 2] = rng.standard_normal(h) * end_of_turn_scale  # an occasional end of turn
     t["lm_head.weight"] = head
     shapes = {"self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h),
               "self_attn.v_proj": (kv * d, h), "self_attn.o_proj": (h, heads * d),

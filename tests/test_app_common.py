@@ -28,7 +28,8 @@ def make_tiny_model(base: Path, context: int = TINY_CONTEXT) -> str:
     from export import export_checkpoint
     from playground.models import write_stand_in_checkpoint
 
-    ckpt = write_stand_in_checkpoint(base / "ckpt", seed=3, context=context)
+    # never ends its turn by itself: the stop and cancel tests need answers that run on
+    ckpt = write_stand_in_checkpoint(base / "ckpt", seed=3, context=context, end_of_turn_scale=0.0)
     out = base / "onnx"
     export_checkpoint(str(ckpt), str(out), ["ternary", "int2", "int4", "fp32"], progress=lambda m: None)
     return str(out)

@@ -516,9 +516,15 @@ class Playground:
                     stats_md[variant] = stats_markdown(variant, None, "waiting for the CPU (API "
                                                        "requests ahead)…", self.weights_mb(variant))
                     yield state()
-                with self._cpu_slot():
-                    yield from self._run_engine(variant, engine, chat, sys_msgs + msgs, message,
-                                                gen_settings, cancel, results, stats_md, state)
+                with self._cpu_slot(cancel) as may_run:
+                    if may_run:
+                        yield from self._run_engine(variant, engine, chat, sys_msgs + msgs, message,
+                                                    gen_settings, cancel, results, stats_md, state)
+                    else:  # stopped while waiting for the CPU
+                        chat[-1] = {"role": "assistant", "content": "*(stopped before it started)*"}
+                        stats_md[variant] = stats_markdown(variant, None, "stopped", self.weights_mb(variant))
+                        results[variant] = {"text": "", "finish_reason": "cancelled", "stats": None,
+                                            "timeline": []}
             t = results["ternary"].get("stats")
             b = results.get(baseline, {}).get("stats") if run_base else None
             summary = summary_line(t, b, baseline if run_base else NO_BASELINE,
@@ -537,20 +543,26 @@ class Playground:
                 del self._cancels[session]
 
     @contextlib.contextmanager
-    def _cpu_slot(self):
-        """Hold a slot of the gate shared with the HTTP API for one engine run (no-op without)."""
+    def _cpu_slot(self, cancel: threading.Event):
+        """Hold a slot of the gate shared with the HTTP API for one engine run (no-op without).
+        Stop while waiting gives up the place at once (yields False: do not run)."""
         if self.gate is None:
-            yield
+            yield True
             return
-        slot = self.gate.slot(timeout=self.gate_timeout_s)
         try:
-            slot.__enter__()
-        except Exception as e:  # noqa: BLE001 - server.Busy / server.QueueTimeout
+            ticket = self.gate.admit()
+        except Exception as e:  # noqa: BLE001 - server.Busy: the wait queue is full
             raise CpuBusy(f"The server is busy ({e}); try again in a moment.") from None
         try:
-            yield
+            if not ticket.wait(self.gate_timeout_s, abandon=cancel):
+                if cancel.is_set():
+                    yield False
+                    return
+                raise CpuBusy(f"Waited {self.gate_timeout_s:.0f} s for the CPU (API requests "
+                              "ahead); try again in a moment.")
+            yield True
         finally:
-            slot.__exit__(None, None, None)
+            ticket.release()
 
     def _run_engine(self, variant, engine, chat, history, message, gen_settings, cancel, results,
                     stats_md, state):

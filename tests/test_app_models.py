@@ -145,7 +145,8 @@ def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, mon
     """In-process: the ternary engine answers, then the baseline; a run longer than the time
     limit is cut between tokens (the baseline still runs), and the page says so."""
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
-    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, context=8192)
+    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, context=8192,
+                                            end_of_turn_scale=0.0)
     resolved = models.resolve_model(str(ckpt), progress=lambda m: None)
     pg = Playground(str(ckpt), threads=1, resolver=lambda spec, variants, progress: resolved,
                     time_limit_s=0.3)
@@ -222,3 +223,42 @@ def test_failed_download_falls_back_with_the_reason(cache, monkeypatch):
     r = models.resolve_model("org/missing", progress=lines.append, check_hub=lambda: True)
     assert r.fallback and "Could not download and export org/missing" in r.notice
     assert "404 Not Found" in r.notice and sum("Could not download" in line for line in lines) == 1
+
+
+def test_page_waits_for_the_shared_cpu_gate_and_stop_gives_up_the_place(tmp_path, monkeypatch):
+    server = pytest.importorskip("server")
+    import threading
+
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
+    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, end_of_turn_scale=0.0)
+    resolved = models.resolve_model(str(ckpt), progress=lambda m: None)
+    pg = Playground(str(ckpt), threads=1, resolver=lambda spec, variants, progress: resolved)
+    pg.start(background=False)
+    pg.gate = server.Gate(concurrency=1, queue_size=4)
+    release = threading.Event()
+    held = threading.Event()
+
+    def api_generation():  # an API request holding the CPU
+        with pg.gate.slot(timeout=5):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=api_generation)
+    holder.start()
+    assert held.wait(5)
+    threading.Timer(0.5, pg.stop, args=["s1"]).start()
+    labels = []
+    started = __import__("time").time()
+    for state in pg.compare("Hi", [], [], "", "int2", ChatSettings(max_new_tokens=8), session="s1"):
+        labels.append(state["stats_t"])
+    assert __import__("time").time() - started < 5  # Stop did not wait for the gate
+    release.set()
+    holder.join(5)
+    assert any("waiting for the CPU" in label for label in labels)
+    assert state["results"]["ternary"]["finish_reason"] == "cancelled"
+    assert state["results"]["int2"]["finish_reason"] == "cancelled"
+    assert "stopped before it started" in state["chat_t"][-1]["content"]
+    assert pg.gate.idle()
+    # with the gate free, the page runs as usual
+    final = list(pg.compare("Hi", [], [], "", "int2", ChatSettings(max_new_tokens=4), session="s2"))[-1]
+    assert final["results"]["int2"]["stats"]["new_tokens"] == 4

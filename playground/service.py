@@ -395,7 +395,10 @@ class Playground:
             lines.append(f"⚠️ {r.notice}")
         if r.untrained:
             lines.append("⚠️ **This is an untrained stand-in with random weights: its answers are "
-                         "noise.** The speed comparison is real.")
+                         "noise.** The speeds are measured for real.")
+        if int(cfg.get("hidden_size") or 0) and int(cfg.get("hidden_size")) < 1024:
+            lines.append("At this model size the timings mostly show per-token overheads; the "
+                         "ternary kernels pay off on large models such as 2B4T.")
         return "\n\n".join(lines)
 
     def status(self) -> dict:

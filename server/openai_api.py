@@ -423,6 +423,8 @@ def build_router(state: ApiState):
             names, status = state.registry.names(), "ok"
         except ApiError:
             names, status = [], "loading"
+        except Exception as e:  # a provider that fails: say so, do not crash
+            names, status = [], f"error: {type(e).__name__}: {e}"
         return {"status": status, "models": names, **state.gate.snapshot(),
                 "active_jobs": sum(not j.finished.is_set() for j in list(state.jobs.values()))}
 
@@ -474,6 +476,8 @@ def build_router(state: ApiState):
         finally:
             if not started_job:
                 ticket.release()
+                if record.state == "queued":
+                    record.state = "refused"  # e.g. the prompt does not fit the context
 
         meta = {"id": record.id, "created": int(time.time()), "model": req.model,
                 "max_tokens": settings.max_new_tokens, "t0": t0}

@@ -41,7 +41,8 @@ class JobRecord:
     """What one finished (or refused) generation did: for /v1/health and the tests."""
     id: str
     model: str = ""
-    state: str = "queued"  # queued | running | done | error | abandoned
+    state: str = "queued"  # queued | running | done | error | abandoned (client left / queue
+    # timeout) | refused (checked after admission, e.g. prompt too long)
     finish_reason: str | None = None  # engine's: stop | length | cancelled
     stopped_by: str | None = None  # None | "client" (disconnect) | "timeout" | "shutdown"
     new_tokens: int = 0

@@ -17,6 +17,11 @@ the app runs it. Configurations are interleaved (round by round, thread count by
 count) so machine noise hits all alike; with --rounds > 1 the medians are shown.
 Peak RSS is the subprocess's VmHWM (the whole process: weights, KV cache, arenas).
 
+CPU time: the machine may be shared; the worker also reports its process CPU time per decoded
+token and the share of its `threads` cores it got (CPU time / (wall time x threads)). A share
+well below 1 at 1 thread means the run waited for a core: the wall-clock numbers are then
+slower than the engine is.
+
 Bandwidth floor: weight bytes a decode step reads (every initializer except tables that are
 only gathered from, i.e. the embedding when the lm_head does not share it, and the RoPE
 caches) / the streaming-read bandwidth that bench/bench_ops.py measures (ORT ReduceSum over
@@ -69,9 +74,11 @@ def worker(model_dir: str, config: str, threads: int, prompt_tokens: int, new_to
     for _ in engine.stream_tokens(ids[:16], GenerationSettings(max_new_tokens=4, stop_token_ids=[])):
         pass
     settings = GenerationSettings(max_new_tokens=new_tokens, stop_token_ids=[])
-    last = None
-    for last in engine.stream_tokens(ids, settings):
-        pass
+    last, cpu0, wall0 = None, None, None
+    for i, last in enumerate(engine.stream_tokens(ids, settings)):
+        if i == 0:  # first token out: decode starts
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
     s = last.stats
     assert s.new_tokens == new_tokens, s
     return {
@@ -81,6 +88,11 @@ def worker(model_dir: str, config: str, threads: int, prompt_tokens: int, new_to
         "ttft_s": s.ttft_s, "rss_mb": s.rss_mb,
         "peak_rss_mb": peak_rss_mb(),  # VmHWM: ru_maxrss would include the parent's (fork + exec)
         "kv_cache_mb": s.kv_cache_mb, "model_file_mb": engine.model_file_bytes / 2**20,
+        # CPU time of the process per decoded token, and the share of `threads` cores it got:
+        # on a busy machine wall time is inflated by waiting for a core; at 1 thread the CPU
+        # time is close to what the step costs alone (at 2 threads it includes ORT's spinning).
+        "decode_cpu_ms_per_token": cpu_s * 1000.0 / max(1, new_tokens - 1),
+        "decode_cpu_share": cpu_s / max(wall_s * threads, 1e-9),
     }
 
 
@@ -166,6 +178,7 @@ def summarize(results, bandwidth, bytes_per_token, configs, thread_list):
             table.append({
                 "config": c, "threads": t, "prefill_tps": pre, "decode_tps": dec, "decode_ms": ms,
                 "ttft_s": _median(ok, "ttft_s"), "peak_rss_mb": _median(ok, "peak_rss_mb"),
+                "cpu_ms": _median(ok, "decode_cpu_ms_per_token"), "cpu_share": _median(ok, "decode_cpu_share"),
                 "load_s": _median(ok, "load_s"),
                 "weight_mb_per_token": bytes_per_token[c] / 2**20, "floor_ms": floor_ms,
                 "x_floor": ms / floor_ms, "bandwidth_gbs": bw,
@@ -177,27 +190,30 @@ def summarize(results, bandwidth, bytes_per_token, configs, thread_list):
 
 def print_text(table):
     print(f"{'config':<9} {'thr':>3} {'prefill t/s':>11} {'decode t/s':>10} {'ms/tok':>7} "
-          f"{'floor ms':>8} {'x floor':>7} {'TTFT s':>7} {'peak RSS MB':>11} {'tern. dec x':>11} {'tern. pre x':>11}")
+          f"{'floor ms':>8} {'x floor':>7} {'TTFT s':>7} {'peak RSS MB':>11} {'tern. dec x':>11} {'tern. pre x':>11} "
+          f"{'CPU ms/tok':>10} {'CPU share':>9}")
     for r in table:
         if "error" in r:
             print(f"{r['config']:<9} {r['threads']:>3} error: {r['error']}")
             continue
         print(f"{r['config']:<9} {r['threads']:>3} {r['prefill_tps']:>11.1f} {r['decode_tps']:>10.2f} "
               f"{r['decode_ms']:>7.1f} {r['floor_ms']:>8.1f} {r['x_floor']:>7.2f} {r['ttft_s']:>7.2f} "
-              f"{r['peak_rss_mb']:>11.0f} {r['ternary_decode_speedup']:>11.2f} {r['ternary_prefill_speedup']:>11.2f}")
+              f"{r['peak_rss_mb']:>11.0f} {r['ternary_decode_speedup']:>11.2f} {r['ternary_prefill_speedup']:>11.2f} "
+              f"{r['cpu_ms']:>10.1f} {r['cpu_share']:>9.2f}")
 
 
 def print_markdown(table):
     print("| variant | threads | prefill tok/s | decode tok/s | ms/token | floor ms | x floor | "
-          "TTFT s | peak RSS MB | ternary decode speed-up | ternary prefill speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "TTFT s | peak RSS MB | ternary decode speed-up | ternary prefill speed-up | decode CPU ms/token | CPU share |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in table:
         if "error" in r:
-            print(f"| {r['config']} | {r['threads']} | error: {r['error']} | | | | | | | | |")
+            print(f"| {r['config']} | {r['threads']} | error: {r['error']} | | | | | | | | | | |")
             continue
         print(f"| {r['config']} | {r['threads']} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} | "
               f"{r['decode_ms']:.1f} | {r['floor_ms']:.1f} | {r['x_floor']:.2f} | {r['ttft_s']:.2f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['ternary_decode_speedup']:.2f}x | {r['ternary_prefill_speedup']:.2f}x |")
+              f"{r['peak_rss_mb']:.0f} | {r['ternary_decode_speedup']:.2f}x | {r['ternary_prefill_speedup']:.2f}x | "
+              f"{r['cpu_ms']:.1f} | {r['cpu_share']:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -264,7 +280,8 @@ def main(argv=None) -> int:
                 else:
                     print(f"#   {c:<9} prefill {r['prefill_tokens_per_s']:8.1f} tok/s  decode "
                           f"{r['decode_tokens_per_s']:7.2f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                          f"load {r['load_s']:.1f} s", flush=True)
+                          f"load {r['load_s']:.1f} s  decode CPU {r['decode_cpu_ms_per_token']:.1f} ms/token "
+                          f"(share {r['decode_cpu_share']:.2f})  load average {os.getloadavg()[0]:.1f}", flush=True)
     table = summarize(results, bandwidth, bytes_per_token, configs, thread_list)
     print()
     print_text(table)

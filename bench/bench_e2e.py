@@ -25,7 +25,8 @@ slower than the engine is.
 Bandwidth floor: weight bytes a decode step reads (every initializer except tables that are
 only gathered from, i.e. the embedding when the lm_head does not share it, and the RoPE
 caches) / the streaming-read bandwidth that bench/bench_ops.py measures (ORT ReduceSum over
-256 MiB) with the same thread count, measured in this run between the configurations.
+256 MiB) with the same thread count, measured right before each configuration's run (the
+load of a shared machine drifts), median over rounds.
 """
 
 from __future__ import annotations
@@ -165,7 +166,6 @@ def summarize(results, bandwidth, bytes_per_token, configs, thread_list):
     for t in thread_list:
         base = [r for r in results if r["config"] == "ternary" and r["threads"] == t and "error" not in r]
         base_dec, base_pre = _median(base, "decode_tokens_per_s"), _median(base, "prefill_tokens_per_s")
-        bw = statistics.median(bandwidth[t]) if bandwidth.get(t) else float("nan")
         for c in configs:
             rows = [r for r in results if r["config"] == c and r["threads"] == t]
             ok = [r for r in rows if "error" not in r]
@@ -173,6 +173,7 @@ def summarize(results, bandwidth, bytes_per_token, configs, thread_list):
                 table.append({"config": c, "threads": t, "error": rows[0]["error"] if rows else "not run"})
                 continue
             dec, pre = _median(ok, "decode_tokens_per_s"), _median(ok, "prefill_tokens_per_s")
+            bw = _median(ok, "bandwidth_gbs")  # measured just before each of this row's runs
             floor_ms = bytes_per_token[c] / (bw * 1e9) * 1e3
             ms = 1000.0 / dec
             table.append({
@@ -273,7 +274,10 @@ def main(argv=None) -> int:
             bandwidth.setdefault(t, []).append(measure_bandwidth(t))
             print(f"# round {rnd + 1}, {t} thread(s): stream read {bandwidth[t][-1]:.1f} GB/s", flush=True)
             for c in configs:
+                bw_now = measure_bandwidth(t)  # right before the row: the machine's load drifts
+                bandwidth[t].append(bw_now)
                 r = run_worker(dirs[c], c, t, args)
+                r["bandwidth_gbs"] = bw_now
                 results.append(r)
                 if "error" in r:
                     print(f"#   {c:<9} error: {r['error']}", flush=True)

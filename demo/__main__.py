@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     pk = sub.add_parser("pack", help="pack build/demo/ternary/checkpoint.pt into the model folder")
     pk.add_argument("--build", default=None)
     pk.add_argument("--model-dir", default=MODEL_DIR)
+    sub.add_parser("eval", help="full validation loss of build/demo/{ternary,float}")
+    cd = sub.add_parser("card", help="write the model card (README.md) with samples")
+    cd.add_argument("--model-dir", default=MODEL_DIR)
+    cd.add_argument("--no-export", dest="export", action="store_false",
+                    help="skip the ONNX export parity check and runtime timing")
     sm = sub.add_parser("sample", help="generate replies with transformers from the packed model")
     sm.add_argument("prompt", nargs="+")
     sm.add_argument("--model-dir", default=MODEL_DIR)
@@ -79,6 +84,21 @@ def main(argv=None) -> int:
         model = load_checkpoint(os.path.join(build, "ternary", "checkpoint.pt"))
         write_checkpoint(model, os.path.join(build, "tokenizer"), args.model_dir)
         _log(f"packed into {args.model_dir}")
+        return 0
+
+    if args.cmd == "eval":
+        from .card import full_eval
+
+        full_eval(log=_log)
+        return 0
+
+    if args.cmd == "card":
+        from .card import export_report, write_card
+
+        if args.export:
+            export_report(args.model_dir, log=_log)
+        write_card(args.model_dir, log=_log)
+        _log(f"wrote {os.path.join(args.model_dir, 'README.md')}")
         return 0
 
     if args.cmd == "sample":

@@ -25,10 +25,15 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(plays, vocab_size: int = VOCAB_SIZE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # The space after a colon is a token of its own, so "Assistant: Nay" in training tokenizes
+    # as the generation prompt "Assistant: " plus "Nay": the prompt's trailing space is then the
+    # same token the model saw in training (plain byte-level BPE would glue it to the next word).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"(?<=:) "), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=list(corpus.SPECIAL_TOKENS),

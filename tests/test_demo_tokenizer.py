@@ -60,3 +60,13 @@ def test_tokenizer_config_and_chat_template():
             {"role": "user", "content": " Long live the king! "}]
     text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == corpus.render(msgs, add_generation_prompt=True)
+
+
+def test_generation_prompt_is_a_token_prefix_of_the_trained_turn(tok):
+    """The prompt ends in 'Assistant: '; its trailing space must tokenize as in training turns."""
+    history = [{"role": "user", "content": "Who goes there?"}]
+    prompt = tok.encode(corpus.render(history, add_generation_prompt=True), add_special_tokens=False).ids
+    for reply in ("Nay, answer me.", "A friend to this ground.", "'Tis I."):
+        full = corpus.render(history + [{"role": "assistant", "content": reply}])
+        ids = tok.encode(full, add_special_tokens=False).ids
+        assert ids[: len(prompt)] == prompt, reply

@@ -283,7 +283,7 @@ struct MatMulF16KernelState {
     }
     bitnet::MatMulF16Problem p{X.GetTensorData<float>(),
                                reinterpret_cast<const uint16_t*>(W.GetTensorData<Ort::Float16_t>()), y, M, N, K};
-    MatMulF16Work work{&p, kernels.matmul_f16, 16, 64, 0};
+    MatMulF16Work work{&p, kernels.matmul_f16, 16, M == 1 ? 4096 : 64, 0};
     work.row_items = (M + work.rows_per_item - 1) / work.rows_per_item;
     const int64_t col_items = (N + work.cols_per_item - 1) / work.cols_per_item;
     parallel_for(ctx, static_cast<size_t>(work.row_items * col_items), matmul_f16_item, &work);

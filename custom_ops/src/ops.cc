@@ -207,30 +207,43 @@ struct BitLinearKernelState {
   }
 };
 
-struct BitLinearOp : Ort::CustomOpBase<BitLinearOp, BitLinearKernelState, true> {
-  explicit BitLinearOp(const KernelSet& k) : kernels(k) {}
+// What both ops share: float32 X, a weight input W of type WType (plus S for BitLinear),
+// one float32 output, and the kernel set chosen when the library was registered.
+template <typename Op, typename State, ONNXTensorElementDataType WType, size_t Inputs>
+struct FloatOp : Ort::CustomOpBase<Op, State, true> {
+  explicit FloatOp(const KernelSet& k) : kernels(k) {}
+  size_t GetInputTypeCount() const { return Inputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? WType : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  // A new kernel state labelled with the node's name, for error messages.
+  OrtStatus* new_state(const OrtApi& api, const OrtKernelInfo* info, const char* op, std::unique_ptr<State>* state) const {
     std::string name;
     if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    auto state = std::make_unique<BitLinearKernelState>();
-    state->label = node_label("BitLinear", name);
-    state->kernels = kernels;
+    *state = std::make_unique<State>();
+    (*state)->label = node_label(op, name);
+    (*state)->kernels = kernels;
+    return nullptr;
+  }
+
+  KernelSet kernels;
+};
+
+struct BitLinearOp : FloatOp<BitLinearOp, BitLinearKernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3> {
+  using FloatOp::FloatOp;
+  const char* GetName() const { return "BitLinear"; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    std::unique_ptr<BitLinearKernelState> state;
+    if (OrtStatus* st = new_state(api, info, "BitLinear", &state)) return st;
     if (OrtStatus* st = read_positive_attr(api, info, state->label, "K", &state->K)) return st;
     if (OrtStatus* st = read_positive_attr(api, info, state->label, "N", &state->N)) return st;
     *kernel = state.release();
     return nullptr;
   }
-
-  const char* GetName() const { return "BitLinear"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-
-  KernelSet kernels;
 };
 
 // ---- MatMulF16 -----------------------------------------------------------------------------
@@ -291,28 +304,16 @@ struct MatMulF16KernelState {
   }
 };
 
-struct MatMulF16Op : Ort::CustomOpBase<MatMulF16Op, MatMulF16KernelState, true> {
-  explicit MatMulF16Op(const KernelSet& k) : kernels(k) {}
+struct MatMulF16Op : FloatOp<MatMulF16Op, MatMulF16KernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2> {
+  using FloatOp::FloatOp;
+  const char* GetName() const { return "MatMulF16"; }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    auto state = std::make_unique<MatMulF16KernelState>();
-    std::string name;
-    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    state->label = node_label("MatMulF16", name);
-    state->kernels = kernels;
+    std::unique_ptr<MatMulF16KernelState> state;
+    if (OrtStatus* st = new_state(api, info, "MatMulF16", &state)) return st;
     *kernel = state.release();
     return nullptr;
   }
-
-  const char* GetName() const { return "MatMulF16"; }
-  size_t GetInputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-
-  KernelSet kernels;
 };
 
 // One registration: a domain holding both ops, bound to the kernel set chosen at that time.

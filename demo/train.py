@@ -24,7 +24,7 @@ BUILD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class TrainArgs:
     variant: str = "ternary"        # "ternary" (BitNet b1.58 QAT) or "float" (baseline)
-    steps: int = 300
+    steps: int = 1000
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 3e-3
@@ -39,6 +39,8 @@ class TrainArgs:
     final_eval_windows: int = 64    # validation at the end (0 = every window of the held-out plays)
     log_every: int = 10
     max_minutes: float = 60.0       # safety valve: stop (and say so) past this wall time
+    stop_after: int = 0             # stop after this many steps of the `steps` schedule (0: run all);
+                                    # reproduces a run the time valve cut short
     compile: bool = True            # torch.compile the training step (fuses the quantization ops)
     out: str = BUILD
 
@@ -186,6 +188,10 @@ def train(a: TrainArgs, log=print) -> dict:
             v = evaluate(model, quick_val)
             log(f"{a.variant} step {done} quick val loss {v:.3f} (ppl {math.exp(v):.1f}, {len(quick_val)} windows)")
             history.append({"step": done, "quick_val_loss": v})
+        if a.stop_after and done >= a.stop_after:
+            log(f"{a.variant}: stopping at step {done} of {a.steps} (--stop-after)")
+            stopped_early = True
+            break
         if (time.time() - t_start) / 60 > a.max_minutes:
             log(f"{a.variant}: stopping at step {done}: past --max-minutes {a.max_minutes}")
             stopped_early = True

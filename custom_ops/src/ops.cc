@@ -110,17 +110,25 @@ void quantize_item(void* data, size_t i) {
   bitnet::quantize_rows(w->x, w->K, w->problem->Kp, m0, m1, w->xq, w->xsum, w->xscale);
 }
 
+// The rows [m0, m1) x columns [c0, c1) of work item i. Row blocks vary fastest, so
+// consecutive items share a slice of weights: it is read from memory once, then hits the cache.
+struct ItemRange {
+  int64_t m0, m1, c0, c1;
+};
+ItemRange item_range(size_t i, int64_t row_items, int64_t rows_per_item, int64_t rows,
+                     int64_t cols_per_item, int64_t cols) {
+  const int64_t row_block = static_cast<int64_t>(i) % row_items;
+  const int64_t col_block = static_cast<int64_t>(i) / row_items;
+  const int64_t m0 = row_block * rows_per_item, c0 = col_block * cols_per_item;
+  return {m0, std::min(m0 + rows_per_item, rows), c0, std::min(c0 + cols_per_item, cols)};
+}
+
 void bitlinear_item(void* data, size_t i) {
   auto* w = static_cast<BitLinearWork*>(data);
   const auto& p = *w->problem;
-  // Consecutive items share a slice of weights (row blocks vary fastest), so that slice is
-  // read from memory once and then hits the cache.
-  const int64_t row_block = static_cast<int64_t>(i) % w->row_items;
-  const int64_t group_block = static_cast<int64_t>(i) / w->row_items;
   const int64_t groups = bitnet::round_up(p.N, bitnet::kGroupCols) / bitnet::kGroupCols;
-  const int64_t m0 = row_block * w->rows_per_item, m1 = std::min(m0 + w->rows_per_item, p.M);
-  const int64_t g0 = group_block * w->groups_per_item, g1 = std::min(g0 + w->groups_per_item, groups);
-  w->kernel(p, m0, m1, g0, g1);
+  const ItemRange r = item_range(i, w->row_items, w->rows_per_item, p.M, w->groups_per_item, groups);
+  w->kernel(p, r.m0, r.m1, r.c0, r.c1);
 }
 
 struct BitLinearKernelState {
@@ -257,11 +265,8 @@ struct MatMulF16Work {
 void matmul_f16_item(void* data, size_t i) {
   auto* w = static_cast<MatMulF16Work*>(data);
   const auto& p = *w->problem;
-  const int64_t row_block = static_cast<int64_t>(i) % w->row_items;
-  const int64_t col_block = static_cast<int64_t>(i) / w->row_items;
-  const int64_t m0 = row_block * w->rows_per_item, m1 = std::min(m0 + w->rows_per_item, p.M);
-  const int64_t n0 = col_block * w->cols_per_item, n1 = std::min(n0 + w->cols_per_item, p.N);
-  w->kernel(p, m0, m1, n0, n1);
+  const ItemRange r = item_range(i, w->row_items, w->rows_per_item, p.M, w->cols_per_item, p.N);
+  w->kernel(p, r.m0, r.m1, r.c0, r.c1);
 }
 
 struct MatMulF16KernelState {

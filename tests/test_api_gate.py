@@ -65,15 +65,14 @@ def test_gate_busy_and_timeout():
     assert gate.idle()
 
 
-def test_async_waiter_is_woken_by_a_sync_release():
-    gate = Gate(concurrency=1, queue_size=2)
+def _async_wait_until_released(gate, schedule_release):
+    """An async waiter behind a held slot; `schedule_release(held)` frees it in 0.1 s."""
     held = gate.admit()
     assert held.wait(1)
 
     async def main():
         ticket = gate.admit()
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.1, held.release)  # released from the loop thread here; threads below
+        schedule_release(held)
         t0 = time.monotonic()
         ok = await ticket.wait_async(5, poll_s=5)  # no polling: only the wake-up can end it early
         return ok, time.monotonic() - t0, ticket
@@ -82,20 +81,13 @@ def test_async_waiter_is_woken_by_a_sync_release():
     assert ok and waited < 1.0
     ticket.release()
 
+
+def test_async_waiter_is_woken_by_a_sync_release():
+    gate = Gate(concurrency=1, queue_size=2)
+    # released from the loop thread
+    _async_wait_until_released(gate, lambda held: asyncio.get_running_loop().call_later(0.1, held.release))
     # the same across threads: a page (thread) releases, an API request (loop) takes over
-    held = gate.admit()
-    assert held.wait(1)
-
-    async def main2():
-        ticket = gate.admit()
-        threading.Timer(0.1, held.release).start()
-        t0 = time.monotonic()
-        ok = await ticket.wait_async(5, poll_s=5)
-        return ok, time.monotonic() - t0, ticket
-
-    ok, waited, ticket = asyncio.run(main2())
-    assert ok and waited < 1.0
-    ticket.release()
+    _async_wait_until_released(gate, lambda held: threading.Timer(0.1, held.release).start())
     assert gate.idle()
 
 

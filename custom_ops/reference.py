@@ -33,3 +33,10 @@ def bitlinear(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def matmul_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w^T for float32 x [..., K] and float16 w [N, K], computed in float64."""
     return (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
+
+
+def matmul_i8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """MatMulI8 (the 8-bit lm_head): y = (xq @ w^T) / s * S for x [..., K], int8 w [N, K],
+    S [1] or [N] (float32); xq, s as for BitLinear. The same math as `bitlinear` with any int8
+    weights instead of ternary ones."""
+    return bitlinear(x, w, scale)

@@ -1,9 +1,11 @@
 // MatMulI8 kernels (the 8-bit lm_head): one plain C++ reference and its SIMD twins side by side.
 //
-//   y[m, n] = (xq[m] . w[n]) / s[m] * S[n]
+//   y[m, n] = ((xq[m] . w[n]) / s[m] + (rq[m] . w[n]) / r[m]) * S[n]
 //
-// xq [M, Kp] is BitLinear's per-row int8 quantization of x (|xq| <= 127, zero past K), w the
-// int8 table [N, K] shared with the embedding Gather. The int32 dot products are exact (any
+// x is carried in two int8 terms: xq/s is BitLinear's per-row quantization of x, rq/r the same
+// quantization of the residual x - xq/s (about 15 bits of x in all; one term alone lost top-1
+// agreement on rows with outlier channels). Both are [M, Kp], |q| <= 127, zero past K. w is
+// the int8 table [N, K] shared with the embedding Gather, loaded once for both terms. The int32 dot products are exact (any
 // summation order gives the same integer), and the float epilogue is the same two IEEE
 // operations in every kernel, so all kernels agree bit for bit and a row's result does not
 // depend on M. Each kernel walks weight rows front to back (the table is one stream) and
@@ -16,6 +18,8 @@
 // - AVX-VNNI and AVX-512 VNNI: vpdpbusd takes u8 x s8 into int32 directly; w ^ 0x80 is the
 //   unsigned w + 128, so the sum is (w . x) + 128 * sum(x) and the kernel subtracts the second
 //   term (exact modulo 2^32, hence exact whenever the true dot fits in int32).
+// Each weight row is loaded once per 64 bytes (a masked load covers the tail) and feeds two
+// independent accumulator chains (the two terms) per row of x.
 
 #include <algorithm>
 #include <cstring>
@@ -29,8 +33,8 @@
 
 namespace bitnet {
 
-static inline float head_output(const MatMulI8Problem& p, int64_t m, int64_t n, int32_t dot) {
-  return static_cast<float>(dot) / p.xscale[m] * p.S[p.per_row_scale ? n : 0];
+static inline float head_output(const MatMulI8Problem& p, int64_t m, int64_t n, int32_t hi, int32_t lo) {
+  return (static_cast<float>(hi) / p.xscale[m] + static_cast<float>(lo) / p.rscale[m]) * p.S[p.per_row_scale ? n : 0];
 }
 
 // (dot + 128 * xsum) - 128 * xsum in wrapping int32 arithmetic (no signed-overflow UB).
@@ -45,9 +49,13 @@ static void matmul_i8_reference(const MatMulI8Problem& p, int64_t m0, int64_t m1
     const int8_t* w = p.w + n * p.K;
     for (int64_t m = m0; m < m1; ++m) {
       const int8_t* x = p.xq + m * p.Kp;
-      int32_t dot = 0;
-      for (int64_t k = 0; k < p.K; ++k) dot += static_cast<int32_t>(w[k]) * x[k];
-      p.y[m * p.N + n] = head_output(p, m, n, dot);
+      const int8_t* r = p.rq + m * p.Kp;
+      int32_t hi = 0, lo = 0;
+      for (int64_t k = 0; k < p.K; ++k) {
+        hi += static_cast<int32_t>(w[k]) * x[k];
+        lo += static_cast<int32_t>(w[k]) * r[k];
+      }
+      p.y[m * p.N + n] = head_output(p, m, n, hi, lo);
     }
   }
 }
@@ -98,11 +106,12 @@ BITNET_AVX2 static inline int32_t hsum256_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// acc[m][0] sums w . xq, acc[m][1] sums w . rq (both terms of row m) for one weight row.
 template <int MR>
 BITNET_AVX2 static void matmul_i8_avx2_rows(const MatMulI8Problem& p, int64_t m0, int64_t n) {
   const int8_t* w = p.w + n * p.K;
-  const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = p.xq + (m0 + m) * p.Kp;
+  const int8_t* xr[MR][2];
+  for (int m = 0; m < MR; ++m) xr[m][0] = p.xq + (m0 + m) * p.Kp, xr[m][1] = p.rq + (m0 + m) * p.Kp;
   __m256i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   int64_t k = 0;
@@ -113,17 +122,19 @@ BITNET_AVX2 static void matmul_i8_avx2_rows(const MatMulI8Problem& p, int64_t m0
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * h));
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m)
-        acc[m][h] = dot32_avx2(acc[m][h], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + k + 32 * h)));
+        for (int t = 0; t < 2; ++t)
+          acc[m][t] = dot32_avx2(acc[m][t], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m][t] + k + 32 * h)));
     }
   }
   for (; k < p.K; k += 32) {
     const TailBuffer tail(w + k, std::min<int64_t>(32, p.K - k));
     const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail.bytes));
     for (int m = 0; m < MR; ++m)
-      acc[m][0] = dot32_avx2(acc[m][0], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + k)));
+      for (int t = 0; t < 2; ++t)
+        acc[m][t] = dot32_avx2(acc[m][t], wv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m][t] + k)));
   }
   for (int m = 0; m < MR; ++m)
-    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, hsum256_epi32(_mm256_add_epi32(acc[m][0], acc[m][1])));
+    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, hsum256_epi32(acc[m][0]), hsum256_epi32(acc[m][1]));
 }
 
 BITNET_AVX2 static void matmul_i8_avx2(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -139,8 +150,8 @@ template <int MR>
 BITNET_AVXVNNI static void matmul_i8_avxvnni_rows(const MatMulI8Problem& p, int64_t m0, int64_t n) {
   const int8_t* w = p.w + n * p.K;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = p.xq + (m0 + m) * p.Kp;
+  const int8_t* xr[MR][2];
+  for (int m = 0; m < MR; ++m) xr[m][0] = p.xq + (m0 + m) * p.Kp, xr[m][1] = p.rq + (m0 + m) * p.Kp;
   __m256i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   int64_t k = 0;
@@ -151,19 +162,22 @@ BITNET_AVXVNNI static void matmul_i8_avxvnni_rows(const MatMulI8Problem& p, int6
       const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * h)), flip);
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m)
-        acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], wu,
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + k + 32 * h)));
+        for (int t = 0; t < 2; ++t)
+          acc[m][t] = _mm256_dpbusd_avx_epi32(acc[m][t], wu,
+                                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m][t] + k + 32 * h)));
     }
   }
-  for (; k < p.K; k += 32) {  // padding bytes become 128 but meet xq = 0
+  for (; k < p.K; k += 32) {  // padding bytes become 128 but meet q = 0
     const TailBuffer tail(w + k, std::min<int64_t>(32, p.K - k));
     const __m256i wu = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail.bytes)), flip);
     for (int m = 0; m < MR; ++m)
-      acc[m][0] = _mm256_dpbusd_avx_epi32(acc[m][0], wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m] + k)));
+      for (int t = 0; t < 2; ++t)
+        acc[m][t] = _mm256_dpbusd_avx_epi32(acc[m][t], wu, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[m][t] + k)));
   }
   for (int m = 0; m < MR; ++m) {
-    const int32_t biased = hsum256_epi32(_mm256_add_epi32(acc[m][0], acc[m][1]));
-    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, remove_offset(biased, p.xsum[m0 + m]));
+    const int64_t row = m0 + m;
+    p.y[row * p.N + n] = head_output(p, row, n, remove_offset(hsum256_epi32(acc[m][0]), p.xsum[row]),
+                                     remove_offset(hsum256_epi32(acc[m][1]), p.rsum[row]));
   }
 }
 
@@ -186,29 +200,22 @@ BITNET_AVX512BW static inline __m512i dot64_avx512bw(__m512i acc, __m512i w, __m
 template <int MR>
 BITNET_AVX512BW static void matmul_i8_avx512bw_rows(const MatMulI8Problem& p, int64_t m0, int64_t n) {
   const int8_t* w = p.w + n * p.K;
-  const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = p.xq + (m0 + m) * p.Kp;
+  const int8_t* xr[MR][2];
+  for (int m = 0; m < MR; ++m) xr[m][0] = p.xq + (m0 + m) * p.Kp, xr[m][1] = p.rq + (m0 + m) * p.Kp;
   __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 128 <= p.K; k += 128) {
+  for (int64_t k = 0; k < p.K; k += 64) {  // q rows are padded to 64, so only w needs a mask
     _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes + 64), _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m512i wv = _mm512_loadu_si512(w + k + 64 * h);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) acc[m][h] = dot64_avx512bw(acc[m][h], wv, _mm512_loadu_si512(xr[m] + k + 64 * h));
-    }
-  }
-  for (; k < p.K; k += 64) {  // xq rows are padded to 64, so only w needs a mask
     const int64_t left = p.K - k;
     const __mmask64 keep = left >= 64 ? ~0ull : (1ull << left) - 1ull;
     const __m512i wv = _mm512_maskz_loadu_epi8(keep, w + k);
-    for (int m = 0; m < MR; ++m) acc[m][0] = dot64_avx512bw(acc[m][0], wv, _mm512_loadu_si512(xr[m] + k));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+      for (int t = 0; t < 2; ++t) acc[m][t] = dot64_avx512bw(acc[m][t], wv, _mm512_loadu_si512(xr[m][t] + k));
   }
   for (int m = 0; m < MR; ++m)
-    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1])));
+    p.y[(m0 + m) * p.N + n] =
+        head_output(p, m0 + m, n, _mm512_reduce_add_epi32(acc[m][0]), _mm512_reduce_add_epi32(acc[m][1]));
 }
 
 BITNET_AVX512BW static void matmul_i8_avx512bw(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -224,30 +231,23 @@ template <int MR>
 BITNET_AVX512VNNI static void matmul_i8_vnni_rows(const MatMulI8Problem& p, int64_t m0, int64_t n) {
   const int8_t* w = p.w + n * p.K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const int8_t* xr[MR];
-  for (int m = 0; m < MR; ++m) xr[m] = p.xq + (m0 + m) * p.Kp;
+  const int8_t* xr[MR][2];
+  for (int m = 0; m < MR; ++m) xr[m][0] = p.xq + (m0 + m) * p.Kp, xr[m][1] = p.rq + (m0 + m) * p.Kp;
   __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 128 <= p.K; k += 128) {
+  for (int64_t k = 0; k < p.K; k += 64) {  // masked-off weight bytes become 128 but meet q = 0
     _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes + 64), _MM_HINT_T0);
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64 * h), flip);
-#pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) acc[m][h] = _mm512_dpbusd_epi32(acc[m][h], wu, _mm512_loadu_si512(xr[m] + k + 64 * h));
-    }
-  }
-  for (; k < p.K; k += 64) {  // masked-off weight bytes become 128 but meet xq = 0
     const int64_t left = p.K - k;
     const __mmask64 keep = left >= 64 ? ~0ull : (1ull << left) - 1ull;
     const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, w + k), flip);
-    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], wu, _mm512_loadu_si512(xr[m] + k));
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+      for (int t = 0; t < 2; ++t) acc[m][t] = _mm512_dpbusd_epi32(acc[m][t], wu, _mm512_loadu_si512(xr[m][t] + k));
   }
   for (int m = 0; m < MR; ++m) {
-    const int32_t biased = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]));
-    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, remove_offset(biased, p.xsum[m0 + m]));
+    const int64_t row = m0 + m;
+    p.y[row * p.N + n] = head_output(p, row, n, remove_offset(_mm512_reduce_add_epi32(acc[m][0]), p.xsum[row]),
+                                     remove_offset(_mm512_reduce_add_epi32(acc[m][1]), p.rsum[row]));
   }
 }
 

@@ -62,14 +62,17 @@ using MatMulF16Kernel = void (*)(const MatMulF16Problem& p, int64_t m0, int64_t 
 
 // ---- MatMulI8: the 8-bit lm_head (head_kernels.cc) ----------------------------------------
 //
-// y[m, n] = (xq[m] . w[n]) / s[m] * S[n]: the same per-row int8 activation quantization as
-// BitLinear (quantize_rows), int8 weights [N, K] row-major (the table the embedding Gathers
-// from), one float scale per weight row. The int32 sums are exact, so every kernel and every
-// M gives the same bits.
+// y[m, n] = ((xq[m] . w[n]) / s[m] + (rq[m] . w[n]) / r[m]) * S[n]: x in two int8 terms,
+// xq/s = quantize_rows(x) (BitLinear's quantization) and rq/r = quantize_rows(x - xq / s);
+// int8 weights [N, K] row-major (the table the embedding Gathers from), one float scale per
+// weight row. The int32 sums are exact, so every kernel and every M gives the same bits.
 struct MatMulI8Problem {
-  const int8_t* xq;      // [M, Kp] quantized activations, zero padded past K
+  const int8_t* xq;      // [M, Kp] first term, zero padded past K
   const int32_t* xsum;   // [M] sum of each row of xq
   const float* xscale;   // [M] s = 127 / max|x|; NaN for rows with inf/NaN
+  const int8_t* rq;      // [M, Kp] second term: the residual x - xq / s, quantized
+  const int32_t* rsum;   // [M]
+  const float* rscale;   // [M]
   const int8_t* w;       // [N, K]
   const float* S;        // [1] or [N]
   bool per_row_scale;    // S has N entries

@@ -5,7 +5,8 @@
 //     -> Y float32 [..., N] = (xq . w) / s * S, xq/s the per-row int8 quantization of X.
 //   MatMulF16(X float32 [..., K], W float16 [N, K]) -> Y float32 [..., N] = X @ W^T.
 //   MatMulI8(X float32 [..., K], W int8 [N, K], S float32 [1] or [N])
-//     -> Y float32 [..., N] = (xq . w) / s * S, xq/s as for BitLinear (the 8-bit lm_head).
+//     -> Y float32 [..., N] = ((xq . w) / s + (rq . w) / r) * S, the 8-bit lm_head: xq/s as for
+//     BitLinear, rq/r the same quantization of the residual x - xq / s.
 //
 // Every error becomes an OrtStatus naming the node and the problem; nothing throws across
 // the C boundary.
@@ -331,17 +332,28 @@ struct MatMulI8Work {
   const bitnet::MatMulI8Problem* problem;
   bitnet::MatMulI8Kernel kernel;
   const float* x;
-  int8_t* xq;
-  int32_t* xsum;
-  float* xscale;
+  float* residual;  // [M, K]
+  int8_t *xq, *rq;
+  int32_t *xsum, *rsum;
+  float *xscale, *rscale;
   int64_t rows_per_item, cols_per_item, row_items;
 };
 
+// Both int8 terms of rows [16 i, 16 i + 16): xq/s of x, then rq/r of x - xq / s (two IEEE
+// operations per element, as custom_ops/reference.py does them).
 void matmul_i8_quantize_item(void* data, size_t i) {
   auto* w = static_cast<MatMulI8Work*>(data);
   const auto& p = *w->problem;
   const int64_t m0 = static_cast<int64_t>(i) * 16, m1 = std::min(m0 + 16, p.M);
   bitnet::quantize_rows(w->x, p.K, p.Kp, m0, m1, w->xq, w->xsum, w->xscale);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = w->x + m * p.K;
+    const int8_t* q = w->xq + m * p.Kp;
+    float* r = w->residual + m * p.K;
+    const float s = w->xscale[m];
+    for (int64_t k = 0; k < p.K; ++k) r[k] = x[k] - static_cast<float>(q[k]) / s;
+  }
+  bitnet::quantize_rows(w->residual, p.K, p.Kp, m0, m1, w->rq, w->rsum, w->rscale);
 }
 
 void matmul_i8_item(void* data, size_t i) {
@@ -389,12 +401,14 @@ struct MatMulI8KernelState {
       return nullptr;
     }
     const int64_t Kp = bitnet::round_up(K, bitnet::kI8PadK);
-    std::vector<int8_t> xq(static_cast<size_t>(M * Kp));
-    std::vector<int32_t> xsum(static_cast<size_t>(M));
-    std::vector<float> xscale(static_cast<size_t>(M));
-    bitnet::MatMulI8Problem p{xq.data(), xsum.data(), xscale.data(), W.GetTensorData<int8_t>(),
-                              S.GetTensorData<float>(), s_count == N && N != 1, y, M, N, K, Kp};
-    MatMulI8Work work{&p, kernels.matmul_i8, X.GetTensorData<float>(), xq.data(), xsum.data(), xscale.data(),
+    std::vector<int8_t> xq(static_cast<size_t>(2 * M * Kp));
+    std::vector<int32_t> xsum(static_cast<size_t>(2 * M));
+    std::vector<float> xscale(static_cast<size_t>(2 * M)), residual(static_cast<size_t>(M * K));
+    bitnet::MatMulI8Problem p{xq.data(), xsum.data(), xscale.data(), xq.data() + M * Kp, xsum.data() + M,
+                              xscale.data() + M, W.GetTensorData<int8_t>(), S.GetTensorData<float>(),
+                              s_count == N && N != 1, y, M, N, K, Kp};
+    MatMulI8Work work{&p, kernels.matmul_i8, X.GetTensorData<float>(), residual.data(),
+                      xq.data(), xq.data() + M * Kp, xsum.data(), xsum.data() + M, xscale.data(), xscale.data() + M,
                       16, M == 1 ? 4096 : 256, 0};
     parallel_for(ctx, static_cast<size_t>((M + 15) / 16), matmul_i8_quantize_item, &work);
     // Decode: slices of 4096 weight rows (few pool tasks, each one long sequential stream);

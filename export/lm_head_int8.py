@@ -1,14 +1,26 @@
-"""Optional int8 lm_head (`--lm-head int8`): stock MatMulNBits with bits=8.
+"""8-bit lm_heads: the int8 table of our `bitnet.MatMulI8` and stock MatMulNBits bits=8.
 
-Per block of BLOCK_SIZE inputs of each vocabulary row: scale = max|W|/127,
-code = round(W/scale) + 128 (ORT's default 8-bit zero point). Halves the bytes the head reads
-versus fp16; the effect on logits is measured by the tests and reported in export/README.md.
+- `quantize_head_table` (ternary variant, default): one int8 table [vocab, hidden] with one
+  scale per row, shared by the embedding Gather and the MatMulI8 head (custom_ops' function).
+- `make_int8_head` (baselines, default; every variant with `--lm-head nbits8`): MatMulNBits
+  bits=8, per block of BLOCK_SIZE inputs of each vocabulary row: scale = max|W|/127,
+  code = round(W/scale) + 128 (ORT's default 8-bit zero point).
+Both halve the bytes the head reads versus fp16; the effect on logits is measured
+(bench/head_fidelity.py) and reported in export/README.md.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from onnx import helper, numpy_helper
+
+
+def quantize_head_table(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [N, K] -> (int8 [N, K], float32 scales [N]): custom_ops.quantize_head_table
+    (imported here so the baselines' export does not need the custom_ops package)."""
+    import custom_ops
+
+    return custom_ops.quantize_head_table(weight)
 
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations: the fast int8 x int8 kernel

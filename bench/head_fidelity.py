@@ -17,6 +17,7 @@ agreement over all positions. Checkpoints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -79,6 +80,35 @@ def measure(name: str, ckpt: str, ids: list[int], work: Path) -> list[tuple]:
     return rows
 
 
+@contextlib.contextmanager
+def exact_embedding():
+    """Diagnostic: MatMulI8 head but the embedding Gathers an exact fp32 table (not the shared
+    int8 one), to split the int8 export's error between head and embedding."""
+    import export.variants as variants
+
+    shared = variants._Variant._int8_table_embedding
+
+    def head_only(self, b, ids, embedding):
+        shared(self, b, ids, embedding)  # registers the int8 head table
+        return b.op("Gather", [b.initializer("model.embed_tokens.weight", embedding.astype(np.float32)), ids], axis=0)
+
+    variants._Variant._int8_table_embedding = head_only
+    try:
+        yield
+    finally:
+        variants._Variant._int8_table_embedding = shared
+
+
+def split_error(name: str, ckpt: str, ids: list[int], work: Path) -> list[tuple]:
+    exact = onnx_logits(export_checkpoint(ckpt, str(work / f"{name}-x"), ["ternary"], lm_head="native",
+                                          progress=lambda m: None), "ternary", ids)
+    with exact_embedding():
+        out = export_checkpoint(ckpt, str(work / f"{name}-h"), ["ternary"], lm_head="int8", progress=lambda m: None)
+    got = onnx_logits(out, "ternary", ids)
+    return [(name, "ternary, MatMulI8 head, exact embedding (diagnostic)", "same export, exact head",
+             *compare(got, exact), len(ids))]
+
+
 def demo_ids(steps: int) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -114,7 +144,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows += measure("demo (shakespeare-bitnet)", str(ROOT / "models/shakespeare-bitnet"), demo_ids(args.steps), work)
+        demo = str(ROOT / "models/shakespeare-bitnet")
+        rows += measure("demo (shakespeare-bitnet)", demo, demo_ids(args.steps), work)
+        rows += split_error("demo (shakespeare-bitnet)", demo, demo_ids(args.steps), work)
         rng = np.random.default_rng(0)
         from tests.test_export import CASES  # the parity tests' checkpoints
 
@@ -125,7 +157,9 @@ def main(argv=None) -> int:
             rows += measure(f"test checkpoint {case}", str(ckpt), ids, work)
         ckpt = synthetic_checkpoint(work / "ckpt-synthetic")
         ids = [0] + rng.integers(3, 32000, args.steps - 1).tolist()
-        rows += measure("synthetic (vocab 32000, hidden 512, realistic row norms)", ckpt, ids, work)
+        name = "synthetic (vocab 32000, hidden 512, realistic row norms)"
+        rows += measure(name, ckpt, ids, work)
+        rows += split_error(name, ckpt, ids, work)
     if args.markdown:
         print("| checkpoint | head | against | max \\|diff\\| / max \\|logit\\| | top-1 agreement | positions |")
         print("|---|---|---|---:|---:|---:|")

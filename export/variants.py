@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import GraphBuilder, Projection
-from .lm_head_int8 import make_int8_head, quantize_head_table
+from .lm_head_int8 import make_int8_head, quantize_shared_table
 from .matmulnbits import make_matmulnbits
 
 CUSTOM_DOMAIN = "bitnet"
@@ -68,7 +68,7 @@ class _Variant:
         self.lm_head_precision = lm_head_precision  # resolved: int8, native or nbits8
         self._head_weight = None  # initializer name of the lm_head table when stored as float
         self._head_is_f16 = False
-        self._i8_head = None      # (codes, scales) initializer names for MatMulI8
+        self._i8_head = None      # (codes, row scales, column scales) initializer names for MatMulI8
 
     @property
     def head_kind(self) -> str:
@@ -86,8 +86,9 @@ class _Variant:
         if dtype != np.float32:
             rows = b.op("Cast", [rows], name="model.embed_tokens.cast", to=1)
         if kind == "i8":
-            codes, scales = quantize_head_table(lm_head)
-            self._i8_head = (b.initializer("lm_head.weight_i8", codes), b.initializer("lm_head.scales", scales))
+            codes, rows_scale, cols_scale = quantize_shared_table(lm_head)
+            self._i8_head = (b.initializer("lm_head.weight_i8", codes), b.initializer("lm_head.row_scales", rows_scale),
+                             b.initializer("lm_head.col_scales", cols_scale))
         elif kind == "nbits8":
             self._int8_head = make_int8_head("lm_head", embedding if lm_head is None else lm_head)
         elif lm_head is None:
@@ -97,17 +98,19 @@ class _Variant:
         return rows
 
     def _int8_table_embedding(self, b: GraphBuilder, ids: str, embedding) -> str:
-        """Tied int8 head: one int8 table [vocab, hidden] + per-row scales, read by the
-        embedding (Gather both, Cast, Mul: row n is codes[n] * scales[n]) and by MatMulI8."""
-        codes, scales = quantize_head_table(embedding)
+        """Tied int8 head: one int8 table [vocab, hidden] with row and column scales, read by
+        the embedding (row n = codes[n] * rows[n] * cols, with Gather, Cast, Mul) and by
+        MatMulI8 (lm_head)."""
+        codes, rows_scale, cols_scale = quantize_shared_table(embedding)
         table = b.initializer("model.embed_tokens.weight_i8", codes)
-        scale_table = b.initializer("model.embed_tokens.scales", scales)
+        row_table = b.initializer("model.embed_tokens.row_scales", rows_scale)
+        cols = b.initializer("model.embed_tokens.col_scales", cols_scale)
         rows = b.op("Cast", [b.op("Gather", [table, ids], name="model.embed_tokens", axis=0)],
                     name="model.embed_tokens.cast", to=1)
-        row_scales = b.op("Unsqueeze", [b.op("Gather", [scale_table, ids], name="model.embed_tokens.row_scales", axis=0),
+        row_scales = b.op("Unsqueeze", [b.op("Gather", [row_table, ids], name="model.embed_tokens.row_scales", axis=0),
                                         b.const("axes_last", [-1], np.int64)])
-        self._i8_head = (table, scale_table)
-        return b.op("Mul", [rows, row_scales], name="model.embed_tokens.dequant")
+        self._i8_head = (table, row_table, cols)
+        return b.op("Mul", [b.op("Mul", [rows, row_scales]), cols], name="model.embed_tokens.dequant")
 
     def storage(self, checkpoint_dtype):
         return np.float32
@@ -153,7 +156,9 @@ class TernaryVariant(_Variant):
 
     def lm_head(self, b, x, out):
         if self.head_kind == "i8":
-            b.op("MatMulI8", [x, *self._i8_head], name="lm_head", outputs=[out], domain=CUSTOM_DOMAIN)
+            codes, rows_scale, cols = self._i8_head
+            scaled = b.op("Mul", [x, cols], name="lm_head.col_scales")  # x . (codes * cols) = (x * cols) . codes
+            b.op("MatMulI8", [scaled, codes, rows_scale], name="lm_head", outputs=[out], domain=CUSTOM_DOMAIN)
             return
         if self.head_kind == "native" and self._head_is_f16:
             # fp16 table read as is (a stock Cast would be constant-folded into an fp32 copy).

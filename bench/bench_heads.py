@@ -1,7 +1,7 @@
 """The lm_head kernels at the 2B4T head shape (vocab 128256 x hidden 2560), decode (M = 1), inside
 ONNX Runtime: where the table lives vs the bandwidth it reaches (a benchmark, not a test).
 
-    python bench/bench_heads.py [--threads 1,2] [--rounds 5] [--reps 10] [--markdown]
+    python bench/bench_heads.py [--threads 1,2] [--rounds 5] [--reps 10] [--kernel auto] [--markdown]
 
 Heads: MatMulF16 (656 MB fp16 table), MatMulI8 (328 MB int8 table + row scales), stock
 MatMulNBits bits=8 block 32 (the baselines' head, 369 MB). Each is timed with its table
@@ -142,8 +142,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--heads", default="MatMulF16,MatMulI8,MatMulNBits 8-bit", help="comma-separated")
+    parser.add_argument("--kernel", default="auto", help="BITNET_KERNEL level to force (e.g. avx2 on an AVX-512 CPU)")
     parser.add_argument("--no-advise", action="store_true", help="BITNET_HUGEPAGES=0: no in-place huge pages")
     args = parser.parse_args(argv)
+    os.environ["BITNET_KERNEL"] = args.kernel  # read when the library is registered
     if args.no_advise:
         os.environ["BITNET_HUGEPAGES"] = "0"  # read by the library at its first head call
     threads = [int(t) for t in args.threads.split(",")]
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
                     print(f"{head.name:18s} {label:28s} threads={t}: {m:8.2f} ms {head.nbytes / m / 1e6:6.1f} GB/s "
                           f"(stream {b:.1f} GB/s)", file=sys.stderr, flush=True)
     load1 = os.getloadavg()[0]
-    print(f"kernel level: {custom_ops.resolve_kernel('auto')}; huge-page advice "
+    print(f"kernel level: {custom_ops.resolve_kernel(args.kernel)}; huge-page advice "
           f"{'off' if args.no_advise else 'on'}; load average {load0:.1f} -> {load1:.1f}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.markdown:

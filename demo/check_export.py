@@ -39,6 +39,7 @@ def run_variant(folder: str, variant: str, prompt: list[int], steps: list[int]):
         length += ids.shape[1]
         out = dict(zip(names, sess.run(None, {"input_ids": ids,
                                                "attention_mask": np.ones((1, length), np.int64),
+                                               "num_logits_to_keep": np.zeros([1], np.int64),
                                                **past})))
         past = {n: out[n.replace("past_key_values", "present")] for n in past}
         results.append(out["logits"][0])

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from export import export_checkpoint
-from runtime.folder import FORMAT_VERSION
+from runtime.folder import FORMAT_VERSION, VARIANTS
 from tests.checkpoints import load_reference, write_tiny_checkpoint
 from tests.export_harness import (GrowingCache, SharedBuffer, greedy, load_config, make_session,
                                   reference_greedy, reference_logits)
 
-ALL_VARIANTS = ("ternary", "int2", "int4", "fp32")
+ALL_VARIANTS = VARIANTS
 RELATIVE_TOLERANCE = {"ternary": 2e-3, "int2": 2e-3, "fp32": 2e-3, "int4": 2e-2}
 PROMPT = [0, 5, 17, 33, 100, 7, 250]
 STEPS = [12, 40, 99, 3, 200]

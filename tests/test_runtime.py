@@ -24,12 +24,13 @@ import pytest
 from export import export_checkpoint
 from runtime import (Engine, GenerationSettings, PromptTooLongError, VariantNotFoundError,
                      token_distribution)
+from runtime.folder import VARIANTS
 from runtime.sampling import Sampler
 from runtime.text import StreamDecoder
 from tests.checkpoints import EOT, load_reference, write_tiny_checkpoint
 from tests.export_harness import reference_greedy
 
-ALL_VARIANTS = ("ternary", "int2", "int4", "fp32")
+ALL_VARIANTS = VARIANTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seed 1, untied: greedy output is varied (tied tiny models echo their last token), and
 # prompt A reaches <|eot_id|> (a stop id) at its 4th token.

@@ -1,23 +1,30 @@
 """How each variant computes a projection and the embedding/lm_head.
 
-All variants compute the same function: y = (xq . w^T) / s * multiplier with the per-token
-int8 activation quantization of BitNet (s = 127 / max|x|, xq = clamp(round(x*s), -128, 127)).
+Every variant computes y = (xq . w^T) / s * multiplier with the per-token int8 activation
+quantization of BitNet (s = 127 / max|x|, xq = clamp(round(x*s), -128, 127)):
 
-- ternary: our custom `bitnet.BitLinear` op does all of that in one node.
-- int2 / int4 / fp32 (baselines): the activation quantization is emulated with standard ops,
-  then the integer-valued xq is multiplied with stock ORT operators (MatMulNBits holding the
-  exact ternary values, or MatMul with float32 weights).
+- ternary: our custom `bitnet.BitLinear` op does all of that in one node (exact).
+- fp32 (baseline): the quantization emulated with standard ops, then MatMul with the ternary
+  values as float32 weights (exact: integer sums below 2**24).
+- int2 / int4 (baselines): the same emulation, then MatMulNBits holding the exact ternary
+  values. With accuracy_level 4 MatMulNBits re-quantizes its input to int8 per block of
+  `block_size` inputs (scale max|block|/127): exact only for the block that holds the row's
+  max of 127, so int2 (block 128) is the same function only while K <= 128; at 2B4T's
+  K = 2560 it differs by ~0.7 % RMS per projection (tests/test_matmulnbits.py), int4 (block
+  32) likewise at every K > 32.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from runtime.folder import CUSTOM_OP_DOMAIN, VARIANTS, variant_file
+
 from .graph import GraphBuilder, Projection
 from .lm_head_int8 import make_int8_head, quantize_shared_table
 from .matmulnbits import make_matmulnbits
 
-CUSTOM_DOMAIN = "bitnet"
+CUSTOM_DOMAIN = CUSTOM_OP_DOMAIN
 
 # --lm-head: how each variant computes the head (export/README.md has the fidelity figures).
 #   int8: ternary -> our bitnet.MatMulI8 reading one int8 table that the embedding Gathers
@@ -134,7 +141,7 @@ class _Variant:
 
 
 class TernaryVariant(_Variant):
-    name, file_name, extra_domains = "ternary", "model.onnx", (CUSTOM_DOMAIN,)
+    name, file_name, extra_domains = "ternary", variant_file("ternary"), (CUSTOM_DOMAIN,)
 
     def __init__(self, lm_head_precision: str = "native"):
         super().__init__(lm_head_precision)
@@ -189,7 +196,7 @@ class NBitsVariant(_EmulatedQuantVariant):
         super().__init__(lm_head_precision)
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
         self.name = f"int{bits}"
-        self.file_name = f"model.int{bits}.onnx"
+        self.file_name = variant_file(self.name)
 
     def matmul(self, b, name, xq, w):
         out = name + ".matmul"
@@ -200,14 +207,14 @@ class NBitsVariant(_EmulatedQuantVariant):
 
 
 class Fp32Variant(_EmulatedQuantVariant):
-    name, file_name = "fp32", "model.fp32.onnx"
+    name, file_name = "fp32", variant_file("fp32")
 
     def matmul(self, b, name, xq, w):
         weight = b.initializer(name + ".weight_t", np.ascontiguousarray(w.T, dtype=np.float32))
         return b.op("MatMul", [xq, weight], name=name + ".matmul")
 
 
-VARIANT_NAMES = ("ternary", "int2", "int4", "fp32")
+VARIANT_NAMES = VARIANTS
 # MLAS has int8-activation 2-bit kernels up to block 128; at 256 ORT 1.32 silently dequantizes
 # the weights to fp32 on every call (~100x slower; measured in bench/README.md).
 INT2_BLOCK_SIZE = 128

@@ -286,8 +286,13 @@ BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, 
   }
 }
 
-// ---- MatMulF16: AVX2 + F16C + FMA ----------------------------------------------------------
-// Tile of MR rows x NR weight rows; each accumulator holds 8 partial sums along k.
+// ---- MatMulF16: AVX2 + F16C + FMA, and AVX-512 ------------------------------------------
+// Both walk the table one weight row at a time (the whole slice is one sequential stream;
+// interleaving rows halved the bandwidth), sharing each loaded row between up to MR rows of x.
+// Every output is summed in the same order whatever M is (four accumulators over 4-vector
+// steps, the same tail, the same reduction), so a row's logits do not depend on the batch.
+
+constexpr int64_t kF16PrefetchHalves = 1024;  // 2 KiB ahead on the weight stream
 
 BITNET_AVX2 static inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -296,185 +301,118 @@ BITNET_AVX2 static inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MR, int NR>
-BITNET_AVX2 static void matmul_f16_avx2_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t kmain = p.K / 8 * 8;
-  for (int64_t k = 0; k < kmain; k += 8) {
-    __m256 w[NR];
-    for (int r = 0; r < NR; ++r)
-      w[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + (n0 + r) * p.K + k)));
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(p.x + (m0 + m) * p.K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      float s = hsum256(acc[m][r]);
-      for (int64_t k = kmain; k < p.K; ++k)
-        s += p.x[(m0 + m) * p.K + k] * _cvtsh_ss(p.w[(n0 + r) * p.K + k]);
-      p.y[(m0 + m) * p.N + n0 + r] = s;
-    }
-  }
-}
-
-// ---- MatMulF16: AVX-512 --------------------------------------------------------------------
-
-// One 16-wide step of k for an MR x NR tile (lanes outside `keep` read nothing).
-template <int MR, int NR>
-BITNET_AVX512 static inline __attribute__((always_inline)) void matmul_f16_avx512_step(
-    __m512 (&acc)[MR][NR], const float* const (&xr)[MR], const uint16_t* const (&wr)[NR], int64_t k, __mmask16 keep) {
-  __m512 w[NR];
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) w[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, wr[r] + k));
-#pragma GCC unroll 4
-  for (int m = 0; m < MR; ++m) {
-    const __m512 xv = _mm512_maskz_loadu_ps(keep, xr[m] + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
-  }
-}
-
-template <int MR, int NR>
-BITNET_AVX512 static void matmul_f16_avx512_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
+template <int MR>
+BITNET_AVX2 static void matmul_f16_avx2_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
   const int64_t K = p.K;
-  const uint16_t* wr[NR];
+  const uint16_t* w = p.w + n * K;
   const float* xr[MR];
-  for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + r) * K;
   for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
-  __m512 acc[MR][NR];
+  __m256 acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {  // one 64-byte line of each weight row per iteration
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 512), _MM_HINT_T0);
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, 0xffff);
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k + 16, 0xffff);
-  }
-  for (; k < K; k += 16)
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u));
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-// Decode (one row of x): weight rows one after another, so the whole table is read as a
-// single sequential stream (8 interleaved row streams ran at half the bandwidth), with four
-// accumulators per row to hide the FMA latency.
-BITNET_AVX512 static void matmul_f16_avx512_gemv(const MatMulF16Problem& p, int64_t m, int64_t n0, int64_t n1) {
-  const int64_t K = p.K;
-  const float* x = p.x + m * K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* w = p.w + n * K;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024 + 32), _MM_HINT_T0);
+  for (; k + 32 <= K; k += 32) {  // one 64-byte line of the weight row
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i)));
-        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * i), wv, acc[i]);
-      }
+    for (int i = 0; i < 4; ++i) {
+      const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) acc[m][i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[m] + k + 8 * i), wv, acc[m][i]);
     }
-    for (; k < K; k += 16) {
-      const __mmask16 keep = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
-      const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, w + k));
-      acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, x + k), wv, acc[0]);
-    }
-    p.y[m * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[m] + k), wv, acc[m][0]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+    for (int64_t j = k; j < K; ++j) s += xr[m][j] * _cvtsh_ss(w[j]);  // no FMA: -ffp-contract=off
+    p.y[(m0 + m) * p.N + n] = s;
   }
 }
 
-// Walks [m0, m1) x [n0, n1) in MR x NR tiles with smaller tiles for the edges.
-template <int MR, int NR, void (*Tile)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*Row1)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*Col1)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*One)(const MatMulF16Problem&, int64_t, int64_t)>
-static inline void matmul_f16_tiles(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) {
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) Tile(p, m, n);
-    for (; n < n1; ++n) Col1(p, m, n);
+#define BITNET_AVX512F16 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+template <int MR>
+BITNET_AVX512F16 static void matmul_f16_avx512_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
+  const int64_t K = p.K;
+  const uint16_t* w = p.w + n * K;
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {  // two 64-byte lines of the weight row
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves + 32), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) acc[m][i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[m] + k + 16 * i), wv, acc[m][i]);
+    }
   }
-  for (; m < m1; ++m) {
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) Row1(p, m, n);
-    for (; n < n1; ++n) One(p, m, n);
+  for (; k < K; k += 16) {
+    const __mmask16 keep = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, w + k));
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, xr[m] + k), wv, acc[m][0]);
+  }
+  for (int m = 0; m < MR; ++m)
+    p.y[(m0 + m) * p.N + n] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+// Weight rows outermost: each is read once from memory, then from L1 for the next rows of x.
+template <void (*R4)(const MatMulF16Problem&, int64_t, int64_t), void (*R3)(const MatMulF16Problem&, int64_t, int64_t),
+          void (*R2)(const MatMulF16Problem&, int64_t, int64_t), void (*R1)(const MatMulF16Problem&, int64_t, int64_t)>
+static inline void matmul_f16_walk(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) R4(p, m, n);
+    switch (m1 - m) {
+      case 3: R3(p, m, n); break;
+      case 2: R2(p, m, n); break;
+      case 1: R1(p, m, n); break;
+      default: break;
+    }
   }
 }
 
 BITNET_AVX2 static void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_f16_tiles<2, 4, matmul_f16_avx2_tile<2, 4>, matmul_f16_avx2_tile<1, 4>, matmul_f16_avx2_tile<2, 1>,
-                   matmul_f16_avx2_tile<1, 1>>(p, m0, m1, n0, n1);
+  matmul_f16_walk<matmul_f16_avx2_rows<4>, matmul_f16_avx2_rows<3>, matmul_f16_avx2_rows<2>,
+                  matmul_f16_avx2_rows<1>>(p, m0, m1, n0, n1);
 }
 
-BITNET_AVX512 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 == 1) {
-    matmul_f16_avx512_gemv(p, m0, n0, n1);
-    return;
-  }
-  matmul_f16_tiles<4, 4, matmul_f16_avx512_tile<4, 4>, matmul_f16_avx512_tile<1, 4>, matmul_f16_avx512_tile<4, 1>,
-                   matmul_f16_avx512_tile<1, 1>>(p, m0, m1, n0, n1);
+BITNET_AVX512F16 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  matmul_f16_walk<matmul_f16_avx512_rows<4>, matmul_f16_avx512_rows<3>, matmul_f16_avx512_rows<2>,
+                  matmul_f16_avx512_rows<1>>(p, m0, m1, n0, n1);
 }
 
 #endif  // BITNET_X86
 
-// ---- Dispatch ------------------------------------------------------------------------------
+// ---- Kernel lists (dispatch.cc picks from them) -------------------------------------------
 
-static const KernelSet kReference = {"reference", bitlinear_reference, matmul_f16_reference};
+const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
+  static const KernelChoice<BitLinearKernel> list[] = {
 #if BITNET_X86
-static const KernelSet kAvx2 = {"avx2", bitlinear_avx2, matmul_f16_avx2};
-static const KernelSet kAvx512Vnni = {"avx512vnni", bitlinear_vnni, matmul_f16_avx512};
-
-static bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-static bool cpu_has_avx512vnni() {
-  __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_vnni},
+      {"avx2", kFeatAvx2, bitlinear_avx2},
 #endif
+      {"reference", 0, bitlinear_reference},
+  };
+  return list;
+}
 
-bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
-  const std::string name = (requested && *requested) ? requested : "auto";
-  if (name == "reference") {
-    *out = kReference;
-    return true;
-  }
+const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
+  static const KernelChoice<MatMulF16Kernel> list[] = {
 #if BITNET_X86
-  if (name == "auto") {
-    *out = cpu_has_avx512vnni() ? kAvx512Vnni : cpu_has_avx2() ? kAvx2 : kReference;
-    return true;
-  }
-  if (name == "avx2" || name == "avx512vnni") {
-    const bool vnni = name == "avx512vnni";
-    if (vnni ? !cpu_has_avx512vnni() : !cpu_has_avx2()) {
-      *error = "BITNET_KERNEL=" + name + " was requested but this CPU lacks the instructions (" +
-               (vnni ? "AVX-512 F/BW/VL/VNNI" : "AVX2/FMA/F16C") + ")";
-      return false;
-    }
-    *out = vnni ? kAvx512Vnni : kAvx2;
-    return true;
-  }
-#else
-  if (name == "auto") {
-    *out = kReference;
-    return true;
-  }
-  if (name == "avx2" || name == "avx512vnni") {
-    *error = "BITNET_KERNEL=" + name + " was requested but this library was built for a non-x86 CPU";
-    return false;
-  }
+      {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
+      {"avx2", kFeatAvx2, matmul_f16_avx2},
 #endif
-  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avx512vnni or auto";
-  return false;
+      {"reference", 0, matmul_f16_reference},
+  };
+  return list;
 }
 
 }  // namespace bitnet

@@ -154,6 +154,18 @@ static void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t 
 
 #define BITNET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+constexpr int64_t kAvx2PrefetchBytes = 1024;  // ahead on the weight stream
+
+// y for one row of a group from its four int32 quarter accumulators (sum(c * x) per column).
+BITNET_AVX2 static void store_group_outputs_avx2(const BitLinearProblem& p, int64_t row, int64_t g, const __m256i (&acc)[4]) {
+  alignas(32) int32_t dots[kGroupCols];
+  for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[q]);
+  for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
+    const int64_t n = g * kGroupCols + c;
+    p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
+  }
+}
+
 template <int MR>
 BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
   const int64_t nblocks = p.Kp / kBlockK;
@@ -182,48 +194,111 @@ BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m
       }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) int32_t dots[kGroupCols];
-    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[m][q]);
-    const int64_t row = m0 + m;
-    for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
-      const int64_t n = g * kGroupCols + c;
-      p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
+  for (int m = 0; m < MR; ++m) store_group_outputs_avx2(p, m0 + m, g, acc[m]);
+}
+
+// Decode (one row): the codes are taken from each 32-byte vector with masks instead of
+// shifts where possible. The low nibble of a byte holds codes c0 + 4 c1, the high nibble
+// (one shift by 4) c2 + 4 c3, so `& 3` gives c0 (c2) and `& 12` gives 4 c1 (4 c3): vpmaddubsw
+// of those with the broadcast activations yields int16 sums at scale 1 and at scale 4, kept
+// in two int16 accumulators per quarter and widened to int32 every kAvx2Int16Blocks blocks.
+// Per 32 weight bytes: 1 shift, 4 and, 4 vpmaddubsw, 4 add = 13 vector ops (the shift-per-code
+// loop above needs 3 shifts, 4 and, 4 vpmaddubsw and 5 adds/widenings = 16).
+// Bounds (codes <= 2, -128 <= x <= 127): one vpmaddubsw lane is a sum of two products, at
+// most 2 * 2 * 128 = 512 in magnitude at scale 1 and 2048 at scale 4; two of each per block
+// and 8 blocks give at most 8192 and 32768 = |INT16_MIN| (the positive side stays at
+// 8 * 2 * 4 * 2 * 2 * 127 = 32512): exact int16 sums, never saturated or wrapped.
+constexpr int64_t kAvx2Int16Blocks = 8;
+
+BITNET_AVX2 static void bitlinear_avx2_row(const BitLinearProblem& p, int64_t m, int64_t g) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+  const int8_t* xr = p.xq + m * p.Kp;
+  const __m256i mask1 = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[4];  // int32 per quarter: columns 8q .. 8q+7 of the group
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < nblocks; b0 += kAvx2Int16Blocks) {
+    const int64_t b1 = std::min(b0 + kAvx2Int16Blocks, nblocks);
+    // One 64-byte half of the chunk's blocks at a time (the other half is then read from L1):
+    // 2 quarters x 2 int16 sums stay in registers next to the 4 broadcasts and 2 masks.
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo[2], hi[2];  // int16 sums at scale 1 and at scale 4
+      for (int q = 0; q < 2; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* half = wg + b * kBlockBytes + 64 * h;
+        _mm_prefetch(reinterpret_cast<const char*>(half + kAvx2PrefetchBytes), _MM_HINT_T0);
+        const __m256i x0 = _mm256_set1_epi32(load4(xr + b * kBlockK));
+        const __m256i x1 = _mm256_set1_epi32(load4(xr + b * kBlockK + 4));
+        const __m256i x2 = _mm256_set1_epi32(load4(xr + b * kBlockK + 8));
+        const __m256i x3 = _mm256_set1_epi32(load4(xr + b * kBlockK + 12));
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; ++q) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + q * 32));
+          const __m256i high = _mm256_srli_epi16(packed, 4);  // bits from the next byte land above bit 3
+          lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(_mm256_and_si256(packed, mask1), x0));
+          hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(_mm256_and_si256(packed, mask4), x1));
+          lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(_mm256_and_si256(high, mask1), x2));
+          hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(_mm256_and_si256(high, mask4), x3));
+        }
+      }
+      // Widen to int32; hi holds multiples of 4 (4 c1, 4 c3), so >> 2 divides exactly.
+      for (int q = 0; q < 2; ++q) {
+        const __m256i wide_lo = _mm256_madd_epi16(lo[q], ones);
+        const __m256i wide_hi = _mm256_srai_epi32(_mm256_madd_epi16(hi[q], ones), 2);
+        acc[2 * h + q] = _mm256_add_epi32(acc[2 * h + q], _mm256_add_epi32(wide_lo, wide_hi));
+      }
     }
   }
+  store_group_outputs_avx2(p, m, g, acc);
 }
 
 BITNET_AVX2 static void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) bitlinear_avx2_tile<2>(p, m, g);
-    if (m < m1) bitlinear_avx2_tile<1>(p, m, g);
+    if (m < m1) bitlinear_avx2_row(p, m, g);
   }
 }
 
 // ---- BitLinear: AVX-512 VNNI ---------------------------------------------------------------
 // A 128-byte block -> 2 halves x 4 code vectors; each vpdpbusd multiplies 16 columns x 4 k
-// with the 4 activations broadcast. A tile is MR rows x one group (32 columns). With one row
-// (decode) each accumulator is split in two independent chains to hide vpdpbusd's latency.
+// with the 4 activations broadcast. A tile is MR >= 2 rows x one group (32 columns), sharing
+// each unpacked block between the rows; one row (decode) has a kernel of its own below.
 
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 constexpr int64_t kPrefetchBytes = 1024;  // ahead on the weight stream: the hardware
                                           // prefetcher alone leaves a core at half bandwidth
 
+// y for one row of a group from its two int32 half accumulators (sum(c * x) per column):
+// the same two IEEE operations as bitlinear_output, (dot / s) * S.
+BITNET_AVX512 static void store_group_outputs_vnni(const BitLinearProblem& p, int64_t row, int64_t g, const __m512i (&acc)[2]) {
+  const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
+  const __m512 xscale = _mm512_set1_ps(p.xscale[row]);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n0 = g * kGroupCols + h * kHalfCols;
+    if (n0 >= p.N) break;
+    const __m512i dot = _mm512_sub_epi32(acc[h], xsum);
+    const int64_t valid = std::min<int64_t>(kHalfCols, p.N - n0);
+    const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
+    const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), xscale), scale);
+    _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
+  }
+}
+
 template <int MR>
 BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
-  constexpr int SPLIT = MR >= 2 ? 1 : 2;
   const int64_t nblocks = p.Kp / kBlockK;
   const __m512i mask = _mm512_set1_epi8(3);
   const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
   const int8_t* xrow[MR];
   for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
 
-  __m512i acc[MR][2][SPLIT];
+  __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m)
-    for (int h = 0; h < 2; ++h)
-      for (int s = 0; s < SPLIT; ++s) acc[m][h][s] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) acc[m][h] = _mm512_setzero_si512();
 
   for (int64_t b = 0; b < nblocks; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
@@ -244,30 +319,54 @@ BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const __m512i xb = _mm512_set1_epi32(load4(xr + 4 * i));
-        acc[m][0][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][0][i % SPLIT], c[0][i], xb);
-        acc[m][1][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][1][i % SPLIT], c[1][i], xb);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], c[0][i], xb);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], c[1][i], xb);
       }
     }
   }
 
-  for (int m = 0; m < MR; ++m) {
-    const int64_t row = m0 + m;
-    const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
-    const __m512 xscale = _mm512_set1_ps(p.xscale[row]);
+  for (int m = 0; m < MR; ++m) store_group_outputs_vnni(p, m0 + m, g, acc[m]);
+}
+
+// Decode (one row): no shifts. `packed & (3 << 2i)` is 4^i c_i as an unsigned byte (0, 4^i or
+// 2 * 4^i <= 128), so vpdpbusd of it with the activations of code i sums 4^i c_i x into an
+// accumulator of its own (2 halves x 4 codes = 8 independent chains); at the end acc_i >> 2i
+// divides exactly. Per 64 weight bytes: 4 vpandd + 4 vpdpbusd (the shift loop above needs 3
+// more shifts, which compete with vpdpbusd for the same port). Bound: one vpdpbusd adds at
+// most 4 * 128 * 128 = 2^16 to acc_3, so chunks of kVnniRowChunk blocks keep it below 2^31.
+constexpr int64_t kVnniRowChunk = 16384;
+
+BITNET_AVX512 static void bitlinear_vnni_row(const BitLinearProblem& p, int64_t m, int64_t g) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+  const int8_t* xr = p.xq + m * p.Kp;
+  const __m512i mask[4] = {_mm512_set1_epi8(3), _mm512_set1_epi8(12), _mm512_set1_epi8(48),
+                           _mm512_set1_epi8(static_cast<char>(192))};
+  __m512i dot[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int64_t b0 = 0; b0 < nblocks; b0 += kVnniRowChunk) {
+    const int64_t b1 = std::min(b0 + kVnniRowChunk, nblocks);
+    __m512i acc[2][4];
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm512_setzero_si512();
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* block = wg + b * kBlockBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64), _MM_HINT_T0);
+      const __m512i packed[2] = {_mm512_loadu_si512(block), _mm512_loadu_si512(block + 64)};
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        const __m512i xb = _mm512_set1_epi32(load4(xr + b * kBlockK + 4 * i));
+        acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], _mm512_and_si512(packed[0], mask[i]), xb);
+        acc[1][i] = _mm512_dpbusd_epi32(acc[1][i], _mm512_and_si512(packed[1], mask[i]), xb);
+      }
+    }
     for (int h = 0; h < 2; ++h) {
-      __m512i dot = acc[m][h][0];
-      for (int s = 1; s < SPLIT; ++s) dot = _mm512_add_epi32(dot, acc[m][h][s]);
-      dot = _mm512_sub_epi32(dot, xsum);
-      const int64_t n0 = g * kGroupCols + h * kHalfCols;
-      if (n0 >= p.N) break;
-      const int64_t valid = std::min<int64_t>(kHalfCols, p.N - n0);
-      const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
-      const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
-      // Same two IEEE operations as bitlinear_output: (dot / s) * S.
-      const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), xscale), scale);
-      _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
+      const __m512i a01 = _mm512_add_epi32(acc[h][0], _mm512_srai_epi32(acc[h][1], 2));
+      const __m512i a23 = _mm512_add_epi32(_mm512_srai_epi32(acc[h][2], 4), _mm512_srai_epi32(acc[h][3], 6));
+      dot[h] = _mm512_add_epi32(dot[h], _mm512_add_epi32(a01, a23));
     }
   }
+  store_group_outputs_vnni(p, m, g, dot);
 }
 
 BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
@@ -280,7 +379,7 @@ BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, 
       case 4: bitlinear_vnni_tile<4>(p, m, g); break;
       case 3: bitlinear_vnni_tile<3>(p, m, g); break;
       case 2: bitlinear_vnni_tile<2>(p, m, g); break;
-      case 1: bitlinear_vnni_tile<1>(p, m, g); break;
+      case 1: bitlinear_vnni_row(p, m, g); break;
       default: break;
     }
   }

@@ -8,6 +8,8 @@
 `pack_ternary(w)` turns int8 ternary weights [N, K] into the layout `BitLinear` reads.
 Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni to force a feature level (default:
 the best the CPU has); `kernel_table(features)` says which kernel each op runs at a level.
+`status()` says whether the operator can run here (why not, how to fix), the kernel level the
+dispatch chose and the CPU model; it never raises.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 import numpy as np
 
 from .build import BuildError, ensure_built
+from .status import Status, cpu_model, status
 
 DOMAIN = "bitnet"
 # BITNET_KERNEL levels, weakest first, and the CPU features each needs (bits of
@@ -40,7 +43,7 @@ BLOCK_K = 16     # reduction values per block
 
 __all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
            "available_kernels", "session_options", "cpu_features", "kernel_table", "missing_features",
-           "quantize_head_table"]
+           "quantize_head_table", "status", "Status", "cpu_model", "resolve_kernel"]
 
 
 def library_path() -> str:

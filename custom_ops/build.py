@@ -29,7 +29,11 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 class BuildError(RuntimeError):
-    """The library cannot be built; the message says what is missing."""
+    """The library cannot be built; the message says what is missing, `fix` how to get it."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix
 
 
 def build_dir() -> Path:
@@ -141,7 +145,9 @@ def compiler() -> str:
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise BuildError(f"cannot build the bitnet custom ops: C++ compiler `{cxx}` not found "
-                         "(apt-get install g++, or set CXX)")
+                         "(apt-get install g++, or set CXX)",
+                         fix="install a C++ compiler (Debian/Ubuntu: apt-get install g++; macOS: "
+                             "xcode-select --install; Windows: Visual Studio Build Tools) or point CXX at one")
     return cxx
 
 

@@ -5,6 +5,15 @@
 
 #include "kernels.h"
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>  // getauxval(AT_HWCAP)
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // the kernel's bit for sdot/udot (older libc headers lack it)
+#endif
+#elif defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
 namespace bitnet {
 
 namespace {
@@ -21,6 +30,8 @@ constexpr Level kLevels[] = {
     {"avx512", kFeatAvx2 | kFeatAvx512, "AVX-512 F/BW/VL + AVX2/FMA/F16C"},
     {"avxvnni", kFeatAvx2 | kFeatAvxVnni, "AVX-VNNI + AVX2/FMA/F16C"},
     {"avx2", kFeatAvx2, "AVX2/FMA/F16C"},
+    {"dotprod", kFeatNeon | kFeatDotProd, "ARM64 NEON + dot product (sdot)"},
+    {"neon", kFeatNeon, "ARM64 NEON"},
     {"reference", 0, "nothing"},
 };
 
@@ -50,6 +61,15 @@ uint32_t cpu_features() {
     }
     if (__builtin_cpu_supports("avxvnni")) f |= kFeatAvxVnni;
   }
+#elif defined(__aarch64__)
+  f |= kFeatNeon;  // Advanced SIMD is mandatory in ARMv8-A
+#if defined(__linux__)
+  if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= kFeatDotProd;
+#elif defined(__APPLE__)
+  int has = 0;
+  size_t size = sizeof(has);
+  if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &has, &size, nullptr, 0) == 0 && has) f |= kFeatDotProd;
+#endif
 #endif
   return f;
 }
@@ -77,7 +97,7 @@ bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
     *out = kernels_for_features(level.features);
     return true;
   }
-  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avxvnni, avx512, avx512vnni or auto";
+  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avxvnni, avx512, avx512vnni, neon, dotprod or auto";
   return false;
 }
 

@@ -5,6 +5,7 @@
 // the float epilogue is the same two IEEE operations everywhere.
 
 #include "kernels.h"
+#include "kernels_arm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -498,6 +499,10 @@ const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
       {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_vnni},
       {"avx2", kFeatAvx2, bitlinear_avx2},
 #endif
+#if defined(__aarch64__)
+      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
+      {"neon", kFeatNeon, bitlinear_neon},
+#endif
       {"reference", 0, bitlinear_reference},
   };
   return list;
@@ -508,6 +513,9 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
 #if BITNET_X86
       {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
       {"avx2", kFeatAvx2, matmul_f16_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_f16_neon},
 #endif
       {"reference", 0, matmul_f16_reference},
   };

@@ -51,7 +51,7 @@ const char* level_name(uint32_t features) {
 
 uint32_t cpu_features() {
   uint32_t f = 0;
-#if defined(__x86_64__) || defined(_M_X64)
+#if BITNET_X86_SIMD
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
     f |= kFeatAvx2;

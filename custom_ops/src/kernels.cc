@@ -13,7 +13,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if BITNET_X86_SIMD
 #define BITNET_X86 1
 #include <immintrin.h>
 #endif
@@ -30,9 +30,7 @@ static inline float round_half_even(float v) {
   return (v + magic) - magic;
 }
 
-#if BITNET_X86
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+BITNET_TARGET_CLONES("avx512f", "avx2", "default")
 void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                    int8_t* xq, int32_t* xsum, float* xscale) {
   for (int64_t m = m0; m < m1; ++m) {

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "compiler.h"
+
 namespace bitnet {
 
 // ---- BitLinear ---------------------------------------------------------------------------

@@ -6,33 +6,43 @@
 
 `library_path()` compiles the library on first use (and when its sources changed);
 `pack_ternary(w)` turns int8 ternary weights [N, K] into the layout `BitLinear` reads.
-Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni to force a feature level (default:
-the best the CPU has); `kernel_table(features)` says which kernel each op runs at a level.
+Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni (ARM64: reference|neon|dotprod) to
+force a feature level (default: the best the CPU has); `kernel_table(features)` says which
+kernel each op runs at a level.
+`status()` says whether the operator can run here (why not, how to fix), the kernel level the
+dispatch chose and the CPU model; it never raises.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 
 import numpy as np
 
 from .build import BuildError, ensure_built
+from .status import Status, cpu_model, status
 
 DOMAIN = "bitnet"
-# BITNET_KERNEL levels, weakest first, and the CPU features each needs (bits of
-# custom_ops/src/kernels.h's CpuFeature).
-KERNELS = ("reference", "avx2", "avxvnni", "avx512", "avx512vnni")
+# BITNET_KERNEL levels of this machine's architecture, weakest first, and the CPU features each
+# needs (bits of custom_ops/src/kernels.h's CpuFeature).
 FEATURE_AVX2, FEATURE_AVX512, FEATURE_AVX512VNNI, FEATURE_AVXVNNI = 1, 2, 4, 8
+FEATURE_NEON, FEATURE_DOTPROD = 16, 32
 FEATURE_NAMES = {FEATURE_AVX2: "AVX2/FMA/F16C", FEATURE_AVX512: "AVX-512 F/BW/VL",
-                 FEATURE_AVX512VNNI: "AVX-512 VNNI", FEATURE_AVXVNNI: "AVX-VNNI"}
+                 FEATURE_AVX512VNNI: "AVX-512 VNNI", FEATURE_AVXVNNI: "AVX-VNNI",
+                 FEATURE_NEON: "ARM64 NEON", FEATURE_DOTPROD: "ARM64 dot product (sdot)"}
 LEVEL_FEATURES = {
     "reference": 0,
     "avx2": FEATURE_AVX2,
     "avxvnni": FEATURE_AVX2 | FEATURE_AVXVNNI,
     "avx512": FEATURE_AVX2 | FEATURE_AVX512,
     "avx512vnni": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI,
+    "neon": FEATURE_NEON,
+    "dotprod": FEATURE_NEON | FEATURE_DOTPROD,
 }
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
+KERNELS = ("reference", "neon", "dotprod") if ARM64 else ("reference", "avx2", "avxvnni", "avx512", "avx512vnni")
 
 GROUP_COLS = 32  # output columns per packed group: two 16-lane halves of a 128-byte block
 HALF_COLS = 16   # columns per 64-byte half (one int32 lane each in a 512-bit register)
@@ -40,7 +50,7 @@ BLOCK_K = 16     # reduction values per block
 
 __all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
            "available_kernels", "session_options", "cpu_features", "kernel_table", "missing_features",
-           "quantize_head_table"]
+           "quantize_head_table", "status", "Status", "cpu_model", "resolve_kernel"]
 
 
 def library_path() -> str:

@@ -26,7 +26,7 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if BITNET_X86_SIMD
 #define BITNET_X86 1
 #include <immintrin.h>
 #endif

@@ -5,6 +5,7 @@
 // the float epilogue is the same two IEEE operations everywhere.
 
 #include "kernels.h"
+#include "kernels_arm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,7 +13,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if BITNET_X86_SIMD
 #define BITNET_X86 1
 #include <immintrin.h>
 #endif
@@ -29,9 +30,7 @@ static inline float round_half_even(float v) {
   return (v + magic) - magic;
 }
 
-#if BITNET_X86
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+BITNET_TARGET_CLONES("avx512f", "avx2", "default")
 void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                    int8_t* xq, int32_t* xsum, float* xscale) {
   for (int64_t m = m0; m < m1; ++m) {
@@ -508,6 +507,10 @@ const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
       {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_vnni},
       {"avx2", kFeatAvx2, bitlinear_avx2},
 #endif
+#if defined(__aarch64__)
+      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
+      {"neon", kFeatNeon, bitlinear_neon},
+#endif
       {"reference", 0, bitlinear_reference},
   };
   return list;
@@ -518,6 +521,9 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
 #if BITNET_X86
       {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
       {"avx2", kFeatAvx2, matmul_f16_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_f16_neon},
 #endif
       {"reference", 0, matmul_f16_reference},
   };

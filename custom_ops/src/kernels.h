@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "compiler.h"
+
 namespace bitnet {
 
 // ---- BitLinear ---------------------------------------------------------------------------
@@ -92,6 +94,8 @@ enum CpuFeature : uint32_t {
   kFeatAvx512 = 1u << 1,      // AVX-512 F + BW + VL (Skylake-SP and later, Zen 4)
   kFeatAvx512Vnni = 1u << 2,  // AVX-512 VNNI (Cascade Lake, Ice Lake, Zen 4)
   kFeatAvxVnni = 1u << 3,     // AVX-VNNI, the 256-bit VEX form (Alder Lake, Sapphire Rapids)
+  kFeatNeon = 1u << 4,        // ARM64 Advanced SIMD (every ARMv8-A CPU)
+  kFeatDotProd = 1u << 5,     // ARM64 sdot/udot (ARMv8.2 FEAT_DotProd: Cortex-A55/A76+, Neoverse, Apple M1+)
 };
 
 template <typename Fn>
@@ -108,7 +112,7 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels();
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels();
 
 struct KernelSet {
-  const char* name;  // the level: reference, avx2, avxvnni, avx512 or avx512vnni
+  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, neon or dotprod
   BitLinearKernel bitlinear;
   const char* bitlinear_name;
   MatMulF16Kernel matmul_f16;
@@ -120,7 +124,7 @@ struct KernelSet {
 uint32_t cpu_features();                          // this CPU's CpuFeature bits
 KernelSet kernels_for_features(uint32_t features);  // pure: each op's best kernel for these features
 
-// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|auto,
+// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|neon|dotprod|auto,
 // default auto: the best this CPU runs). Returns false with a message when the name is
 // unknown or the CPU lacks the instructions (the message names them).
 bool select_kernels(const char* requested, KernelSet* out, std::string* error);

@@ -599,7 +599,7 @@ extern "C" {
 
 // Called by SessionOptions.register_custom_ops_library. The kernel set is chosen here, once
 // per registration, from BITNET_KERNEL and the CPU's features.
-__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+BITNET_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
@@ -626,7 +626,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 
 // For tools and tests (via ctypes): the kernel that BITNET_KERNEL=requested resolves to on
 // this CPU, or an empty string when it cannot be used.
-__attribute__((visibility("default"))) const char* bitnet_resolve_kernel(const char* requested) {
+BITNET_EXPORT const char* bitnet_resolve_kernel(const char* requested) {
   KernelSet kernels{};
   std::string error;
   return bitnet::select_kernels(requested, &kernels, &error) ? kernels.name : "";
@@ -634,9 +634,9 @@ __attribute__((visibility("default"))) const char* bitnet_resolve_kernel(const c
 
 // For tests (via ctypes): this CPU's feature bits, and which kernel each op gets for a
 // feature bitmask ("level bitlinear matmul_f16 matmul_i8", written into out).
-__attribute__((visibility("default"))) uint32_t bitnet_cpu_features() { return bitnet::cpu_features(); }
+BITNET_EXPORT uint32_t bitnet_cpu_features() { return bitnet::cpu_features(); }
 
-__attribute__((visibility("default"))) void bitnet_kernel_table(uint32_t features, char* out, size_t size) {
+BITNET_EXPORT void bitnet_kernel_table(uint32_t features, char* out, size_t size) {
   const KernelSet k = bitnet::kernels_for_features(features);
   std::snprintf(out, size, "%s %s %s %s", k.name, k.bitlinear_name, k.matmul_f16_name, k.matmul_i8_name);
 }

@@ -12,11 +12,12 @@ it, so a shared link or a reload restores exactly what was shown.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 
 import gradio as gr
 
-from .conversation import NO_BASELINE, TERNARY, pane_messages, turns_of
+from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
 from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line
 from .service import ChatSettings, CpuBusy, NotReady, Playground, TooLong
 
@@ -73,8 +74,9 @@ def render(conversation, pg: Playground) -> tuple:
         stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
                    else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
     speed, timeline = chart_frames(last)
+    raw = json.dumps(raw_stats(last, pg.hardware or None), indent=1, ensure_ascii=False)
     return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
-            summary_line(last, pg.time_limit_s), speed, timeline, raw_stats(last, pg.hardware or None))
+            summary_line(last, pg.time_limit_s), speed, timeline, raw)
 
 
 def build_demo(pg: Playground) -> gr.Blocks:
@@ -143,9 +145,11 @@ def build_demo(pg: Playground) -> gr.Blocks:
                                  label="Seed (-1 = a new random seed each answer; both engines share "
                                        "it; the stats show the one used)")
         with gr.Accordion("Raw stats (JSON)", open=False):
-            raw = gr.JSON(None, elem_id="raw-stats")
-        # The conversation itself: the one value every view above is rendered from.
-        conversation = gr.JSON([], visible=False, elem_id="conversation")
+            # JSON as text: Gradio saves text values in shared links as they are
+            raw = gr.Code(json.dumps(raw_stats(None, pg.hardware or None)), language="json",
+                          interactive=False, elem_id="raw-stats", show_label=False)
+        # The conversation itself: the one value every view above is rendered from (JSON text).
+        conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
@@ -157,13 +161,13 @@ def build_demo(pg: Playground) -> gr.Blocks:
             log.warning("page request refused (%s): %s", title, why.splitlines()[0])
             gr.Warning(why, title=title)
             shown = render(conv, pg)
-            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (conv,)
+            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (dumps(conv),)
 
         def run(message, conv, system_prompt, baseline_, max_new_tokens, temperature_, top_p_,
                 top_k_, repetition_penalty, seed_, request, keep_box=False):
             message = message if isinstance(message, str) else ""
             if not message.strip():
-                yield (gr.skip(),) + render(conv, pg) + (conv,)
+                yield (gr.skip(),) + render(conv, pg) + (dumps(conv),)
                 return
             if pg.stop_pending(_session(request)):
                 gr.Warning("An answer is still being written: wait for it or press Stop.",
@@ -179,7 +183,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 first = True
                 with contextlib.closing(states):  # a cancelled request closes the engine's loop
                     for turns, _final in states:
-                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) + (turns,)
+                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) \
+                            + (dumps(turns),)
                         first = False
             except TooLong as e:
                 yield refused(message, conv, str(e), "Message too long")
@@ -199,7 +204,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             """Answer the last user message again (both panes), replacing that turn."""
             turns = turns_of(conversation_)
             if not turns:
-                yield (gr.skip(),) + render(turns, pg) + (turns,)
+                yield (gr.skip(),) + render(turns, pg) + (dumps(turns),)
                 return
             yield from run(turns[-1]["user"], turns[:-1], system_prompt, baseline, max_new_tokens,
                            temperature, top_p, top_k, repetition_penalty, seed, request, keep_box=True)
@@ -208,8 +213,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
             """Edit the last message: it goes back to the box and its turn leaves the chat."""
             turns = turns_of(conversation_)
             if not turns:
-                return (gr.skip(),) + render(turns, pg) + (turns,)
-            return (turns[-1]["user"],) + render(turns[:-1], pg) + (turns[:-1],)
+                return (gr.skip(),) + render(turns, pg) + (dumps(turns),)
+            return (turns[-1]["user"],) + render(turns[:-1], pg) + (dumps(turns[:-1]),)
 
         def stop_fn(request: gr.Request):
             """Stop this session's turns: the running engine after its current token, a turn
@@ -218,7 +223,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
 
         def clear_fn():
             """Start a new conversation."""
-            return render([], pg) + ([],)
+            return render([], pg) + ("[]",)
 
         def lock():
             return gr.update(interactive=False, value="Answering…")
@@ -244,25 +249,38 @@ def build_demo(pg: Playground) -> gr.Blocks:
         baseline.change(baseline_title, [baseline], [title_b], queue=False,
                         api_visibility="private", show_progress="hidden")
 
+        setting_fields = [("system", system), ("max_new_tokens", max_new), ("temperature", temperature),
+                          ("top_p", top_p), ("top_k", top_k), ("repetition_penalty", rep), ("seed", seed)]
+
         def refresh(current=None, conv=None):
-            """Banner, baseline choices (known once the model folder is), pane title, max new
-            tokens bound to the live model's context, Send enabled once ready, timer."""
+            """Banner; once ready: baseline choices (known once the model folder is), max new
+            tokens bound to the live model's context, Send enabled; and the settings of a shared
+            link's conversation (its last turn's), baseline included."""
             done = pg.state in ("ready", "failed")
+            keep = tuple(gr.skip() for _ in range(3 + len(setting_fields)))
             if pg.state != "ready":
-                return (pg.banner_markdown(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                        gr.Timer(active=not done))
+                return (pg.banner_markdown(),) + keep + (gr.Timer(active=not done),)
             choices = pg.baselines()
             turns = turns_of(conv)
+            used = (turns[-1].get("settings") or {}) if turns else {}
             if turns and turns[-1].get("baseline") in choices:  # a shared link: its baseline
                 current = turns[-1]["baseline"]
             value = current if current in choices else pg.default_baseline()
             context = pg.context_length or 8192
-            return (pg.banner_markdown(),
-                    gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
-                    baseline_title(value), gr.update(maximum=context),
-                    gr.update(interactive=True, value="Send"), gr.Timer(active=False))
+            restored = []
+            for name, _ in setting_fields:
+                v = used.get(name)
+                if name == "max_new_tokens":
+                    restored.append(gr.update(maximum=context, value=min(int(v), context))
+                                    if v is not None else gr.update(maximum=context))
+                else:
+                    restored.append(v if v is not None else gr.skip())
+            return ((pg.banner_markdown(),
+                     gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
+                     baseline_title(value), gr.update(interactive=True, value="Send"))
+                    + tuple(restored) + (gr.Timer(active=False),))
 
-        refresh_outputs = [banner, baseline, title_b, max_new, send, timer]
+        refresh_outputs = [banner, baseline, title_b, send] + [c for _, c in setting_fields] + [timer]
         timer.tick(refresh, [baseline, conversation], refresh_outputs, queue=False,
                    api_visibility="private", show_progress="hidden")
 

@@ -18,7 +18,7 @@ import logging
 import gradio as gr
 
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
-from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line
+from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .service import ChatSettings, CpuBusy, NotReady, Playground, TooLong
 
 log = logging.getLogger("bitnet-onnx.app")
@@ -36,18 +36,28 @@ CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
 footer {display: none !important}
-/* narrow screens: the panes get shorter so the message box is reachable without scrolling */
+/* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
+   of the screen (reachable without scrolling past both panes), the charts one under the other */
 @media (max-width: 640px) {
+  #title h2 {font-size: 1.1em}
+  #banner, .pane-stats {font-size: 0.8em}
   #chat-ternary, #chat-baseline {height: 180px !important; min-height: 180px !important}
   #panes {flex-wrap: nowrap !important; gap: 4px}
   #panes > div {min-width: 0 !important}
-  .plot-container, #speed-plot, #time-plot {min-width: 0 !important}
+  #input-row {position: sticky; bottom: 0; z-index: 20; background: var(--body-background-fill);
+              padding: 4px 0; flex-wrap: nowrap !important; gap: 4px}
+  #input-row > * {min-width: 0 !important}
+  #plots {flex-direction: column}
 }
 """
 # No visitor or model text can make the page fetch a remote image (tracking pixels in shared
 # links), and links leave without a referrer.
 HEAD = ('<meta name="referrer" content="no-referrer">'
-        '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">')
+        '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">'
+        # (Gradio scopes `css` inside its container; this one is about the container itself:
+        # the sticky message box of narrow screens needs no scroll container around it)
+        '<style>@media (max-width: 640px) {.gradio-container {overflow: visible !important;'
+        ' overflow-x: clip !important}}</style>')
 
 
 def _session(request: gr.Request | None) -> str:
@@ -73,7 +83,9 @@ def render(conversation, pg: Playground) -> tuple:
         base = last.get("baseline") or NO_BASELINE
         stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
                    else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
-    speed, timeline = chart_frames(last)
+    # the charts show the latest finished comparison (a chart that goes blank while the next
+    # turn streams makes Gradio's plot throw on a removed element)
+    speed, timeline = chart_frames(next((t for t in reversed(turns) if turn_done(t)), None))
     raw = json.dumps(raw_stats(last, pg.hardware or None), indent=1, ensure_ascii=False)
     return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
             summary_line(last, pg.time_limit_s), speed, timeline, raw)
@@ -83,7 +95,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
     ready = pg.state == "ready"
     initial_baseline = pg.default_baseline() if ready else "int2"
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
-        gr.Markdown(f"## {TITLE}")
+        gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
         with gr.Row(equal_height=False):
             baseline = gr.Dropdown(
@@ -109,7 +121,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 stats_b = gr.Markdown("**baseline** · idle", elem_id="stats-baseline",
                                       elem_classes=["pane-stats"])
         summary = gr.Markdown("", elem_id="summary")
-        with gr.Row():
+        with gr.Row(elem_id="input-row"):
             msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
             send = gr.Button("Send" if ready else "Preparing the model…", variant="primary", scale=1,
@@ -120,7 +132,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             edit = gr.Button("Edit last message", size="sm", elem_id="edit")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
-        with gr.Row():
+        with gr.Row(elem_id="plots"):
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
                                     title="Decode speed (tok/s)", elem_id="speed-plot",
                                     height=260, y_lim=[0, None], min_width=160,
@@ -252,14 +264,18 @@ def build_demo(pg: Playground) -> gr.Blocks:
         setting_fields = [("system", system), ("max_new_tokens", max_new), ("temperature", temperature),
                           ("top_p", top_p), ("top_k", top_k), ("repetition_penalty", rep), ("seed", seed)]
 
-        def refresh(current=None, conv=None):
+        def refresh(current=None, conv=None, *values):
             """Banner; once ready: baseline choices (known once the model folder is), max new
             tokens bound to the live model's context, Send enabled; and the settings of a shared
-            link's conversation (its last turn's), baseline included."""
+            link's conversation (its last turn's), baseline included. Settings go back as plain
+            values (their own when there is nothing to restore): in Gradio 6.31 an update dict
+            makes the session record the component under a new id, which shared links lose."""
             done = pg.state in ("ready", "failed")
-            keep = tuple(gr.skip() for _ in range(3 + len(setting_fields)))
+            values = list(values) + [None] * (len(setting_fields) - len(values))
             if pg.state != "ready":
-                return (pg.banner_markdown(),) + keep + (gr.Timer(active=not done),)
+                return ((pg.banner_markdown(),) + tuple(gr.skip() for _ in range(3))
+                        + tuple(v if v is not None else gr.skip() for v in values)
+                        + (gr.Timer(active=not done),))
             choices = pg.baselines()
             turns = turns_of(conv)
             used = (turns[-1].get("settings") or {}) if turns else {}
@@ -268,11 +284,11 @@ def build_demo(pg: Playground) -> gr.Blocks:
             value = current if current in choices else pg.default_baseline()
             context = pg.context_length or 8192
             restored = []
-            for name, _ in setting_fields:
-                v = used.get(name)
+            for (name, _), own in zip(setting_fields, values):
+                v = used.get(name, own)
                 if name == "max_new_tokens":
-                    restored.append(gr.update(maximum=context, value=min(int(v), context))
-                                    if v is not None else gr.update(maximum=context))
+                    v = DEFAULT_MAX_NEW if v is None else v
+                    restored.append(gr.update(maximum=context, value=min(int(v), context)))
                 else:
                     restored.append(v if v is not None else gr.skip())
             return ((pg.banner_markdown(),
@@ -281,16 +297,22 @@ def build_demo(pg: Playground) -> gr.Blocks:
                     + tuple(restored) + (gr.Timer(active=False),))
 
         refresh_outputs = [banner, baseline, title_b, send] + [c for _, c in setting_fields] + [timer]
-        timer.tick(refresh, [baseline, conversation], refresh_outputs, queue=False,
+        refresh_inputs = [baseline, conversation] + [c for _, c in setting_fields]
+        def tick(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_):
+            return refresh(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
+
+        timer.tick(tick, refresh_inputs, refresh_outputs, queue=False,
                    api_visibility="private", show_progress="hidden")
 
-        def on_load(current, conv, request: gr.Request):
+        def on_load(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_,
+                    request: gr.Request):
             prompt = ""
             if request is not None:
                 prompt = request.query_params.get("prompt", "") or ""
-            return (prompt[:20000] if prompt else gr.skip(),) + refresh(current, conv)
+            return (prompt[:20000] if prompt else gr.skip(),) + refresh(
+                current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
 
-        demo.load(on_load, [baseline, conversation], [msg] + refresh_outputs, queue=False,
+        demo.load(on_load, refresh_inputs, [msg] + refresh_outputs, queue=False,
                   api_visibility="private", show_progress="hidden")
 
         def status() -> dict:

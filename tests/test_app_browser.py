@@ -119,6 +119,13 @@ def open_page(browser, errors, url, width=1400, height=1200, **kw):
     return page
 
 
+def open_settings(page):
+    """The settings accordion (closed at first: its inputs are not in the DOM until opened)."""
+    if not page.locator("#seed input").count():
+        page.locator("#settings").get_by_text("Settings").first.click()
+        page.locator("#seed input").wait_for(timeout=10_000)
+
+
 def user_turns(page, pane="#chat-ternary"):
     return page.locator(f"{pane} [data-testid='user']").count()
 
@@ -187,6 +194,7 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
         assert "Shakespeare demo model" in banner
     # Max new tokens is bounded by the live model's context
     context = server.status["context_length"]
+    open_settings(page)
     assert page.locator("#max-new-tokens input[type=range]").get_attribute("max") == str(context)
 
     hostile = (HOSTILE + f" ![pixel]({remote}/pixel.gif) [a link]({remote}/page)")
@@ -266,10 +274,12 @@ def test_shared_link_restores_every_setting_for_each_baseline(server, browser, e
     continuing in the reopened page runs that baseline on the same history."""
     page = open_page(browser, errors, server.url)
     choose_baseline(page, variant)
+    open_settings(page)
     set_number(page, "seed", 4321)
     set_number(page, "max-new-tokens", 40)
     set_number(page, "top-k", 7)
     send_and_wait(page, "To be or not to be")
+    assert "seed 4321" in page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
     stats_b = page.locator("#stats-baseline").inner_text()
     assert (variant in stats_b) if variant != "none" else ("no baseline" in stats_b)
     link = share_link(page)
@@ -279,6 +289,7 @@ def test_shared_link_restores_every_setting_for_each_baseline(server, browser, e
     reopened.wait_for_function(
         f"() => (document.querySelector('#title-baseline')?.innerText || '').includes('{variant}')",
         timeout=30_000)
+    open_settings(reopened)
     assert reopened.locator("#baseline input").input_value().startswith(variant)
     assert reopened.locator("#seed input").input_value() == "4321"
     assert reopened.locator("#max-new-tokens input[type=number]").input_value() == "40"

@@ -139,9 +139,24 @@ def test_a_newcomer_prefilling_in_a_hole_rides_as_a_padding_row(engine):
         _drain(gone)
         next(a), next(c)
         newcomer_prompt = np.random.default_rng(8).integers(2, 4096, 45).tolist()
+        # Its cache as its first decode step starts (the slot is reused once it finishes).
+        seen, decode = [], b.pool.decode
+
+        def watch(tokens):
+            if 1 in tokens and not seen:
+                seen.append([buf[1, :, :45].copy() for buf in b.pool.buffers])
+            return decode(tokens)
+
+        b.pool.decode = watch
         newcomer = b.submit(newcomer_prompt, GREEDY)
         results = _concurrently([a, c, newcomer])
         assert results[2][0] == _solo(engine, newcomer_prompt)[0]
+        # It holds exactly the solo prefill's keys and values: no padding-row write landed
+        # inside the prompt while it was prefilled between the others' steps.
+        solo_cache = engine.new_cache(64)
+        engine.prefill(solo_cache, newcomer_prompt)
+        for mine, solo in zip(seen[0], solo_cache.buffers):
+            assert np.array_equal(mine, solo[0, :, :45])
         assert results[2][2].stats.max_batch_size == 3
         assert [r[0] for r in results[:2]] == [_solo(engine, p, long_run)[0][1:] for p in (prompts[0], prompts[2])]
     finally:

@@ -214,6 +214,11 @@ class Batcher:
         with self._cond:
             self._cond.notify_all()
 
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._decoding)
+
     # -- the scheduler thread ---------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -345,3 +350,41 @@ class Batcher:
         s.rss_mb, s.peak_rss_mb = self._memory[0], max(self._memory)
         seq.events.put(GenerationEvent(text=text, token_ids=token_ids, stats=dataclasses.replace(s),
                                        done=reason is not None, finish_reason=reason))
+
+
+class BatchedEngine:
+    """An Engine whose generations go through a Batcher: a drop-in for callers that hold an
+    Engine (the API's model registry, the page). stream / stream_tokens / generate run in the
+    shared batch; everything else (prompt_ids, render_chat, context_length, tokenizer, ...)
+    is the wrapped engine's.
+
+        engine = BatchedEngine(Engine(folder, "ternary"), slots=8)
+    """
+
+    def __init__(self, engine: Engine, **batcher_options):
+        self.engine = engine
+        self.batcher = Batcher(engine, **batcher_options)
+
+    def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+               cancel=None) -> BatchStream:
+        return self.batcher.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def stream_tokens(self, ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
+        return self.batcher.submit(ids, settings, cancel)
+
+    def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+                 cancel=None) -> GenerationResult:
+        return self.batcher.generate(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    @property
+    def active_generations(self) -> int:
+        return self.batcher.running
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def __getattr__(self, name):  # everything else: the wrapped engine's
+        return getattr(self.engine, name)
+
+    def __repr__(self):
+        return f"BatchedEngine({self.engine!r}, slots={self.batcher.pool.slots})"

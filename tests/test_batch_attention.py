@@ -303,3 +303,43 @@ def test_decode_rows_are_batch_invariant_for_m_1_to_9(demo, head, threads):
             for r, i in enumerate(members):
                 assert np.array_equal(out[r, -1], expected[i][step]), (m, r, i, step)
             tokens = [int(np.argmax(out[r, -1])) for r in range(m)]
+
+
+# ---- the same at the widths of BitNet b1.58 2B4T ----------------------------------------------
+
+WIDE = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=1, num_attention_heads=20,
+            num_key_value_heads=5, vocab_size=20000, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """One random layer at 2B4T's widths (K = 2560 and 6912; a tied head of 20000 rows: several
+    4096-row slices and a tail): the kernels' blocking over K and N is the real model's, unlike
+    the demo's (2B4T's head has 128256 rows; fewer keep the test quick)."""
+    from tests.checkpoints import write_tiny_checkpoint
+
+    base = tmp_path_factory.mktemp("batch_wide")
+    ckpt = write_tiny_checkpoint(base / "ckpt", tied=True, seed=3, **WIDE)
+    folders = {head: export_checkpoint(str(ckpt), str(base / head), ("ternary",), lm_head=head,
+                                       progress=lambda m: None) for head in ("native", "int8")}
+    return {"cfg": load_config(folders["native"]), "folders": folders}
+
+
+@pytest.mark.parametrize("head", ["native", "int8"])
+def test_decode_rows_are_batch_invariant_at_2b4t_widths(wide, head):
+    """Sixteen sequences; batches of M = 1..9 and 16 on two threads: every row's logits equal
+    its solo run's, bit for bit."""
+    cfg = wide["cfg"]
+    session = open_session(variant_path(wide["folders"][head], "ternary"), threads=2, custom_ops=True)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, WIDE["vocab_size"], size=3 + 3 * i).tolist() for i in range(16)]
+    expected = []
+    for p in prompts:
+        solo = _solo(session, cfg, p)
+        expected.append(solo.run([[int(np.argmax(solo.next_logits))]])[0, -1])
+    for m in list(range(1, 10)) + [16]:
+        members = [(m + k) % 16 for k in range(m)]
+        solos = [_solo(session, cfg, prompts[i]) for i in members]
+        out = _batch_of(session, cfg, solos).run([[int(np.argmax(s.next_logits))] for s in solos])
+        for r, i in enumerate(members):
+            assert np.array_equal(out[r, -1], expected[i]), (m, r, i, float(np.abs(out[r, -1] - expected[i]).max()))

@@ -153,7 +153,7 @@ def compile_library(output: Path) -> None:
     os.close(fd)
     units = [str(s) for s in sorted(SOURCE_DIR.glob("*.cc"))]
     cmd = [cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-math-errno",
-           "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{include}", *units, "-o", tmp]
+           "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{include}", *units, "-o", tmp]
     if platform.machine() in ("x86_64", "AMD64"):
         cmd.insert(1, "-march=x86-64")  # baseline: SIMD kernels opt in per function
     _log(f"compiling {output.name} from {len(units)} sources with {cxx} ...")

@@ -189,15 +189,18 @@ def test_cancel_ends_one_stream_within_a_step_and_frees_its_slot(engine, batcher
     cancel = threading.Event()
     victim = batcher.submit(prompts[0], long_run, cancel=cancel)
     others = [batcher.submit(p, GREEDY) for p in prompts[1:]]
-    got = []
+    got, made_at_cancel = [], None
     for event in victim:
         got.extend(event.token_ids)
         if len(got) == 3:
+            made_at_cancel = victim._seq.stats.new_tokens  # made by the scheduler so far
             cancel.set()
         if event.done:
             break
     assert event.finish_reason == "cancelled"
-    assert len(got) <= 5  # the step in flight when it was set, at most one more
+    # The events run ahead of this reader: count what was made after the cancel, which is
+    # the step in flight when it was set, at most.
+    assert len(got) <= made_at_cancel + 1 < 200
     assert [r[0] for r in _concurrently(others)] == solo
     assert batcher.stats()["free_slots"] == 9
 

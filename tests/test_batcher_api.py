@@ -103,3 +103,55 @@ def test_a_disconnect_frees_the_slot(served, monkeypatch):
     assert wait_until(job.finished.is_set, 5)
     assert job.record.stopped_by == "client" and job.record.finish_reason == "cancelled", job.record
     assert job.record.new_tokens < 50 and job.record.tokens_after_cancel <= 2, job.record
+
+
+def test_python_m_server_batch_under_sixteen_clients(tmp_path):
+    """`python -m server DIR --batch 8` (its own process, page mounted): 16 streaming clients
+    for a few seconds get zero errors and no broken stream; concurrent answers report that
+    they ran in a batch (bitnet.max_batch_size > 1) and equal the plain engine's."""
+    import concurrent.futures
+    import os
+    import subprocess
+    import sys
+
+    from tests.api_support import free_port
+
+    folder, port = tiny_model_dir(), free_port()
+    env = dict(os.environ, BITNET_API_QUEUE_SIZE="8", BITNET_API_QUEUE_TIMEOUT_S="20", OMP_NUM_THREADS="1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("BITNET_API_KEY", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "server", folder, "--name", MODEL, "--port", str(port),
+                             "--threads", "1", "--page", "--batch", "8"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/health", timeout=5).json()["concurrency"] == 8
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: _post(url, max_tokens=40, temperature=0).json(), range(6)))
+        expected = Engine(folder, variant="ternary", threads=1).generate(
+            messages=PROMPT, settings=GenerationSettings(max_new_tokens=40)).text
+        assert all(a["choices"][0]["message"]["content"] == expected for a in answers), answers[0]
+        assert max(a["bitnet"]["max_batch_size"] for a in answers) > 1, [a["bitnet"] for a in answers]
+
+        records, wall = asyncio.run(run_load(url, MODEL, clients=16, seconds=4, max_tokens=24, think_s=0.2))
+        report = summarize(records, wall)
+        assert report["errors"] == 0 and report["broken_streams"] == 0, report
+        assert report["completed"] >= 16, report
+        assert wait_until(lambda: httpx.get(url + "/v1/health", timeout=5).json()["running"] == 0, 10)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -16,14 +16,10 @@ import time
 import httpx
 import pytest
 
+from bench.loadgen import run_load, summarize
 from runtime import Engine, GenerationSettings
 from runtime.batcher import BatchedEngine
 from server import Limits, create_api
-
-try:  # the load client moves from server/ to bench/ (issue 12); either place will do
-    from bench.loadgen import run_load, summarize
-except ModuleNotFoundError:
-    from server.loadgen import run_load, summarize
 from tests.api_support import ServerThread, tiny_model_dir, wait_until
 
 MODEL = "tiny"

@@ -1,0 +1,390 @@
+"""Continuous batching: many generations share one decode step.
+
+    batcher = Batcher(engine, slots=8)
+    for event in batcher.stream(messages=[...], settings=GenerationSettings(...), cancel=ev):
+        ...  # the same GenerationEvents Engine.stream yields (stats: BatchStats)
+
+One scheduler thread owns the model. Each iteration it
+  1. admits waiting requests into free KV-cache slots (FIFO; runtime/batch_cache.py),
+  2. ends the sequences whose caller cancelled, closed the stream or ran out of time
+     (their slot is free for the next step),
+  3. runs ONE decode step for every decoding sequence together (input_ids [B, 1]),
+  4. runs ONE prefill chunk (at most `prefill_chunk` tokens) of the oldest newcomer.
+So a running stream waits at most one decode step plus one prefill chunk between tokens,
+however long a newcomer's prompt is, and sequences join and leave between steps.
+
+Each sequence keeps its own sampler (its seed), stop rules and limits, exactly as
+Engine.stream: since every kernel computes a row the same way whatever the batch
+(tests/test_batch_attention.py) and a prompt is always prefilled alone in the same chunks,
+a sequence's tokens do not depend on what else runs (tests/test_batcher.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from .batch_cache import SlotPool
+from .engine import Engine, GenerationEvent, GenerationResult, Limits, _checked, _Finish
+from .errors import PromptTooLongError
+from .sampling import GenerationSettings, Sampler
+from .stats import GenerationStats, peak_rss_mb, rss_mb
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+@dataclass
+class BatchStats(GenerationStats):
+    """GenerationStats plus where the stream ran: its wait for a slot and its batch sizes.
+    decode_tokens_per_s is the stream's own rate (its tokens / its time), not the batch's."""
+
+    queue_wait_s: float = 0.0  # submit -> slot
+    batch_size: float = 0.0  # mean number of sequences in the decode steps it took part in
+    max_batch_size: int = 0
+
+
+class _Sequence:
+    """One request: its ids, settings, sampler, stop rules, limits, slot and stats."""
+
+    def __init__(self, ids, settings: GenerationSettings, cancel, started: float, batcher: "Batcher"):
+        engine = batcher.engine
+        self.ids, self.settings, self.started = ids, settings, started
+        self.max_new = min(settings.max_new_tokens, batcher.capacity - len(ids))
+        self.limits = Limits(cancel, settings.max_time_s, started)
+        self.finish = _Finish(engine, settings, self.max_new)
+        self.sampler = Sampler(settings, engine.vocab_size, ids)
+        self.events: queue.Queue = queue.Queue()
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the cache
+        self.token: int | None = None  # the next token to feed (decoding)
+        self.closed = False  # the caller closed the stream (disconnect)
+        self.done = False
+        self.stats = BatchStats(prompt_tokens=len(ids), variant=engine.variant, threads=engine.threads,
+                                kv_cache_tokens=batcher.capacity, kv_cache_mb=batcher.pool.slot_nbytes / 2**20)
+        self.t_admitted = self.t_first = None
+        self._batch_sum = 0
+
+    def reason(self) -> str | None:
+        return "cancelled" if self.closed else self.limits.reason()
+
+
+class BatchStream:
+    """What submit() returns: an iterator of GenerationEvent (the last has done=True).
+    `queue_position` (1 = next to get a slot, 0 = running or finished); close() ends the
+    generation (a client disconnect) and frees its slot within one step."""
+
+    def __init__(self, seq: _Sequence, batcher: "Batcher"):
+        self._seq, self._batcher = seq, batcher
+        self._finished = False
+
+    @property
+    def queue_position(self) -> int:
+        return self._batcher._position(self._seq)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        if self._finished:
+            raise StopIteration
+        item = self._seq.events.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.done:
+            self._finished = True
+        return item
+
+    def close(self) -> None:
+        if not self._seq.done:
+            self._seq.closed = True
+            self._batcher._wake()
+
+    def __del__(self):
+        self._seq.closed = True  # abandoned without close(): free the slot all the same
+
+
+class Batcher:
+    def __init__(self, engine: Engine, slots: int = 8, capacity: int | None = None,
+                 prefill_chunk: int = 64, max_queue: int = 64):
+        """Serve `engine`'s model to many streams at once.
+
+        slots: sequences decoded together at most (each owns a KV cache row).
+        capacity: tokens per slot (prompt + new), at most and by default the context length.
+            Memory: 2 * layers * kv_heads * head_dim * 4 bytes per token per slot, reserved
+            up front (`stats()["kv_cache_mb"]`); pages are touched only as tokens are cached.
+        prefill_chunk: a newcomer's prompt runs in chunks of this many tokens, one chunk
+            between two decode steps: the bound on how long a running stream waits.
+        max_queue: requests waiting for a slot beyond this raise QueueFullError.
+        """
+        if prefill_chunk < 1 or max_queue < 0:
+            raise ValueError("prefill_chunk must be >= 1 and max_queue >= 0")
+        self.engine = engine
+        self.capacity = min(int(capacity or engine.context_length), engine.context_length)
+        self.prefill_chunk, self.max_queue = int(prefill_chunk), int(max_queue)
+        self.pool = SlotPool(engine.session, engine.num_layers, engine.kv_heads, engine.head_dim,
+                             engine.vocab_size, slots, self.capacity, keep_input=engine._keep_input)
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._prefilling: list[_Sequence] = []
+        self._decoding: dict[int, _Sequence] = {}  # slot -> sequence
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._memory = (rss_mb(), peak_rss_mb())  # sampled once per iteration, for the stats
+        self.steps = 0  # decode steps run so far
+
+    # -- the interface callers use (Engine.stream's signature) ----------------------------
+    def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+               cancel=None) -> BatchStream:
+        """Like Engine.stream (raises before any compute on bad input), through the batch."""
+        started = time.perf_counter()
+        settings = _checked(settings)
+        return self._submit(self.engine.prompt_ids(prompt, messages, settings), settings, cancel, started)
+
+    def submit(self, prompt_ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
+        """Like Engine.stream_tokens: generate from token ids as they are."""
+        started = time.perf_counter()
+        settings = _checked(settings)
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("no prompt tokens")
+        if min(ids) < 0 or max(ids) >= self.engine.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.engine.vocab_size})")
+        return self._submit(ids, settings, cancel, started)
+
+    stream_tokens = submit
+
+    def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+                 cancel=None) -> GenerationResult:
+        parts, ids, last = [], [], None
+        for event in self.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel):
+            parts.append(event.text)
+            ids.extend(event.token_ids)
+            last = event
+        return GenerationResult("".join(parts), ids, last.stats, last.finish_reason)
+
+    def stats(self) -> dict:
+        """Occupancy and memory, for a status line or a health endpoint."""
+        with self._cond:
+            return {"slots": self.pool.slots, "running": len(self._prefilling) + len(self._decoding),
+                    "decoding": len(self._decoding), "waiting": len(self._waiting),
+                    "free_slots": self.pool.free_slots, "slot_capacity": self.capacity,
+                    "kv_cache_mb": self.pool.nbytes / 2**20, "steps": self.steps}
+
+    def close(self) -> None:
+        """Stop the scheduler; unfinished streams end with finish_reason "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- submission -----------------------------------------------------------------------
+    def _submit(self, ids: list[int], settings, cancel, started: float) -> BatchStream:
+        if len(ids) >= self.capacity:
+            raise PromptTooLongError(len(ids), self.capacity, " (the batcher's slot capacity)")
+        seq = _Sequence(ids, settings, cancel, started, self)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            if len(self._waiting) >= self.max_queue and not self.pool.free_slots:
+                raise QueueFullError(f"all {self.pool.slots} slots are busy and {len(self._waiting)} "
+                                     "requests are waiting; try again later")
+            self._waiting.append(seq)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return BatchStream(seq, self)
+
+    def _position(self, seq: _Sequence) -> int:
+        with self._cond:
+            for i, waiting in enumerate(self._waiting):
+                if waiting is seq:
+                    return i + 1
+        return 0
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._decoding)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._waiting or self._prefilling or self._decoding):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                self._admit()
+            try:
+                self._memory = (rss_mb(), peak_rss_mb())
+                self._reap()
+                if self._decoding:
+                    self._decode_step()
+                if self._prefilling:
+                    self._prefill_chunk()
+            except Exception as e:  # a bug here must not leave the callers waiting forever
+                for seq in self._prefilling + list(self._decoding.values()):
+                    self._fail(seq, e)
+                self._prefilling.clear()
+                self._decoding.clear()
+        for seq in list(self._waiting) + self._prefilling + list(self._decoding.values()):
+            self._end(seq, "", "cancelled")
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, in order; the ones already ended leave the queue."""
+        for seq in [s for s in self._waiting if s.reason()]:
+            self._waiting.remove(seq)
+            self._end(seq, "", seq.reason())
+        while self._waiting and self.pool.free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self.pool.acquire()
+            seq.t_admitted = time.perf_counter()
+            seq.stats.queue_wait_s = seq.t_admitted - seq.started
+            self._prefilling.append(seq)
+
+    def _reap(self) -> None:
+        """End the running sequences whose caller cancelled, closed or ran out of time."""
+        for seq in [s for s in self._prefilling if s.reason()]:
+            self._prefilling.remove(seq)
+            self._end(seq, "", seq.reason())
+        for slot, seq in list(self._decoding.items()):
+            reason = seq.reason()
+            if reason:
+                del self._decoding[slot]
+                self._end(seq, seq.finish.flush(), reason)
+
+    def _prefill_chunk(self) -> None:
+        seq = self._prefilling[0]
+        n = self.prefill_chunk
+        if len(seq.ids) - seq.prefilled - n == 1:
+            # Never end on a 1-token chunk: GQA computes a lone token by its decode path,
+            # whose logits differ in the last bits from the same token inside a chunk
+            # (chunks of 2 or more tokens all agree; tests/test_batch_attention.py).
+            n += 1
+        chunk = seq.ids[seq.prefilled:seq.prefilled + n]
+        try:
+            logits = self.pool.prefill(seq.slot, chunk)
+        except Exception as e:  # onnxruntime's error: this request fails, the others go on
+            self._prefilling.pop(0)
+            self._fail(seq, e)
+            return
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.ids):
+            return
+        self._prefilling.pop(0)
+        now = time.perf_counter()
+        seq.stats.prefill_s = now - seq.t_admitted
+        seq.stats.prefill_tokens_per_s = len(seq.ids) / max(seq.stats.prefill_s, 1e-9)
+        token = seq.sampler(logits)
+        seq.t_first = time.perf_counter()
+        seq.stats.ttft_s = seq.t_first - seq.started
+        if self._emit(seq, token):
+            self._decoding[seq.slot] = seq
+
+    def _decode_step(self) -> None:
+        batch = dict(self._decoding)
+        try:
+            logits = self.pool.decode({slot: seq.token for slot, seq in batch.items()})
+        except Exception as e:
+            for slot, seq in batch.items():
+                del self._decoding[slot]
+                self._fail(seq, e)
+            return
+        self.steps += 1
+        for slot, seq in batch.items():
+            seq._batch_sum += len(batch)
+            seq.stats.max_batch_size = max(seq.stats.max_batch_size, len(batch))
+            if not self._emit(seq, seq.sampler(logits[slot])):
+                del self._decoding[slot]
+
+    def _emit(self, seq: _Sequence, token: int) -> bool:
+        """Hand the sampled token to the stream; False when that ended the sequence."""
+        text, reason = seq.finish.accept(token)
+        reason = reason or seq.reason()
+        if reason is not None and reason != "stop":
+            text += seq.finish.flush()
+        seq.token = token
+        self._send(seq, text, [token], reason)
+        if reason is not None:
+            self._release(seq)
+            return False
+        return True
+
+    def _end(self, seq: _Sequence, text: str, reason: str) -> None:
+        self._send(seq, text, [], reason)
+        self._release(seq)
+
+    def _fail(self, seq: _Sequence, error: BaseException) -> None:
+        seq.done = True
+        seq.events.put(error)
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.done = True
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+
+    def _send(self, seq: _Sequence, text: str, token_ids: list[int], reason: str | None) -> None:
+        s, now = seq.stats, time.perf_counter()
+        s.new_tokens += len(token_ids)
+        s.total_s = now - seq.started
+        if s.new_tokens > 1:
+            s.decode_s = now - seq.t_first
+            s.decode_tokens_per_s = (s.new_tokens - 1) / max(s.decode_s, 1e-9)
+        steps = max(s.new_tokens - 1, 0)
+        s.batch_size = seq._batch_sum / steps if steps else 0.0
+        s.rss_mb, s.peak_rss_mb = self._memory[0], max(self._memory)
+        seq.events.put(GenerationEvent(text=text, token_ids=token_ids, stats=dataclasses.replace(s),
+                                       done=reason is not None, finish_reason=reason))
+
+
+class BatchedEngine:
+    """An Engine whose generations go through a Batcher: a drop-in for callers that hold an
+    Engine (the API's model registry, the page). stream / stream_tokens / generate run in the
+    shared batch; everything else (prompt_ids, render_chat, context_length, tokenizer, ...)
+    is the wrapped engine's.
+
+        engine = BatchedEngine(Engine(folder, "ternary"), slots=8)
+    """
+
+    def __init__(self, engine: Engine, **batcher_options):
+        self.engine = engine
+        self.batcher = Batcher(engine, **batcher_options)
+
+    def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+               cancel=None) -> BatchStream:
+        return self.batcher.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def stream_tokens(self, ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
+        return self.batcher.submit(ids, settings, cancel)
+
+    def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
+                 cancel=None) -> GenerationResult:
+        return self.batcher.generate(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    @property
+    def active_generations(self) -> int:
+        return self.batcher.running
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def __getattr__(self, name):  # everything else: the wrapped engine's
+        return getattr(self.engine, name)
+
+    def __repr__(self):
+        return f"BatchedEngine({self.engine!r}, slots={self.batcher.pool.slots})"

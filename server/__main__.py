@@ -22,7 +22,16 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--page", action="store_true", help="mount a minimal Gradio page at /")
+    # Ray Serve: one engine per replica (server/ray_serve.py; pip install -r requirements-ray.txt)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (RAY_ADDRESS: an existing cluster)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default: %(default)s)")
+    p.add_argument("--threads-per-replica", type=int, default=1, help="with --ray (default: %(default)s)")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
     args = p.parse_args(argv)
+    if args.ray:
+        from .ray_serve import main as ray_main
+
+        return ray_main(args)
 
     import uvicorn
 

@@ -1,4 +1,5 @@
-"""The output folder: atomic creation, tokenizer files, and bitnet_onnx.json."""
+"""The output folder: atomic creation, tokenizer files, and the config's contents (the file
+format itself is runtime/folder.py's)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import json
 import os
 import shutil
 
+from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, is_exported, write_config  # noqa: F401
+
 from .checkpoint import ModelSpec
 from .errors import ExportError
 
-CONFIG_NAME = "bitnet_onnx.json"
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
 EOT_TOKEN = "<|eot_id|>"
 
 # BitNet b1.58 2B4T's chat template (DESIGN section 2), used when the checkpoint has none.
@@ -96,9 +95,7 @@ def tokenizer_metadata(folder: str, spec: ModelSpec) -> dict:
 
 
 def model_config(spec: ModelSpec, source: str, token_meta: dict, variants: dict, extra: dict) -> dict:
-    return {
-        "format": "bitnet-onnx",
-        "format_version": FORMAT_VERSION,
+    return {  # runtime.folder.write_config adds "format" and "format_version"
         "source": source,
         "architecture": spec.architecture,
         "num_layers": spec.num_layers,
@@ -113,7 +110,7 @@ def model_config(spec: ModelSpec, source: str, token_meta: dict, variants: dict,
         "rms_norm_eps": spec.rms_norm_eps,
         "tie_word_embeddings": spec.tie_word_embeddings,
         **token_meta,
-        "custom_op_domain": "bitnet",
+        "custom_op_domain": CUSTOM_OP_DOMAIN,
         "variants": variants,
         **extra,
     }
@@ -126,23 +123,46 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
             shutil.copyfile(path, os.path.join(dst, name))
 
 
-def write_config(folder: str, config: dict) -> None:
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+def _within(path: str, folder: str) -> bool:
+    """Is `path` (a resolved path) `folder` itself or inside it?"""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_dir(out_dir: str, source_dir: str, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that could destroy the source or
+    something that is not a model folder (issue: `--out SOURCE --overwrite` once deleted the
+    checkpoint). Paths are compared resolved (symlinks, `..`), and the output may not contain
+    any file the source's files link to (a hub snapshot's files link into its blob store)."""
+    out, src = os.path.realpath(out_dir), os.path.realpath(source_dir)
+    if _within(out, src) or _within(src, out):
+        where = "is" if out == src else "lies inside" if _within(out, src) else "contains"
+        raise ExportError(f"--out {out_dir} {where} the source checkpoint folder {src}; choose "
+                          f"another folder, e.g. --out {source_dir.rstrip('/')}-onnx")
+    for name in os.listdir(source_dir):
+        real = os.path.realpath(os.path.join(source_dir, name))
+        if _within(real, out):
+            raise ExportError(f"--out {out_dir} contains the source file {real} "
+                              f"({os.path.join(source_dir, name)} links to it); choose another folder")
+    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists and is not empty (pass --overwrite to replace "
+                          "an exported model folder)")
+    if not os.path.isdir(out_dir) or not is_exported(out_dir):
+        raise ExportError(f"{out_dir} is not an exported model folder (no {CONFIG_NAME}); --overwrite "
+                          "replaces only those: choose another --out")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool):
+def atomic_output_dir(out_dir: str, overwrite: bool, source_dir: str):
     """Yield a temporary folder beside out_dir; rename it to out_dir only on success.
 
     A failed or killed export leaves at most a hidden `.NAME.partial-PID` folder (removed on
     failure, and by the next export), never something that looks like a finished model.
     """
+    check_output_dir(out_dir, source_dir, overwrite)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ExportError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(parent, f".{name}.partial-*")):
         pid = stale.rsplit("-", 1)[-1]

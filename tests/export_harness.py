@@ -8,28 +8,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import onnxruntime as ort
 
+from runtime.folder import needs_custom_ops, read_config, variant_path
+from runtime.session import open_session
+
+
+ALL_POSITIONS = np.zeros([1], np.int64)  # num_logits_to_keep = 0: logits for every position
+
 
 def load_config(folder) -> dict:
-    with open(os.path.join(folder, "bitnet_onnx.json")) as f:
-        return json.load(f)
+    return read_config(folder)
 
 
 def make_session(folder, variant: str = "ternary") -> ort.InferenceSession:
-    cfg = load_config(folder)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    if variant == "ternary":
-        import custom_ops
-
-        so.register_custom_ops_library(custom_ops.library_path())
-    path = os.path.join(folder, cfg["variants"][variant])
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    """The variant's session, opened exactly as the engine opens it (one thread)."""
+    return open_session(variant_path(folder, variant), threads=1, custom_ops=needs_custom_ops(variant))
 
 
 class GrowingCache:
@@ -46,7 +41,8 @@ class GrowingCache:
     def step(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self.length += ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64), **self.past}
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64),
+                "num_logits_to_keep": ALL_POSITIONS, **self.past}
         outputs = dict(zip(self.output_names, self.session.run(None, feed)))
         for name in self.past:
             present = outputs[name.replace("past_key_values", "present")]
@@ -71,6 +67,7 @@ class SharedBuffer:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, self.length), np.int64))
+        binding.bind_cpu_input("num_logits_to_keep", ALL_POSITIONS)
         binding.bind_output("logits")  # first, so it is output 0 below
         for (i, kind), value in self.buffers.items():
             binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 
-CONFIG_NAME = "bitnet_onnx.json"  # the folder format's config (runtime/folder.py once it lands)
-# What a folder needs besides its variants' model files.
-FOLDER_FILES = (CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "generation_config.json", "genai_config.json", "README.md")
+from runtime.folder import CONFIG_NAME, TOKENIZER_FILES
+
+# What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
+FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
 
 
 class HubFolderError(Exception):
@@ -54,10 +54,12 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
     model_files = [listed[v] for v in wanted]
-    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data", f + "_data")]
+    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
     folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                local_files_only=offline)
-    missing = [f for f in model_files + ["tokenizer.json"] if not os.path.isfile(os.path.join(folder, f))]
+    # every variant's graph keeps its weights beside it in FILE.data (runtime/folder.py)
+    needed = [p for f in model_files for p in (f, f + ".data")] + ["tokenizer.json"]
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise HubFolderError(f"{repo_id} is an exported folder but its snapshot lacks {', '.join(missing)}"
                              + (" (offline: only the hub cache was read)" if offline else ""))

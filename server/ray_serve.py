@@ -140,6 +140,24 @@ def build_app(model_dir: str, *, name: str | None = None, variant: str = "ternar
     return deployment.bind(model_dir, name, variant, options.threads_per_replica, limits.as_dict())
 
 
+def app_builder(args: dict):
+    """Ray Serve's application-builder form, for `serve run` and KubeRay's serveConfigV2:
+
+        serve run server.ray_serve:app_builder model_dir=/models/x replicas=2
+        # serveConfigV2: import_path: server.ray_serve:app_builder, args: {model_dir: ..., autoscale: "1:8"}
+
+    args: model_dir (required), name, variant, replicas, threads_per_replica, autoscale ("MIN:MAX").
+    """
+    if not args.get("model_dir"):
+        raise ValueError("app_builder needs model_dir=DIR (an exported model folder)")
+    autoscale = args.get("autoscale")
+    options = RayOptions(replicas=int(args.get("replicas", 1)),
+                         threads_per_replica=int(args.get("threads_per_replica", 1)),
+                         autoscale=parse_autoscale(str(autoscale)) if autoscale else None)
+    return build_app(args["model_dir"], name=args.get("name"), variant=args.get("variant", "ternary"),
+                     options=options)
+
+
 def replica_runtime_env() -> dict:
     """Replicas do not inherit this process's PYTHONPATH: point them at this checkout (the
     same path on every node of a multi-node cluster) and pass the API key, if any."""

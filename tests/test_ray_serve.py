@@ -78,6 +78,18 @@ def test_deployment_options_follow_the_flags():
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 4, 2)
 
 
+@needs_ray
+def test_app_builder_for_serve_run_and_kuberay():
+    from server.ray_serve import app_builder
+
+    app = app_builder({"model_dir": DEMO, "autoscale": "1:3", "threads_per_replica": "2"})
+    dep = app._bound_deployment
+    assert dep._deployment_config.autoscaling_config.max_replicas == 3
+    assert dep.ray_actor_options["num_cpus"] == 2
+    with pytest.raises(ValueError, match="model_dir"):
+        app_builder({})
+
+
 # -- end to end, in a network namespace ------------------------------------------------------
 @needs_ray
 def test_two_replicas_stream_share_load_and_cancel_on_disconnect(tmp_path):

@@ -197,25 +197,34 @@ def start(model_dir: str, *, name=None, variant="ternary", options: RayOptions |
 def main(args) -> int:
     """`python -m server DIR --ray ...` (args from server/__main__.py)."""
     try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError as e:
-        print(f"error: --ray needs Ray Serve ({e}); install it with: pip install -r requirements-ray.txt",
-              file=sys.stderr)
-        return 2
-    try:
         options = RayOptions(replicas=args.replicas, threads_per_replica=args.threads_per_replica,
                              autoscale=parse_autoscale(args.autoscale) if args.autoscale else None)
         options.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not os.path.isdir(args.model_dir):
-        print(f"error: {args.model_dir!r} is not a folder (export one with python -m export SOURCE --out DIR)",
+    if args.threads is not None or args.page:
+        print("error: with --ray use --threads-per-replica (not --threads); --page is not served by Ray",
               file=sys.stderr)
         return 2
+    try:  # check the folder here, in one line, rather than in every replica's traceback
+        from runtime.folder import variant_path
+
+        variant_path(args.model_dir, args.variant)
+    except Exception as e:  # noqa: BLE001 - EngineError / VariantNotFoundError: their message is the hint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        print(f"error: --ray needs Ray Serve ({e}); install it with: pip install -r requirements-ray.txt",
+              file=sys.stderr)
+        return 2
+    import signal
     import time
 
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: shut Serve down
     url = start(args.model_dir, name=args.name, variant=args.variant, options=options,
                 host=args.host, port=args.port)
     print(f"serving on {url}/v1 (Ray Serve, app {APP_NAME!r}); Ctrl-C stops", flush=True)
@@ -223,6 +232,7 @@ def main(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
         from ray import serve
 
         serve.shutdown()

@@ -50,6 +50,8 @@ def test_options_are_checked(options, message):
     (["--replicas", "0"], "--replicas must be >= 1"),
     (["--autoscale", "4"], "--autoscale takes MIN:MAX"),
     (["--autoscale", "5:2"], "--autoscale MIN:MAX needs"),
+    (["--threads", "2"], "use --threads-per-replica"),
+    ([], "is not an exported model folder"),
 ])
 def test_cli_bad_ray_flags_fail_in_one_line(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "server", str(tmp_path), "--ray", *args],

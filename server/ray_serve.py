@@ -224,9 +224,10 @@ def main(args) -> int:
     import signal
     import time
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: shut Serve down
     url = start(args.model_dir, name=args.name, variant=args.variant, options=options,
                 host=args.host, port=args.port)
+    # after ray.init, which installs its own SIGTERM handler: stop like Ctrl-C, Serve shut down
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"serving on {url}/v1 (Ray Serve, app {APP_NAME!r}); Ctrl-C stops", flush=True)
     try:
         while True:

@@ -15,6 +15,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -141,9 +142,12 @@ def main(argv=None) -> int:
                       "ok": len(results), "errors": errors, "per_replica": per_replica,
                       "completion_tokens": [r["completion_tokens"] for r in results],
                       "disconnect": disconnect}), flush=True)
+    import ray
     from ray import serve
 
     serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's session logs of this run
     return 0
 
 

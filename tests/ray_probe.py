@@ -99,6 +99,29 @@ def disconnect_one(client, model: str, base_url: str) -> dict:
             "settled_s": round(time.monotonic() - closed_at, 3), "replica_queries": asked}
 
 
+def error_answers(base_url: str, model: str) -> dict:
+    """Status and error code of a few bad requests: the server's own checks, behind Ray."""
+    import httpx
+
+    cases = {
+        "unknown_model": ("POST", "/v1/chat/completions", {"json": {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}}),
+        "bad_json": ("POST", "/v1/chat/completions", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        "bad_temperature": ("POST", "/v1/chat/completions", {"json": {"model": model, "temperature": 9, "messages": [{"role": "user", "content": "hi"}]}}),
+        "unknown_route": ("GET", "/v1/nothing", {}),
+        "wrong_method": ("GET", "/v1/chat/completions", {}),
+    }
+    out = {}
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for name, (method, path, kw) in cases.items():
+            r = http.request(method, path, **kw)
+            try:
+                code = r.json()["error"]["code"]
+            except Exception:  # noqa: BLE001 - not our JSON error shape: reported as such
+                code = f"not JSON: {r.text[:80]!r}"
+            out[name] = [r.status_code, code]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir")
@@ -138,10 +161,11 @@ def main(argv=None) -> int:
     for r in results:
         per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
     disconnect = disconnect_one(client, model, url)
+    errors_behind_ray = error_answers(url, model)
     print(RESULT_PREFIX + json.dumps({"startup_s": round(startup_s, 2), "requests": args.requests,
                       "ok": len(results), "errors": errors, "per_replica": per_replica,
                       "completion_tokens": [r["completion_tokens"] for r in results],
-                      "disconnect": disconnect}), flush=True)
+                      "disconnect": disconnect, "error_answers": errors_behind_ray}), flush=True)
     import ray
     from ray import serve
 

@@ -8,8 +8,8 @@ Default model: microsoft/bitnet-b1.58-2B-4T, downloaded and exported once into t
 (BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx). Without the hub and
 without a cached copy it says so and serves a fallback model, with a banner on the page.
 The page is served at once; the model is prepared in the background and the page shows the
-progress. The same server answers the OpenAI-compatible API at /v1 (server/, when present),
-sharing one CPU gate with the page. Hugging Face Spaces runs this file as is (docs/SPACES.md).
+progress. The same server answers the OpenAI-compatible API at /v1 (server/), sharing one CPU
+gate with the page. Hugging Face Spaces runs this file as is (docs/SPACES.md).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import os
 import sys
 
 from playground.models import DEFAULT_MODEL
-from playground.service import Playground
+from playground.service import DEFAULT_QUEUE_SIZE, Playground
 from playground.ui import build_demo, launch_kwargs
-
-DEFAULT_QUEUE_SIZE = 16
+from server import Gate, Limits, attach_api
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,31 +50,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def create_playground(args: argparse.Namespace) -> Playground:
+def create_playground(args: argparse.Namespace, limits: Limits | None = None) -> Playground:
+    """The playground, holding the one CPU gate that page and API share (the API's limits:
+    a page turn waits in the same FIFO queue as API requests)."""
+    limits = limits or Limits.from_env()
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    return Playground(model=args.model, threads=args.threads, variants=variants)
+    pg = Playground(model=args.model, threads=args.threads, variants=variants,
+                    gate=Gate(limits.concurrency, limits.queue_size, limits.history))
+    pg.gate_timeout_s = limits.queue_timeout_s
+    return pg
 
 
 def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
-    """The queued Blocks: one generation at a time (the engines use every core)."""
+    """The queued Blocks. Gradio's queue only bounds how many requests are in flight; the
+    one-at-a-time order on the CPU is the gate's (so Stop can withdraw a waiting turn)."""
     demo = build_demo(pg)
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
     return demo
 
 
-def attach_api(demo, pg: Playground):
-    """Serve the OpenAI-compatible API (server/, /v1) from the page's own FastAPI app, sharing
-    one CPU gate with the page: a page generation and an API generation never run at once.
-    Returns the API state, or None when the server package is not there."""
-    try:
-        from server import Gate, Limits, install_api
-    except ImportError:
-        return None
-    limits = Limits.from_env()
-    gate = Gate(limits.concurrency, limits.queue_size, limits.history)
-    pg.gate, pg.gate_timeout_s = gate, limits.queue_timeout_s
-    # pg.api_models: {model id: ternary engine} once ready, None (503 "loading") before.
-    return install_api(demo.app, pg.api_models, limits=limits, gate=gate, first=True)
+def print_urls(local_url: str, share_url: str | None, api: bool) -> None:
+    """What the app prints at start (python -m server prints the same way): its URLs, and
+    the app's own flag for a public link (not Gradio's "share=True in launch()")."""
+    print(f"[bitnet-onnx] page at {local_url}", flush=True)
+    if api:
+        print(f"[bitnet-onnx] OpenAI-compatible API at {local_url.rstrip('/')}/v1", flush=True)
+    if share_url:
+        print(f"[bitnet-onnx] public link: {share_url}", flush=True)
+    elif not os.environ.get("SPACE_ID"):
+        print("[bitnet-onnx] for a public link, run again with --share", flush=True)
 
 
 def main(argv=None) -> int:
@@ -84,13 +87,16 @@ def main(argv=None) -> int:
     if os.environ.get("SPACE_ID"):
         args.host = "0.0.0.0"  # a Space routes to the container's port 7860
         args.share = False  # ignored on Spaces anyway
-    pg = create_playground(args)
+    limits = Limits.from_env()
+    pg = create_playground(args, limits)
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True,
                 show_error=True, prevent_thread_lock=True, **launch_kwargs())
-    if args.api and attach_api(demo, pg) is not None:
-        print(f"[bitnet-onnx] OpenAI-compatible API at {demo.local_url.rstrip('/')}/v1", flush=True)
+    if args.api:
+        # pg.api_models: {model id: ternary engine} once ready, None (503 "loading") before.
+        attach_api(demo, pg.api_models, limits=limits, gate=pg.gate)
+    print_urls(demo.local_url, demo.share_url, args.api)
     demo.block_thread()
     return 0
 

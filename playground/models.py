@@ -39,13 +39,15 @@ class ResolvedModel:
     untrained: bool = False  # random weights: answers are noise
     notice: str = ""  # one plain line about how we got here ("" when all went as asked)
     log: list = field(default_factory=list)
+    source_name: str = ""  # the checkpoint folder's name when the folder is a cache copy
 
     @property
     def model_id(self) -> str:
-        """A short id for APIs: the hub id when that is what is served, else the folder name."""
+        """A readable id for the API: the hub id when that is what is served, else the name of
+        the folder the user knows (the checkpoint's, not the cache copy's with its hash)."""
         if not self.fallback and self.requested.count("/") == 1 and not os.path.exists(self.requested):
             return self.requested
-        return os.path.basename(os.path.normpath(self.folder))
+        return self.source_name or os.path.basename(os.path.normpath(self.folder))
 
 
 def model_cache_dir() -> Path:
@@ -167,7 +169,8 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, check_
                 progress(f"using the cached export of {spec} in {out}")
             else:
                 _export(os.path.abspath(spec), out, variants or STAND_IN_VARIANTS, progress)
-            return ResolvedModel(str(out), os.path.basename(os.path.abspath(spec)), spec)
+            name = os.path.basename(os.path.abspath(spec))
+            return ResolvedModel(str(out), name, spec, source_name=name)
         raise SystemExit(f"{spec} is neither an exported model folder ({CONFIG_NAME}) "
                          "nor a checkpoint folder (config.json)")
     if os.path.exists(spec) or spec.count("/") != 1:
@@ -242,13 +245,15 @@ def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
     for path in demo_candidates():
         try:
             if is_exported(path):
-                return ResolvedModel(str(path), name, requested, fallback=requested != "demo")
+                return ResolvedModel(str(path), name, requested, fallback=requested != "demo",
+                                     source_name=path.name)
             if is_checkpoint(path):
                 out = model_cache_dir() / ("demo-" + _local_cache_name(str(path)))
                 newest = max(os.path.getmtime(p) for p in path.iterdir())
                 if not (is_exported(out) and os.path.getmtime(out / CONFIG_NAME) >= newest):
                     _export(str(path), out, STAND_IN_VARIANTS, progress)
-                return ResolvedModel(str(out), name, requested, fallback=requested != "demo")
+                return ResolvedModel(str(out), name, requested, fallback=requested != "demo",
+                                     source_name=path.name)
         except Exception as e:  # noqa: BLE001 - a broken demo folder must not stop the app
             progress(f"the demo model in {path} cannot be used ({type(e).__name__}: {e}); "
                      "using a tiny random stand-in")

@@ -1,75 +1,37 @@
-"""The playground's back end: prepares the model, holds the engines, runs compare-mode chats.
+"""The playground's back end: prepares the model, holds the engines, runs compare-mode turns.
 
 No generation logic lives here: `runtime.Engine.stream` does that. This module decides which
-engines run, in what order (ternary first, then the baseline, never both at once, so neither
-is timed while the other holds the cores), and turns their events into what the page shows.
+engines run, in what order (ternary first, then the baseline, each holding the one CPU slot of
+the gate shared with the HTTP API, so neither is timed while something else holds the cores),
+and writes their answers into the conversation (playground/conversation.py), which the page
+renders (playground/formatting.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import html
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
 from collections import deque
 
+from runtime.cpus import available_threads
+from server.scheduler import Busy, Gate
+
+from .conversation import NO_BASELINE, TERNARY, model_messages, new_turn, turns_of
 from .models import DEFAULT_MODEL, ResolvedModel, resolve_model
 
 log = logging.getLogger("bitnet-onnx.app")
 
 BASELINES = ("int2", "int4", "fp32")
-NO_BASELINE = "none"
-LABELS = {"ternary": "ternary (BitLinear)", "int2": "int2 (stock ORT MatMulNBits 2-bit)",
-          "int4": "int4 (stock ORT MatMulNBits 4-bit)", "fp32": "fp32 (stock ORT MatMul)"}
-SHORT = {"ternary": "ternary", "int2": "int2", "int4": "int4", "fp32": "fp32"}
-UPDATE_EVERY_S = 0.1  # at most ~10 page updates per second per pane while streaming
-WAITING = "*waiting: the baseline runs after the ternary engine, so the two never share the cores*"
-MAX_TIMELINE_POINTS = 240
-# Each engine's answer is cut after this many seconds (checked between tokens), so a slow
+UPDATE_EVERY_S = 0.1  # at most ~10 page updates per second while streaming
+MAX_TIMELINE_POINTS = 480  # kept per answer (the chart shows at most half of them)
+# Each engine's answer is cut after this many seconds (the engine's max_time_s), so a slow
 # baseline cannot hold the one CPU slot for minutes; its tokens/s stay a fair rate.
 TIME_LIMIT_S = float(os.environ.get("BITNET_APP_TIME_LIMIT_S", "120"))
-
-
-class _EitherSet:
-    """A cancel flag for one engine run: the user's Stop, or the run's time limit."""
-
-    def __init__(self, user: threading.Event):
-        self.user = user
-        self.timed_out = False
-
-    def is_set(self) -> bool:
-        return self.user.is_set() or self.timed_out
-
-
-def available_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
-    (containers such as a Space's often see all the host's cores but get 2 CPUs of time;
-    one thread per visible core would oversubscribe them and spoil the timings)."""
-    import math
-
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
-        try:
-            with open(path) as f:
-                parts = f.read().split()
-            if path.endswith("cpu.max"):
-                quota, period = parts[0], parts[1] if len(parts) > 1 else "100000"
-            else:
-                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-                    quota, period = parts[0], f.read().strip()
-            if quota not in ("max", "-1") and float(period) > 0:
-                n = min(n, max(1, math.ceil(float(quota) / float(period))))
-            break
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(1, n)
+DEFAULT_QUEUE_SIZE = 16
 
 
 class NotReady(RuntimeError):
@@ -84,181 +46,57 @@ class CpuBusy(RuntimeError):
     """The CPU gate shared with the HTTP API refused the run or timed out."""
 
 
-# -- text helpers --------------------------------------------------------------------------------
-
-def flatten_content(content) -> str:
-    """Chatbot message content as text: Gradio 6 sends a list of blocks
-    ([{"type": "text", "text": ...}]); older clients send a string."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        if isinstance(content.get("text"), str):
-            return content["text"]
-        return flatten_content(content.get("content"))
-    if isinstance(content, (list, tuple)):
-        return "".join(flatten_content(b) for b in content)
-    return str(content)
-
-
-def shown(text: str) -> str:
-    """Text as the chatbot displays it: HTML escaped, so markup and scripts show as text."""
-    return html.escape(text, quote=False)
-
-
-def unshown(text: str) -> str:
-    return html.unescape(text)
-
-
-def history_to_messages(history) -> list[dict]:
-    """Chatbot value (display form) -> raw [{"role", "content": str}] for the chat template.
-    Placeholders of a pane that never answered are dropped with their user turn."""
-    out = []
-    for m in history or []:
-        if not isinstance(m, dict):
-            continue
-        role = m.get("role")
-        if role not in ("user", "assistant"):
-            continue
-        if (m.get("metadata") or {}).get("title"):  # notes we add, not conversation
-            continue
-        out.append({"role": role, "content": unshown(flatten_content(m.get("content")))})
-    return out
-
-
-def user_turns(history) -> int:
-    return sum(1 for m in history_to_messages(history) if m["role"] == "user")
-
-
-def drop_last_exchange(history) -> tuple[list, str | None]:
-    """Remove the last user message and everything after it; return (history, its raw text)."""
-    history = list(history or [])
-    for i in range(len(history) - 1, -1, -1):
-        m = history[i]
-        if isinstance(m, dict) and m.get("role") == "user":
-            return history[:i], unshown(flatten_content(m.get("content")))
-    return history, None
-
-
-def _fmt_mb(mb: float) -> str:
-    return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB" if mb >= 10 else f"{mb:.1f} MB"
-
-
-def _fmt_s(seconds: float) -> str:
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.0f} ms" if seconds >= 0.01 \
-        else f"{seconds * 1000:.1f} ms"
-
-
-def stats_markdown(variant: str, stats: dict | None, state: str, weights_mb: float | None) -> str:
-    """One pane's stats line."""
-    head = f"**{LABELS.get(variant, variant)}** · {state}"
-    if not stats:
-        return head
-    parts = [
-        f"TTFT **{_fmt_s(stats['ttft_s'])}**" if stats.get("new_tokens") else "TTFT –",
-        f"prefill **{stats['prefill_tokens_per_s']:.1f} tok/s**" if stats.get("new_tokens") else "prefill –",
-        f"decode **{stats['decode_tokens_per_s']:.1f} tok/s**" if stats.get("new_tokens", 0) > 1 else "decode –",
-        f"tokens **{stats.get('prompt_tokens', 0)}** in + **{stats.get('new_tokens', 0)}** out",
-    ]
-    mem = []
-    if weights_mb is not None:
-        mem.append(f"weights **{_fmt_mb(weights_mb)}**")
-    if stats.get("rss_mb"):
-        mem.append(f"process RSS {_fmt_mb(stats['rss_mb'])}")
-    if mem:
-        parts.append(" · ".join(mem))
-    return head + "  \n" + " · ".join(parts)
-
-
-def summary_line(t: dict | None, b: dict | None, base: str, weights: dict) -> str:
-    """The one-line verdict after both engines answered."""
-    if not t:
-        return ""
-    if not b or base == NO_BASELINE:
-        why = "no baseline selected" if base == NO_BASELINE else f"the {base} baseline did not run"
-        return (f"Ternary engine: {t['decode_tokens_per_s']:.1f} tok/s decode, "
-                f"TTFT {_fmt_s(t['ttft_s'])} ({why}).")
-    td, bd = t["decode_tokens_per_s"], b["decode_tokens_per_s"]
-    speed = f"{td / bd:.2f}x" if bd > 0 and td > 0 else "n/a"
-    line = (f"**Speed-up: ternary decodes {speed} as fast as {base}** ({td:.1f} vs {bd:.1f} tok/s; "
-            f"prefill {t['prefill_tokens_per_s']:.0f} vs {b['prefill_tokens_per_s']:.0f} tok/s; "
-            f"TTFT {_fmt_s(t['ttft_s'])} vs {_fmt_s(b['ttft_s'])})")
-    wt, wb = weights.get("ternary"), weights.get(base)
-    if wt and wb:
-        line += f" · **memory: {wt / wb:.2f}x** the {base} weights ({_fmt_mb(wt)} vs {_fmt_mb(wb)})"
-    return line + "."
-
-
-def _downsample(points: list, limit: int = MAX_TIMELINE_POINTS) -> list:
-    if len(points) <= limit:
-        return points
-    step = len(points) / limit
-    picked = [points[int(i * step)] for i in range(limit)]
-    return picked[:-1] + [points[-1]]
-
-
-def chart_frames(results: dict):
-    """(decode tok/s per engine, tokens over time) as pandas DataFrames for the native plots."""
-    import pandas as pd
-
-    speed = pd.DataFrame(
-        [{"engine": SHORT.get(v, v), "decode tok/s": round(r["stats"]["decode_tokens_per_s"], 2)}
-         for v, r in results.items() if r.get("stats")],
-        columns=["engine", "decode tok/s"])
-    rows = []
-    for v, r in results.items():
-        for t, n in _downsample(r.get("timeline", [])):
-            rows.append({"seconds": round(t, 4), "tokens": n, "engine": SHORT.get(v, v)})
-    timeline = pd.DataFrame(rows, columns=["seconds", "tokens", "engine"])
-    return speed, timeline
-
-
-# -- the service -----------------------------------------------------------------------------------
-
-@dataclasses.dataclass
 class ChatSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 42  # the same seed on both engines: the same tokens when their logits agree; -1 = random
+    """The page's sampling settings; seed < 0 (the default) = a fresh random seed per turn."""
 
-    def to_runtime(self):
+    def __init__(self, max_new_tokens=256, temperature=0.6, top_p=0.9, top_k=0,
+                 repetition_penalty=1.0, seed=-1):
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.top_k, self.repetition_penalty, self.seed = top_k, repetition_penalty, seed
+
+    def turn_seed(self) -> int:
+        """The seed of one turn (both engines share it: the same tokens where their logits agree)."""
+        if self.seed is None or int(self.seed) < 0:
+            return secrets.randbelow(2**31)
+        return int(self.seed)
+
+    def to_runtime(self, seed: int, max_time_s: float | None = None):
         from runtime import GenerationSettings
 
-        seed = None if self.seed is None or int(self.seed) < 0 else int(self.seed)
         return GenerationSettings(
             max_new_tokens=max(1, int(self.max_new_tokens)), temperature=max(0.0, float(self.temperature)),
             top_k=max(0, int(self.top_k)), top_p=min(1.0, max(1e-3, float(self.top_p))),
-            repetition_penalty=max(1e-3, float(self.repetition_penalty)), seed=seed, truncate=True)
+            repetition_penalty=max(1e-3, float(self.repetition_penalty)), seed=int(seed), truncate=True,
+            max_time_s=max_time_s)
 
 
 class Playground:
     """Model preparation (in a background thread, so the page can show progress) and chats."""
 
     def __init__(self, model: str | None = DEFAULT_MODEL, threads: int | None = None,
-                 variants=None, resolver=resolve_model, time_limit_s: float = TIME_LIMIT_S):
+                 variants=None, resolver=resolve_model, time_limit_s: float = TIME_LIMIT_S,
+                 gate: Gate | None = None):
         self.model_spec = model or DEFAULT_MODEL
-        self.threads = threads or available_cpus()
+        self.threads = threads or available_threads()
         self.variants_requested = variants
         self.resolver = resolver
         self.time_limit_s = time_limit_s
-        # A server.Gate shared with the OpenAI-compatible API (set by app.py): each engine run
-        # holds one slot, so page and API never generate on the CPU at the same time.
-        self.gate = None
+        # The one admission layer of page and API: each engine run holds one slot, FIFO with
+        # the API's requests (app.py passes the gate it shares with server/). A turn waiting
+        # here is withdrawn at once by Stop.
+        self.gate = gate or Gate(concurrency=1, queue_size=DEFAULT_QUEUE_SIZE)
         self.gate_timeout_s = 120.0
         self.state = "starting"  # starting | preparing | ready | failed
         self.error = ""
         self.resolved: ResolvedModel | None = None
+        self.hardware: dict = {}
         self.log_lines: deque[str] = deque(maxlen=200)
         self.engines: dict = {}
         self._engine_lock = threading.Lock()
         self._ready = threading.Event()
-        self._cancels: dict[str, threading.Event] = {}
+        self._cancels: dict[str, set] = {}  # session -> cancel events of its turns
+        self._cancels_lock = threading.Lock()
         self._active = 0
-        self._active_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- start-up ------------------------------------------------------------------------------
@@ -280,24 +118,25 @@ class Playground:
     def _prepare(self) -> None:
         self.state = "preparing"
         try:
-            import custom_ops
-
-            self.progress("checking the custom-op library (built on first start)")
-            started = time.time()
-            path = custom_ops.library_path()
-            self.progress(f"custom-op library ready: {path} ({time.time() - started:.1f} s)")
+            self.ops = _custom_ops_status()
+            self.hardware = {"cpu": self.ops.cpu, "kernel": self.ops.kernel, "threads": self.threads,
+                             "custom_ops": "ok" if self.ops.ok else self.ops.reason}
+            self.progress(hardware_line(self.hardware))
+            if not self.ops.ok:
+                self.progress(f"the ternary engine cannot run here: {self.ops.reason}; {self.ops.fix}")
             self.resolved = self.resolver(self.model_spec, variants=self.variants_requested,
                                           progress=self.progress)
-            self.progress(f"loading the ternary engine from {self.resolved.folder}")
-            started = time.time()
-            self.engine("ternary")
-            self.progress(f"ternary engine loaded and warmed up in {time.time() - started:.1f} s")
-            default = self.default_baseline()
-            if default != NO_BASELINE:
-                self.progress(f"loading the {default} baseline engine")
+            first = TERNARY if self.ops.ok else self.default_baseline_of(self.resolved.folder)
+            if first is None:
+                raise RuntimeError(f"the ternary engine cannot run here ({self.ops.reason}) and the "
+                                   "model folder has no stock baseline")
+            for variant in [first] + ([self.default_baseline()] if first == TERNARY else []):
+                if variant == NO_BASELINE:
+                    continue
+                self.progress(f"loading the {variant} engine")
                 started = time.time()
-                self.engine(default)
-                self.progress(f"{default} engine loaded and warmed up in {time.time() - started:.1f} s")
+                self.engine(variant)
+                self.progress(f"{variant} engine loaded and warmed up in {time.time() - started:.1f} s")
             self.state = "ready"
             self.progress(f"ready: serving {self.resolved.name}")
         except BaseException as e:  # noqa: BLE001 - shown on the page, not a crash
@@ -311,8 +150,18 @@ class Playground:
     # -- engines ---------------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        eng = self.engines.get("ternary")
-        return eng.config if eng is not None else {}
+        if self.resolved is None:
+            return {}
+        from runtime.folder import read_config
+
+        try:
+            return read_config(self.resolved.folder)
+        except Exception:  # noqa: BLE001 - a folder that went away: nothing to show
+            return {}
+
+    @property
+    def ternary_ok(self) -> bool:
+        return getattr(getattr(self, "ops", None), "ok", True)
 
     def variants_available(self) -> list[str]:
         return list(self.config.get("variants", {}))
@@ -324,6 +173,18 @@ class Playground:
     def default_baseline(self) -> str:
         return self.baselines()[0]
 
+    @staticmethod
+    def default_baseline_of(folder) -> str | None:
+        from runtime.folder import read_config
+
+        have = read_config(folder).get("variants", {})
+        return next((v for v in BASELINES if v in have), None)
+
+    @property
+    def context_length(self) -> int | None:
+        c = self.config.get("context_length")
+        return int(c) if c else None
+
     def engine(self, variant: str):
         """The engine of `variant`, loaded on first use. Besides the ternary engine at most one
         baseline stays loaded (an fp32 2B model is ~10 GB)."""
@@ -333,8 +194,8 @@ class Playground:
                 return eng
             from runtime import Engine
 
-            if variant != "ternary":
-                for other in [v for v in self.engines if v != "ternary"]:
+            if variant != TERNARY:
+                for other in [v for v in self.engines if v != TERNARY]:
                     del self.engines[other]
             folder = self.resolved.folder if self.resolved else None
             eng = Engine(folder, variant=variant, threads=self.threads)
@@ -354,27 +215,12 @@ class Playground:
         except Exception as e:  # noqa: BLE001 - a warm-up failure shows up in the first chat
             log.warning("warm-up of %s failed: %s", eng, e)
 
-    def weights_mb(self, variant: str) -> float | None:
-        eng = self.engines.get(variant)
-        if eng is not None and getattr(eng, "model_file_bytes", None):
-            return eng.model_file_bytes / 2**20
-        import os
-
-        if not self.resolved:
-            return None
-        name = self.config.get("variants", {}).get(variant)
-        if not name:
-            return None
-        path = os.path.join(self.resolved.folder, name)
-        size = sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.exists(p))
-        return size / 2**20 if size else None
-
     def api_models(self):
         """For the OpenAI-compatible API (server.create_api takes a callable): {model id: the
         ternary engine} once ready, None while the model is being prepared."""
-        if self.state != "ready" or "ternary" not in self.engines:
+        if self.state != "ready" or TERNARY not in self.engines:
             return None
-        return {self.resolved.model_id: self.engines["ternary"]}
+        return {self.resolved.model_id: self.engines[TERNARY]}
 
     # -- status ----------------------------------------------------------------------------------
     def banner_markdown(self) -> str:
@@ -387,10 +233,12 @@ class Playground:
             return f"### ❌ The model could not be prepared\n```text\n{self.error}\n```"
         r = self.resolved
         cfg = self.config
-        threads = self.engines["ternary"].threads if "ternary" in self.engines else "?"
         lines = [f"**Live model: {r.name}** · variants {', '.join(self.variants_available())} · "
-                 f"context {cfg.get('context_length', '?')} tokens · {threads} "
-                 f"thread{'' if threads == 1 else 's'} per engine, one engine at a time"]
+                 f"context {cfg.get('context_length', '?')} tokens · {hardware_line(self.hardware)}"
+                 " · one engine at a time"]
+        if not self.ternary_ok:
+            lines.append(f"⚠️ **The ternary engine is unavailable on this machine:** {self.ops.reason}. "
+                         f"Fix: {self.ops.fix}. The stock baselines still run.")
         if r.notice:
             lines.append(f"⚠️ {r.notice}")
         if r.untrained:
@@ -416,24 +264,42 @@ class Playground:
             "variants": self.variants_available(),
             "baselines": self.baselines() if self.state == "ready" else [],
             "loaded_engines": list(self.engines),
-            "context_length": self.config.get("context_length"),
+            "context_length": self.context_length,
+            "hardware": self.hardware,
             "active_generations": self._active,
             "engine_active_generations": {v: e.active_generations for v, e in list(self.engines.items())},
+            "gate": self.gate.snapshot(),
             "log": list(self.log_lines)[-20:],
         }
 
     # -- stop --------------------------------------------------------------------------------------
-    def _new_cancel(self, session: str) -> threading.Event:
+    def _register(self, session: str) -> threading.Event:
         ev = threading.Event()
-        self._cancels[session] = ev
+        with self._cancels_lock:
+            self._cancels.setdefault(session, set()).add(ev)
         return ev
 
+    def _unregister(self, session: str, ev: threading.Event) -> None:
+        with self._cancels_lock:
+            events = self._cancels.get(session)
+            if events is not None:
+                events.discard(ev)
+                if not events:
+                    del self._cancels[session]
+
+    def stop_pending(self, session: str) -> bool:
+        """Is a turn of `session` running or waiting for the CPU?"""
+        with self._cancels_lock:
+            return bool(self._cancels.get(session))
+
     def stop(self, session: str) -> bool:
-        ev = self._cancels.get(session)
-        if ev is None:
-            return False
-        ev.set()
-        return True
+        """Stop every turn of `session`: a running engine ends after its current token, a turn
+        waiting for the CPU leaves the queue at once."""
+        with self._cancels_lock:
+            events = list(self._cancels.get(session, ()))
+        for ev in events:
+            ev.set()
+        return bool(events)
 
     # -- the chat -----------------------------------------------------------------------------------
     def check_message(self, engine, system: str, message: str) -> None:
@@ -455,161 +321,151 @@ class Playground:
                 f"{e.prompt_tokens} tokens, and the model's context holds {e.context_length} tokens "
                 f"in all (prompt and answer). Please shorten it.") from None
 
-    def compare(self, message: str, hist_t, hist_b, system: str, baseline: str,
+    def compare(self, message: str, conversation, system: str, baseline: str,
                 settings: ChatSettings, session: str = "default"):
-        """Generator of page states (dicts) for one user message: the ternary engine answers,
-        then the baseline. Each state: chat_t, chat_b, stats_t, stats_b, summary, results."""
+        """Generator for one user message: the ternary engine answers, then the baseline answers
+        the same prompt (the same history, token for token, the same seed). Yields
+        (turns, final): the conversation with the new turn as it fills in."""
         if self.state != "ready":
             raise NotReady(self.banner_markdown() if self.state == "failed"
                            else "The model is still being prepared; try again in a moment.")
         message = message.replace("\r\n", "\n")
         system = system or ""
-        engine_t = self.engine("ternary")
+        first = TERNARY if self.ternary_ok else None
+        engine_t = self.engine(first or self.default_baseline())
         self.check_message(engine_t, system, message)
         if baseline not in self.baselines():
             baseline = self.default_baseline()
-        run_base = baseline != NO_BASELINE
-        gen_settings = settings.to_runtime()
-        cancel = self._new_cancel(session)
-
-        hist_t = list(hist_t or [])
-        hist_b = list(hist_b or [])
-        msgs_t = history_to_messages(hist_t)
-        # The baseline continues its own pane; if that pane missed turns (baseline was off),
-        # it continues the ternary conversation instead.
-        msgs_b = history_to_messages(hist_b)
-        if user_turns(hist_b) != user_turns(hist_t):
-            msgs_b = msgs_t
-            hist_b = [dict(m) for m in hist_t]
-        sys_msgs = [{"role": "system", "content": system}] if system.strip() else []
-        user_shown = {"role": "user", "content": shown(message)}
-
-        chat_t = hist_t + [user_shown, {"role": "assistant", "content": ""}]
-        chat_b = hist_b + [user_shown, {"role": "assistant", "content": WAITING}] if run_base else hist_b
-        results: dict = {"ternary": {}}
-        if run_base:
-            results[baseline] = {}
-        stats_md = {"ternary": stats_markdown("ternary", None, "starting", self.weights_mb("ternary")),
-                    baseline: stats_markdown(baseline, None, "waiting for the ternary engine",
-                                             self.weights_mb(baseline)) if run_base else ""}
-
-        def state(summary="", final=False):
-            return {"final": final, "chat_t": chat_t, "chat_b": chat_b, "stats_t": stats_md["ternary"],
-                    "stats_b": stats_md.get(baseline, ""), "summary": summary, "results": results,
-                    "baseline": baseline}
-
-        with self._active_lock:
-            self._active += 1
+        turns = [dict(t) for t in turns_of(conversation)]
+        history = model_messages(turns, system)
+        turn = new_turn(message, baseline, settings.turn_seed(), self.context_length)
+        if not self.ternary_ok:
+            turn["answers"][TERNARY].update(state="skipped", finish_reason="unavailable")
+        turns.append(turn)
+        gen_settings = settings.to_runtime(turn["seed"], self.time_limit_s)
+        prompt = history + [{"role": "user", "content": message}]
+        cancel = self._register(session)
+        self._active += 1
         try:
-            yield state("Ternary engine answering…")
-            order = ["ternary"] + ([baseline] if run_base else [])
-            for variant in order:
-                chat = chat_t if variant == "ternary" else chat_b
-                msgs = msgs_t if variant == "ternary" else msgs_b
+            yield turns, False
+            for variant in turn["answers"]:
+                answer = turn["answers"][variant]
+                if answer["state"] == "skipped":
+                    continue
                 if cancel.is_set():
-                    chat[-1] = {"role": "assistant", "content": "*(stopped before it started)*"}
-                    stats_md[variant] = stats_markdown(variant, None, "stopped", self.weights_mb(variant))
-                    results[variant] = {"text": "", "finish_reason": "cancelled", "stats": None, "timeline": []}
+                    answer.update(state="stopped", finish_reason="cancelled")
                     continue
                 if variant not in self.engines:
-                    stats_md[variant] = stats_markdown(variant, None, f"loading the {variant} engine…", None)
-                    yield state()
+                    answer["state"] = "loading"
+                    yield turns, False
                 engine = self.engine(variant)
-                if self.gate is not None and not self.gate.idle():
-                    stats_md[variant] = stats_markdown(variant, None, "waiting for the CPU (API "
-                                                       "requests ahead)…", self.weights_mb(variant))
-                    yield state()
-                with self._cpu_slot(cancel) as may_run:
-                    if may_run:
-                        yield from self._run_engine(variant, engine, chat, sys_msgs + msgs, message,
-                                                    gen_settings, cancel, results, stats_md, state)
-                    else:  # stopped while waiting for the CPU
-                        chat[-1] = {"role": "assistant", "content": "*(stopped before it started)*"}
-                        stats_md[variant] = stats_markdown(variant, None, "stopped", self.weights_mb(variant))
-                        results[variant] = {"text": "", "finish_reason": "cancelled", "stats": None,
-                                            "timeline": []}
-            t = results["ternary"].get("stats")
-            b = results.get(baseline, {}).get("stats") if run_base else None
-            summary = summary_line(t, b, baseline if run_base else NO_BASELINE,
-                                   {v: self.weights_mb(v) for v in results})
-            if cancel.is_set():
-                summary = "Stopped. " + summary
-            cut = [SHORT.get(v, v) for v, r in results.items() if r.get("time_limit")]
-            if cut:
-                summary += (f" ({' and '.join(cut)} cut at the {self.time_limit_s:.0f} s time limit: "
-                            "its rates cover the tokens it wrote.)")
-            yield state(summary, final=True)
+                answer["weights_mb"] = engine.model_file_bytes / 2**20
+                yield from self._run_in_slot(engine, answer, prompt, gen_settings, cancel, turns)
+            yield turns, True
         finally:
-            with self._active_lock:
-                self._active -= 1
-            if self._cancels.get(session) is cancel:
-                del self._cancels[session]
+            self._active -= 1
+            self._unregister(session, cancel)
+            for a in turn["answers"].values():  # closed mid-run: nothing is left "streaming"
+                if a["state"] not in ("done", "stopped", "skipped"):
+                    a.update(state="stopped", finish_reason=a["finish_reason"] or "cancelled")
 
-    @contextlib.contextmanager
-    def _cpu_slot(self, cancel: threading.Event):
-        """Hold a slot of the gate shared with the HTTP API for one engine run (no-op without).
-        Stop while waiting gives up the place at once (yields False: do not run)."""
-        if self.gate is None:
-            yield True
-            return
+    def _run_in_slot(self, engine, answer, prompt, gen_settings, cancel, turns):
+        """Wait for the CPU slot (Stop gives up the place at once), then stream the answer."""
         try:
             ticket = self.gate.admit()
-        except Exception as e:  # noqa: BLE001 - server.Busy: the wait queue is full
+        except Busy as e:
             raise CpuBusy(f"The server is busy ({e}); try again in a moment.") from None
         try:
+            if not self.gate.idle() and not ticket.holding:
+                answer["state"] = "gate"
+                yield turns, False
             if not ticket.wait(self.gate_timeout_s, abandon=cancel):
                 if cancel.is_set():
-                    yield False
+                    answer.update(state="stopped", finish_reason="cancelled")
                     return
                 raise CpuBusy(f"Waited {self.gate_timeout_s:.0f} s for the CPU (API requests "
                               "ahead); try again in a moment.")
-            yield True
+            yield from self._stream(engine, answer, prompt, gen_settings, cancel, turns)
         finally:
             ticket.release()
 
-    def _run_engine(self, variant, engine, chat, history, message, gen_settings, cancel, results,
-                    stats_md, state):
-        """One engine's answer to `message`, streamed into chat[-1]; yields page states."""
-        # the timeline starts at (0 s, 0 tokens): the flat start is the time to first token
-        res = results[variant] = {"text": "", "finish_reason": None, "stats": None,
-                                  "timeline": [(0.0, 0)]}
-        text = ""
-        chat[-1] = {"role": "assistant", "content": ""}
-        stats_md[variant] = stats_markdown(variant, None, "prefill…", self.weights_mb(variant))
-        yield state(f"{SHORT[variant]} engine answering…")
+    def _stream(self, engine, answer, prompt, gen_settings, cancel, turns):
+        """One engine's answer, streamed into `answer`; yields page states."""
+        answer.update(state="prefill", text="", timeline=[(0.0, 0)])  # flat start = TTFT
+        yield turns, False
         started = time.perf_counter()
         last_yield = 0.0
-        run_cancel = _EitherSet(cancel)
-        stream = engine.stream(messages=history + [{"role": "user", "content": message}],
-                               settings=gen_settings, cancel=run_cancel)
+        stream = engine.stream(messages=prompt, settings=gen_settings, cancel=cancel)
         try:
             for event in stream:
-                text += event.text
-                if time.perf_counter() - started > self.time_limit_s:
-                    run_cancel.timed_out = True  # the engine stops after this token
-                st = event.stats.as_dict()
-                res["stats"] = st
-                res["timeline"].append((time.perf_counter() - started, st["new_tokens"]))
+                answer["text"] += event.text
+                answer["stats"] = event.stats.as_dict()
                 now = time.perf_counter()
+                timeline = answer["timeline"]
+                timeline.append((now - started, answer["stats"]["new_tokens"]))
+                if len(timeline) > MAX_TIMELINE_POINTS:
+                    del timeline[1::2]
+                if event.done:
+                    answer.update(state="done" if event.finish_reason != "cancelled" else "stopped",
+                                  finish_reason=event.finish_reason)
                 if event.done or now - last_yield >= UPDATE_EVERY_S:
                     last_yield = now
-                    chat[-1] = {"role": "assistant", "content": shown(text)}
-                    label = "streaming…"
-                    if event.done:
-                        label = {"stop": "done", "length": "done (max new tokens)",
-                                 "cancelled": "stopped"}.get(event.finish_reason, "done")
-                        if event.finish_reason == "cancelled" and run_cancel.timed_out \
-                                and not cancel.is_set():
-                            label = f"cut at the {self.time_limit_s:.0f} s time limit"
-                            res["time_limit"] = True
-                        res["finish_reason"] = event.finish_reason
-                        res["text"] = text
-                    stats_md[variant] = stats_markdown(variant, st, label, self.weights_mb(variant))
-                    yield state(f"{SHORT[variant]} engine answering…" if not event.done else "")
+                    if not event.done:
+                        answer["state"] = "streaming"
+                    yield turns, False
         finally:
-            if res["finish_reason"] is None:  # closed mid-run (request cancelled)
+            if answer["finish_reason"] is None:  # closed mid-run (request cancelled)
                 cancel.set()
             stream.close()
-        if not text:
-            chat[-1] = {"role": "assistant", "content": "*(no text: the model ended its turn at once)*"
-                        if res["finish_reason"] == "stop" else "*(stopped)*"}
+
+
+def hardware_line(hw: dict) -> str:
+    """CPU model, the kernel the custom-op dispatch chose, threads: one line for the page."""
+    if not hw:
+        return ""
+    threads = hw.get("threads")
+    kernel = hw.get("kernel") or "not reported"
+    if hw.get("custom_ops") not in (None, "ok"):
+        kernel = "unavailable"
+    return (f"{hw.get('cpu') or 'unknown CPU'} · BitLinear kernel: {kernel} · {threads} "
+            f"thread{'' if threads == 1 else 's'} per engine")
+
+
+class _OpsStatus:
+    """custom_ops.status() as documented (.ok .reason .fix .kernel .cpu), for a custom_ops
+    without it: loads the library to find out."""
+
+    def __init__(self, ok, reason="", fix="", kernel=None, cpu=""):
+        self.ok, self.reason, self.fix, self.kernel, self.cpu = ok, reason, fix, kernel, cpu
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _custom_ops_status():
+    try:
+        import custom_ops
+    except ImportError as e:
+        return _OpsStatus(False, f"the custom_ops package cannot be imported ({e})",
+                          "run from the repository root", None, _cpu_model())
+    status = getattr(custom_ops, "status", None)
+    if status is not None:
+        return status()
+    try:
+        custom_ops.library_path()
+        return _OpsStatus(True, "", "", None, _cpu_model())
+    except Exception as e:  # noqa: BLE001 - BuildError: no compiler, no headers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _OpsStatus(False, f"the custom-op library cannot be built: {first}",
+                          "install a C++ compiler and ONNX Runtime's headers (python -m custom_ops build)",
+                          None, _cpu_model())

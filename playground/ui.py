@@ -3,16 +3,24 @@
 `build_demo(playground)` returns the gr.Blocks; app.py queues and launches it and adds the
 OpenAI-compatible API routes to the same server.
 Stable API names (gradio_client): /chat, /retry, /stop, /clear, /status.
+
+The page keeps one thing, the conversation (a hidden JSON value, playground/conversation.py);
+both chat panes, the stats lines, the verdict, the charts and the raw stats are rendered from
+it, so a shared link or a reload restores exactly what was shown.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import gradio as gr
 
-from .service import (NO_BASELINE, LABELS, ChatSettings, CpuBusy, NotReady, Playground, TooLong,
-                      chart_frames, drop_last_exchange)
+from .conversation import NO_BASELINE, TERNARY, pane_messages, turns_of
+from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line
+from .service import ChatSettings, CpuBusy, NotReady, Playground, TooLong
+
+log = logging.getLogger("bitnet-onnx.app")
 
 TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
 EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo model
@@ -22,40 +30,77 @@ EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo 
     "Good morrow, my lord. What news from the court?",
 ]
 DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_MAX_NEW = 256
 CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
 footer {display: none !important}
+/* narrow screens: the panes get shorter so the message box is reachable without scrolling */
+@media (max-width: 640px) {
+  #chat-ternary, #chat-baseline {height: 180px !important; min-height: 180px !important}
+  #panes {flex-wrap: nowrap !important; gap: 4px}
+  #panes > div {min-width: 0 !important}
+  .plot-container, #speed-plot, #time-plot {min-width: 0 !important}
+}
 """
+# No visitor or model text can make the page fetch a remote image (tracking pixels in shared
+# links), and links leave without a referrer.
+HEAD = ('<meta name="referrer" content="no-referrer">'
+        '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">')
 
 
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+def baseline_title(choice: str) -> str:
+    if choice == NO_BASELINE:
+        return f"**Baseline: {LABELS[NO_BASELINE]}** (pick one above to compare)"
+    return f"**Baseline: {LABELS.get(choice, choice)}**"
+
+
+def render(conversation, pg: Playground) -> tuple:
+    """(chat_t, chat_b, stats_t, stats_b, summary, speed chart, timeline chart, raw stats) of a
+    conversation: the last turn's numbers, every turn's messages."""
+    turns = turns_of(conversation)
+    last = turns[-1] if turns else None
+    context = (last or {}).get("context") or pg.context_length
+    if last is None:
+        stats_t, stats_b = stats_markdown(TERNARY, None), "**baseline** · idle"
+    else:
+        stats_t = stats_markdown(TERNARY, last["answers"].get(TERNARY), context, pg.time_limit_s)
+        base = last.get("baseline") or NO_BASELINE
+        stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
+                   else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
+    speed, timeline = chart_frames(last)
+    return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
+            summary_line(last, pg.time_limit_s), speed, timeline, raw_stats(last, pg.hardware or None))
+
+
 def build_demo(pg: Playground) -> gr.Blocks:
+    ready = pg.state == "ready"
+    initial_baseline = pg.default_baseline() if ready else "int2"
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
         gr.Markdown(f"## {TITLE}")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
         with gr.Row(equal_height=False):
             baseline = gr.Dropdown(
-                choices=[(LABELS.get(v, v), v) for v in BASELINES_INITIAL(pg)],
-                value=pg.default_baseline() if pg.state == "ready" else "int2",
-                label="Baseline (runs after the ternary engine, on the same cores)",
+                choices=[(LABELS.get(v, v), v) for v in (pg.baselines() if ready
+                                                        else ["int2", "int4", "fp32", NO_BASELINE])],
+                value=initial_baseline,
+                label="Baseline (runs after the ternary engine, on the same cores, same prompt and seed)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
-            gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!",
-                              scale=1)
-        with gr.Row(equal_height=True):
-            with gr.Column():
-                gr.Markdown(f"**{LABELS['ternary']}**", elem_id="title-ternary")
+            gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!", scale=1)
+        with gr.Row(equal_height=True, elem_id="panes"):
+            with gr.Column(min_width=160):
+                gr.Markdown(f"**{LABELS[TERNARY]}**", elem_id="title-ternary")
                 chat_t = gr.Chatbot(label="ternary", elem_id="chat-ternary", height=420,
                                     buttons=["copy", "copy_all"], feedback_options=None,
                                     layout="bubble")
-                stats_t = gr.Markdown("**ternary** · idle", elem_id="stats-ternary",
+                stats_t = gr.Markdown(stats_markdown(TERNARY, None), elem_id="stats-ternary",
                                       elem_classes=["pane-stats"])
-            with gr.Column():
-                title_b = gr.Markdown(_baseline_title(pg.default_baseline() if pg.state == "ready"
-                                                      else "int2"), elem_id="title-baseline")
+            with gr.Column(min_width=160):
+                title_b = gr.Markdown(baseline_title(initial_baseline), elem_id="title-baseline")
                 chat_b = gr.Chatbot(label="baseline", elem_id="chat-baseline", height=420,
                                     buttons=["copy", "copy_all"], feedback_options=None,
                                     layout="bubble")
@@ -65,172 +110,180 @@ def build_demo(pg: Playground) -> gr.Blocks:
         with gr.Row():
             msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            send = gr.Button("Send" if ready else "Preparing the model…", variant="primary", scale=1,
+                             elem_id="send", interactive=ready, min_width=80)
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop", min_width=60)
         with gr.Row():
             retry = gr.Button("Retry", size="sm", elem_id="retry")
+            edit = gr.Button("Edit last message", size="sm", elem_id="edit")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
         with gr.Row():
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
-                                    title="Decode speed (tokens/s)", elem_id="speed-plot",
-                                    height=260, y_lim=[0, None],
+                                    title="Decode speed (tok/s)", elem_id="speed-plot",
+                                    height=260, y_lim=[0, None], min_width=160,
                                     sort=["ternary", "int2", "int4", "fp32"])
             time_plot = gr.LinePlot(None, x="seconds", y="tokens", color="engine",
-                                    title="Tokens over time (each engine from its own start)",
-                                    elem_id="time-plot", height=260)
+                                    title="Tokens over time", elem_id="time-plot", height=260,
+                                    min_width=160)
         with gr.Accordion("Settings", open=False, elem_id="settings"):
             system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system")
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=ChatSettings.temperature, step=0.05,
-                                        label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=ChatSettings.top_p, step=0.05, label="Top-p")
-                top_k = gr.Slider(0, 200, value=ChatSettings.top_k, step=1, label="Top-k (0 = off)")
+                temperature = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p")
+                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top-k")
             with gr.Row():
-                rep = gr.Slider(0.8, 2.0, value=ChatSettings.repetition_penalty, step=0.05,
-                                label="Repetition penalty (1 = off)")
-                max_new = gr.Slider(1, 8192, value=ChatSettings.max_new_tokens, step=1,
-                                    label="Max new tokens", elem_id="max-new-tokens")
-                seed = gr.Number(ChatSettings.seed, precision=0,
-                                 label="Seed (same on both engines; -1 = random)")
+                rep = gr.Slider(0.8, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)",
+                                elem_id="repetition-penalty")
+                max_new = gr.Slider(1, pg.context_length or 8192, value=DEFAULT_MAX_NEW, step=1,
+                                    label="Max new tokens (up to the model's context)",
+                                    elem_id="max-new-tokens")
+                seed = gr.Number(-1, precision=0, elem_id="seed",
+                                 label="Seed (-1 = a new random seed each answer; both engines share "
+                                       "it; the stats show the one used)")
         with gr.Accordion("Raw stats (JSON)", open=False):
             raw = gr.JSON(None, elem_id="raw-stats")
+        # The conversation itself: the one value every view above is rendered from.
+        conversation = gr.JSON([], visible=False, elem_id="conversation")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
-        # The last values of the stats outputs of this session: an empty message sends them
-        # back unchanged. (Not gr.skip(): in Gradio 6.31 an update to a component makes the
-        # session record its later values under a new id, so deep links lose them.)
-        last_shown = gr.State(None)
 
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
-        outputs = [msg, chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw,
-                   last_shown]
+        views = [chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
+        outputs = [msg] + views + [conversation]
 
-        def unchanged(hist_t, hist_b, last):
-            """Outputs that leave the page as it is."""
-            rest = tuple(last) if last else tuple(gr.skip() for _ in range(6))
-            return (gr.skip(), hist_t if hist_t is not None else gr.skip(),
-                    hist_b if hist_b is not None else gr.skip()) + rest + (last,)
+        def refused(message: str, conv, why: str, title: str):
+            """A visitor's error: a toast, the page as it was, the message kept to edit."""
+            log.warning("page request refused (%s): %s", title, why.splitlines()[0])
+            gr.Warning(why, title=title)
+            shown = render(conv, pg)
+            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (conv,)
 
-        def run(message, hist_t, hist_b, system_prompt, baseline_, max_new_tokens, temperature_,
-                top_p_, top_k_, repetition_penalty, seed_, last, request, keep_box=False):
+        def run(message, conv, system_prompt, baseline_, max_new_tokens, temperature_, top_p_,
+                top_k_, repetition_penalty, seed_, request, keep_box=False):
             message = message if isinstance(message, str) else ""
             if not message.strip():
-                yield unchanged(hist_t, hist_b, last)
+                yield (gr.skip(),) + render(conv, pg) + (conv,)
+                return
+            if pg.stop_pending(_session(request)):
+                gr.Warning("An answer is still being written: wait for it or press Stop.",
+                           title="Busy")
+                yield tuple(gr.skip() for _ in outputs)
                 return
             settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature_,
                                     top_p=top_p_, top_k=top_k_, repetition_penalty=repetition_penalty,
                                     seed=-1 if seed_ is None else seed_)
             try:
-                states = pg.compare(message, hist_t, hist_b, system_prompt, baseline_, settings,
+                states = pg.compare(message, conv, system_prompt, baseline_, settings,
                                     session=_session(request))
                 first = True
                 with contextlib.closing(states):  # a cancelled request closes the engine's loop
-                    for s in states:
-                        # the charts appear once both engines are done
-                        speed, timeline = chart_frames(s["results"]) if s["final"] else (None, None)
-                        raw_value = {v: {"finish_reason": r.get("finish_reason"), "stats": r.get("stats"),
-                                         "text": r.get("text"), "time_limit": bool(r.get("time_limit"))}
-                                     for v, r in s["results"].items()}
-                        shown_now = (s["stats_t"], s["stats_b"] or NO_BASELINE_STATS, s["summary"],
-                                     speed, timeline, raw_value)
-                        yield (("" if first and not keep_box else gr.skip()), s["chat_t"], s["chat_b"]) \
-                            + shown_now + (shown_now if s["final"] else last,)
+                    for turns, _final in states:
+                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) + (turns,)
                         first = False
             except TooLong as e:
-                raise gr.Error(str(e), title="Message too long") from None
+                yield refused(message, conv, str(e), "Message too long")
             except CpuBusy as e:
-                raise gr.Error(str(e), title="Busy") from None
+                yield refused(message, conv, str(e), "Busy")
             except NotReady as e:
-                raise gr.Error(str(e), title="Not ready") from None
+                yield refused(message, conv, str(e), "Not ready")
 
-        def chat_fn(message, history_ternary, history_baseline, system_prompt, baseline,
-                    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, last,
-                    request: gr.Request):
+        def chat_fn(message, conversation_, system_prompt, baseline, max_new_tokens, temperature,
+                    top_p, top_k, repetition_penalty, seed, request: gr.Request):
             """Send a message; stream the ternary engine's answer, then the baseline's."""
-            yield from run(message, history_ternary, history_baseline, system_prompt, baseline,
-                           max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, last,
-                           request)
+            yield from run(message, conversation_, system_prompt, baseline, max_new_tokens,
+                           temperature, top_p, top_k, repetition_penalty, seed, request)
 
-        def retry_fn(history_ternary, history_baseline, system_prompt, baseline, max_new_tokens,
-                     temperature, top_p, top_k, repetition_penalty, seed, last, request: gr.Request):
-            """Answer the last user message again (both panes)."""
-            hist_t, message = drop_last_exchange(history_ternary)
-            hist_b, _ = drop_last_exchange(history_baseline)
-            if not message:
-                yield unchanged(history_ternary, history_baseline, last)
+        def retry_fn(conversation_, system_prompt, baseline, max_new_tokens, temperature, top_p,
+                     top_k, repetition_penalty, seed, request: gr.Request):
+            """Answer the last user message again (both panes), replacing that turn."""
+            turns = turns_of(conversation_)
+            if not turns:
+                yield (gr.skip(),) + render(turns, pg) + (turns,)
                 return
-            yield from run(message, hist_t, hist_b, system_prompt, baseline, max_new_tokens,
-                           temperature, top_p, top_k, repetition_penalty, seed, last, request,
-                           keep_box=True)
+            yield from run(turns[-1]["user"], turns[:-1], system_prompt, baseline, max_new_tokens,
+                           temperature, top_p, top_k, repetition_penalty, seed, request, keep_box=True)
+
+        def edit_fn(conversation_):
+            """Edit the last message: it goes back to the box and its turn leaves the chat."""
+            turns = turns_of(conversation_)
+            if not turns:
+                return (gr.skip(),) + render(turns, pg) + (turns,)
+            return (turns[-1]["user"],) + render(turns[:-1], pg) + (turns[:-1],)
 
         def stop_fn(request: gr.Request):
-            """Stop the running generation of this session (the decode loop checks the flag)."""
+            """Stop this session's turns: the running engine after its current token, a turn
+            waiting for the CPU at once."""
             pg.stop(_session(request))
 
         def clear_fn():
             """Start a new conversation."""
-            return ([], [], "**ternary** · idle", "**baseline** · idle", "", None, None, None, None)
+            return render([], pg) + ([],)
 
-        common = dict(outputs=outputs, concurrency_id="engine", concurrency_limit=1,
-                      show_progress="full", show_progress_on=[chat_t, chat_b])
-        chat_inputs = [msg, chat_t, chat_b] + settings_inputs + [last_shown]
-        ev_send = send.click(chat_fn, chat_inputs, api_name="chat", **common)
-        ev_submit = msg.submit(chat_fn, chat_inputs, api_visibility="private", **common)
-        ev_retry = retry.click(retry_fn, [chat_t, chat_b] + settings_inputs + [last_shown],
-                               api_name="retry", **common)
+        def lock():
+            return gr.update(interactive=False, value="Answering…")
+
+        def unlock():
+            return gr.update(interactive=pg.state == "ready", value="Send")
+
+        common = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
+        chat_inputs = [msg, conversation] + settings_inputs
+        send.click(lock, None, send, queue=False, api_visibility="private") \
+            .then(chat_fn, chat_inputs, api_name="chat", **common) \
+            .then(unlock, None, send, queue=False, api_visibility="private")
+        msg.submit(lock, None, send, queue=False, api_visibility="private") \
+            .then(chat_fn, chat_inputs, api_visibility="private", **common) \
+            .then(unlock, None, send, queue=False, api_visibility="private")
+        retry.click(lock, None, send, queue=False, api_visibility="private") \
+            .then(retry_fn, [conversation] + settings_inputs, api_name="retry", **common) \
+            .then(unlock, None, send, queue=False, api_visibility="private")
+        edit.click(edit_fn, [conversation], outputs, queue=False, api_name="edit")
         stop.click(stop_fn, None, None, queue=False, api_name="stop")
-        clear.click(clear_fn, None, [chat_t, chat_b, stats_t, stats_b, summary, speed_plot,
-                                     time_plot, raw, last_shown], queue=False, api_name="clear")
-        del ev_send, ev_submit, ev_retry
+        clear.click(clear_fn, None, views + [conversation], queue=False, api_name="clear")
 
-        baseline.change(_baseline_title, [baseline], [title_b], queue=False,
+        baseline.change(baseline_title, [baseline], [title_b], queue=False,
                         api_visibility="private", show_progress="hidden")
 
-        def refresh(current=None):
-            """Banner, baseline choices (known once the model folder is), pane title, timer."""
+        def refresh(current=None, conv=None):
+            """Banner, baseline choices (known once the model folder is), pane title, max new
+            tokens bound to the live model's context, Send enabled once ready, timer."""
             done = pg.state in ("ready", "failed")
             if pg.state != "ready":
-                return pg.banner_markdown(), gr.skip(), gr.skip(), gr.Timer(active=not done)
+                return (pg.banner_markdown(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
+                        gr.Timer(active=not done))
             choices = pg.baselines()
+            turns = turns_of(conv)
+            if turns and turns[-1].get("baseline") in choices:  # a shared link: its baseline
+                current = turns[-1]["baseline"]
             value = current if current in choices else pg.default_baseline()
-            return (pg.banner_markdown(), gr.update(choices=[(LABELS.get(v, v), v) for v in choices],
-                                                    value=value),
-                    _baseline_title(value), gr.Timer(active=False))
+            context = pg.context_length or 8192
+            return (pg.banner_markdown(),
+                    gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
+                    baseline_title(value), gr.update(maximum=context),
+                    gr.update(interactive=True, value="Send"), gr.Timer(active=False))
 
-        timer.tick(refresh, [baseline], [banner, baseline, title_b, timer], queue=False,
+        refresh_outputs = [banner, baseline, title_b, max_new, send, timer]
+        timer.tick(refresh, [baseline, conversation], refresh_outputs, queue=False,
                    api_visibility="private", show_progress="hidden")
 
-        def on_load(current, request: gr.Request):
+        def on_load(current, conv, request: gr.Request):
             prompt = ""
             if request is not None:
                 prompt = request.query_params.get("prompt", "") or ""
-            return (prompt[:20000] if prompt else gr.skip(),) + refresh(current)
+            return (prompt[:20000] if prompt else gr.skip(),) + refresh(current, conv)
 
-        demo.load(on_load, [baseline], [msg, banner, baseline, title_b, timer], queue=False,
+        demo.load(on_load, [baseline, conversation], [msg] + refresh_outputs, queue=False,
                   api_visibility="private", show_progress="hidden")
 
         def status() -> dict:
             """Model and engine status: state (preparing/ready/failed), live model, fallback,
-            variants, active generations, recent log lines."""
+            variants, hardware, active generations, recent log lines."""
             return pg.status()
 
         gr.api(status, api_name="status", queue=False)
     return demo
 
 
-NO_BASELINE_STATS = "**baseline** · none selected"
-
-
-def _baseline_title(choice: str) -> str:
-    if choice == NO_BASELINE:
-        return "**No baseline** (pick one above to compare)"
-    return f"**Baseline: {LABELS.get(choice, choice)}**"
-
-
-def BASELINES_INITIAL(pg: Playground) -> list[str]:  # noqa: N802 - reads like a constant
-    return pg.baselines() if pg.state == "ready" else ["int2", "int4", "fp32", NO_BASELINE]
-
-
 def launch_kwargs() -> dict:
     """Arguments of demo.launch() that style the page (Gradio 6 takes them at launch)."""
-    return {"css": CSS, "theme": gr.themes.Soft()}
+    return {"css": CSS, "theme": gr.themes.Soft(), "head": HEAD}

@@ -10,8 +10,8 @@ See docs/SERVING.md for the limits, environment variables and measured behaviour
 """
 
 from .limits import API_KEY_ENV, Limits
-from .openai_api import ApiError, ApiState, ModelRegistry, create_api, install_api
+from .openai_api import ApiError, ApiState, ModelRegistry, attach_api, create_api, install_api
 from .scheduler import Busy, Gate, QueueTimeout
 
 __all__ = ["API_KEY_ENV", "ApiError", "ApiState", "Busy", "Gate", "Limits", "ModelRegistry",
-           "QueueTimeout", "create_api", "install_api"]
+           "QueueTimeout", "attach_api", "create_api", "install_api"]

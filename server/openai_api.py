@@ -20,15 +20,15 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
+from .errors import ApiError, bad
 from .limits import API_KEY_ENV, Limits
+from .models import ModelRegistry
 from .scheduler import Busy, Gate, Job, JobRecord
 
 log = logging.getLogger("bitnet.api")
@@ -38,96 +38,6 @@ ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistan
 IGNORED_OK = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
               "reasoning_effort", "modalities", "audio", "web_search_options", "safety_identifier",
               "prompt_cache_key", "verbosity", "function_call", "functions"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-    def response(self):
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-# -- models ----------------------------------------------------------------------------------
-class ModelRegistry:
-    """Which engines the API serves, by model id.
-
-    `models` is one of:
-    - an Engine (served under `default_name`, or the name of its model folder);
-    - a mapping {model id: Engine or zero-argument callable returning an Engine (loaded on
-      first use, once)};
-    - a zero-argument callable returning such a mapping, or None while the models are still
-      being prepared (the API then answers 503 "loading" with Retry-After).
-    """
-
-    def __init__(self, models, default_name: str | None = None):
-        self._source = models
-        self._default_name = default_name
-        self._loaded: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self.created = int(time.time())
-
-    def _mapping(self) -> dict:
-        source = self._source
-        if _is_engine(source):
-            name = self._default_name or os.path.basename(os.path.normpath(source.model_dir))
-            return {name: source}
-        if callable(source) and not isinstance(source, dict):
-            source = source()
-            if source is None:
-                raise ApiError(503, "the model is still loading; retry shortly", "server_error",
-                               code="model_loading", headers={"Retry-After": "10"})
-            if _is_engine(source):
-                return ModelRegistry(source, self._default_name)._mapping()
-        return dict(source)
-
-    def names(self) -> list[str]:
-        return list(self._mapping())
-
-    def get(self, name: str):
-        """The engine of `name` (loading it on first use); ApiError 404 when unknown."""
-        mapping = self._mapping()
-        if name not in mapping:
-            raise ApiError(404, f"the model {name!r} does not exist; this server has: "
-                                f"{', '.join(mapping) or 'none'} (see GET /v1/models)",
-                           param="model", code="model_not_found")
-        value = mapping[name]
-        if _is_engine(value):
-            return value
-        with self._lock:
-            if name not in self._loaded:
-                try:
-                    self._loaded[name] = value()
-                except Exception as e:  # not cached: the next request tries again
-                    log.exception("loading model %s failed", name)
-                    raise ApiError(503, f"the model {name!r} cannot be loaded now: {type(e).__name__}: {e}",
-                                   "server_error", param="model", code="model_unavailable",
-                                   headers={"Retry-After": "30"}) from None
-            return self._loaded[name]
-
-    def describe(self, name: str, value) -> dict:
-        info = {"id": name, "object": "model", "created": self.created, "owned_by": "bitnet-onnx"}
-        if _is_engine(value):
-            info.update(variant=getattr(value, "variant", None),
-                        context_length=getattr(value, "context_length", None))
-        return info
-
-
-def _is_engine(x) -> bool:
-    return hasattr(x, "stream") and hasattr(x, "context_length")
 
 
 # -- request parsing -------------------------------------------------------------------------
@@ -383,6 +293,13 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
     return state
 
 
+def attach_api(demo, models, **kw) -> ApiState:
+    """The one way to serve the API beside a Gradio page: after
+    `demo.launch(prevent_thread_lock=True)`, add the /v1 routes to the page's own FastAPI app,
+    ahead of Gradio's routes. `kw` as for install_api (limits, gate, api_key, default_name)."""
+    return install_api(demo.app, models, first=True, **kw)
+
+
 def build_router(state: ApiState):
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
@@ -434,8 +351,7 @@ def build_router(state: ApiState):
 
     async def get_model(request: Request, model_id: str):
         mapping = await asyncio.to_thread(state.registry._mapping)
-        if model_id not in mapping:
-            raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        model_id = state.registry.resolve(model_id, mapping, any_name=False)
         return state.registry.describe(model_id, mapping[model_id])
 
     async def chat_completions(request: Request):
@@ -443,6 +359,7 @@ def build_router(state: ApiState):
         body = await _read_body(request, limits)
         req = parse_chat_request(parse_json(body), limits)
         engine = await asyncio.to_thread(state.registry.get, req.model)
+        req.model = await asyncio.to_thread(state.registry.resolve, req.model)  # the real id
 
         try:
             ticket = state.gate.admit()
@@ -521,7 +438,11 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
     try:
         prompt = engine.prompt_ids(messages=req.messages)
     except PromptTooLongError as e:
-        raise ApiError(400, f"the messages are too long: {e}", param="messages",
+        # the API's own remedy (an HTTP client has no settings.truncate)
+        raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
+                            f"chat template, and this model's context holds {e.context_length} "
+                            "tokens for prompt and answer together; send fewer or shorter messages "
+                            "(drop the oldest turns)", param="messages",
                        code="context_length_exceeded") from None
     except ValueError as e:
         raise bad(f"the messages cannot be used: {e}", "messages") from None

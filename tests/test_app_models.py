@@ -8,9 +8,9 @@ import os
 
 import pytest
 
+import server
 from playground import models
-from playground.service import (ChatSettings, Playground, drop_last_exchange, flatten_content,
-                                history_to_messages, shown, stats_markdown, summary_line)
+from playground.service import ChatSettings, Playground
 
 
 @pytest.fixture
@@ -105,40 +105,15 @@ def test_preparing_banner_shows_progress():
     assert "Preparing" in text and "layer 3/30" in text and "org/model" in text
 
 
-def test_history_flattening_and_escaping():
-    raw = 'Hi <script>alert("x")</script> & <b>bold</b>'
-    assert shown(raw) == 'Hi &lt;script&gt;alert("x")&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;'
-    history = [
-        {"role": "user", "content": [{"type": "text", "text": shown(raw)}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "part 1 "}, {"type": "text", "text": "part 2"}]},
-        {"role": "assistant", "content": "note", "metadata": {"title": "a note"}},
-        {"role": "user", "content": "plain string"},
-    ]
-    assert history_to_messages(history) == [
-        {"role": "user", "content": raw}, {"role": "assistant", "content": "part 1 part 2"},
-        {"role": "user", "content": "plain string"}]
-    rest, last = drop_last_exchange(history)
-    assert last == "plain string" and len(rest) == 3
-    assert flatten_content(None) == "" and flatten_content({"text": "t"}) == "t"
-
-
-def test_summary_and_stats_lines():
-    t = {"decode_tokens_per_s": 40.0, "prefill_tokens_per_s": 200.0, "ttft_s": 0.25,
-         "new_tokens": 10, "prompt_tokens": 5, "rss_mb": 1500.0}
-    b = dict(t, decode_tokens_per_s=20.0, prefill_tokens_per_s=100.0, ttft_s=0.5)
-    line = summary_line(t, b, "int2", {"ternary": 500.0, "int2": 1000.0})
-    assert "2.00x" in line and "memory: 0.50x" in line and "\n" not in line
-    md = stats_markdown("ternary", t, "done", 500.0)
-    assert "TTFT **250 ms**" in md and "decode **40.0 tok/s**" in md and "**5** in + **10** out" in md
-    assert "no baseline" in summary_line(t, None, "none", {})
-
-
 def test_settings_map_to_the_runtime():
-    s = ChatSettings(max_new_tokens=0, temperature=-1, top_p=0, top_k=-3, seed=-1).to_runtime()
+    s = ChatSettings(max_new_tokens=0, temperature=-1, top_p=0, top_k=-3, seed=7).to_runtime(7, 30.0)
     s.validate()
-    assert s.max_new_tokens == 1 and s.temperature == 0 and s.top_k == 0 and s.seed is None
+    assert s.max_new_tokens == 1 and s.temperature == 0 and s.top_k == 0 and s.seed == 7
     assert s.truncate  # long histories drop their oldest turns
-    assert ChatSettings(seed=5).to_runtime().seed == 5
+    assert s.max_time_s == 30.0  # the one time limit is the engine's
+    # seed -1 (the default): a fresh seed per turn; a set seed is kept
+    assert len({ChatSettings().turn_seed() for _ in range(8)}) > 1
+    assert ChatSettings(seed=5).turn_seed() == 5
 
 
 def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, monkeypatch):
@@ -152,19 +127,23 @@ def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, mon
                     time_limit_s=0.3)
     pg.start(background=False)
     assert pg.state == "ready", pg.error
+    from playground.formatting import stats_markdown, summary_line
+
     overlaps = 0
-    for final in pg.compare("Tell me everything", [], [], "", "int2",
-                            ChatSettings(max_new_tokens=8000, temperature=0.8, seed=1)):
-        # (the state dicts are live: check each as it comes) never both engines at once
-        t, b = final["results"]["ternary"], final["results"]["int2"]
-        overlaps += bool(t and t.get("finish_reason") is None and b)
+    for turns, final in pg.compare("Tell me everything", [], "", "int2",
+                                   ChatSettings(max_new_tokens=8000, temperature=0.8, seed=1)):
+        # (the turn is live: check each state as it comes) never both engines at once
+        t, b = turns[-1]["answers"]["ternary"], turns[-1]["answers"]["int2"]
+        overlaps += bool(t["state"] in ("prefill", "streaming") and b["state"] != "waiting")
     assert overlaps == 0
-    assert final["final"]
+    assert final
+    turn = turns[-1]
     for variant in ("ternary", "int2"):
-        r = final["results"][variant]
-        assert r["finish_reason"] == "cancelled" and r["time_limit"]
-        assert 0 < r["stats"]["new_tokens"] < 8000
-    assert "time limit" in final["summary"] and "time limit" in final["stats_t"]
+        a = turn["answers"][variant]
+        assert a["finish_reason"] == "time" and a["state"] == "done"
+        assert 0 < a["stats"]["new_tokens"] < 8000
+    assert "time limit" in summary_line(turn, pg.time_limit_s)
+    assert "time limit" in stats_markdown("ternary", turn["answers"]["ternary"], 8192, pg.time_limit_s)
     assert pg.status()["active_generations"] == 0
 
 
@@ -203,9 +182,9 @@ def test_hub_probe_is_off_when_offline(monkeypatch):
 
 
 def test_default_threads_respect_the_cpu_quota():
-    from playground.service import available_cpus
+    from runtime.cpus import available_threads
 
-    n = available_cpus()
+    n = available_threads()
     assert 1 <= n <= (os.cpu_count() or 1)
     assert Playground("x/y").threads == n and Playground("x/y", threads=3).threads == 3
 
@@ -226,7 +205,6 @@ def test_failed_download_falls_back_with_the_reason(cache, monkeypatch):
 
 
 def test_page_waits_for_the_shared_cpu_gate_and_stop_gives_up_the_place(tmp_path, monkeypatch):
-    server = pytest.importorskip("server")
     import threading
 
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
@@ -247,18 +225,25 @@ def test_page_waits_for_the_shared_cpu_gate_and_stop_gives_up_the_place(tmp_path
     holder.start()
     assert held.wait(5)
     threading.Timer(0.5, pg.stop, args=["s1"]).start()
-    labels = []
+    from playground.conversation import model_messages, pane_messages
+
+    states = []
     started = __import__("time").time()
-    for state in pg.compare("Hi", [], [], "", "int2", ChatSettings(max_new_tokens=8), session="s1"):
-        labels.append(state["stats_t"])
+    for turns, _ in pg.compare("Hi", [], "", "int2", ChatSettings(max_new_tokens=8), session="s1"):
+        states.append(turns[-1]["answers"]["ternary"]["state"])
     assert __import__("time").time() - started < 5  # Stop did not wait for the gate
     release.set()
     holder.join(5)
-    assert any("waiting for the CPU" in label for label in labels)
-    assert state["results"]["ternary"]["finish_reason"] == "cancelled"
-    assert state["results"]["int2"]["finish_reason"] == "cancelled"
-    assert "stopped before it started" in state["chat_t"][-1]["content"]
+    assert "gate" in states  # the page showed "waiting for the CPU"
+    turn = turns[-1]
+    assert turn["answers"]["ternary"]["finish_reason"] == "cancelled"
+    assert turn["answers"]["int2"]["finish_reason"] == "cancelled"
+    assert "stopped before it started" in pane_messages(turns, "ternary")[-1]["content"]
+    assert "stopped before it started" in pane_messages(turns, "baseline")[-1]["content"]
+    assert model_messages(turns) == []  # the note never reaches a model
     assert pg.gate.idle()
-    # with the gate free, the page runs as usual
-    final = list(pg.compare("Hi", [], [], "", "int2", ChatSettings(max_new_tokens=4), session="s2"))[-1]
-    assert final["results"]["int2"]["stats"]["new_tokens"] == 4
+    # with the gate free, the page runs as usual, continuing that conversation
+    turns, _ = list(pg.compare("Hi", turns, "", "int2", ChatSettings(max_new_tokens=4), session="s2"))[-1]
+    assert turns[-1]["answers"]["int2"]["stats"]["new_tokens"] == 4
+    one_message = len(pg.engines["ternary"].prompt_ids(messages=[{"role": "user", "content": "Hi"}]))
+    assert turns[-1]["answers"]["ternary"]["stats"]["prompt_tokens"] == one_message

@@ -1,0 +1,131 @@
+"""The conversation: one list of turns, the one thing the page keeps.
+
+Both engines see the same history: the user's messages and the ternary engine's answers
+(`model_messages`). Each turn also holds the baseline's own answer to that same prompt, so its
+pane shows what the baseline really wrote, or a clear "not run". The two chat panes are views
+rendered from the turns (`pane_messages`); nothing written there for the visitor (notes, stats
+footers, placeholders) ever reaches a model.
+
+A turn is plain JSON (it travels in the page and in shared links):
+
+    {"user": "raw text", "seed": 123, "baseline": "int2" | "none", "context": 4096,
+     "answers": {"ternary": ANSWER, "int2": ANSWER}}
+    ANSWER = {"text": str, "state": "waiting" | "prefill" | "streaming" | "done" | "stopped"
+              | "skipped", "finish_reason": None | "stop" | "length" | "time" | "cancelled",
+              "stats": dict | None, "weights_mb": float | None}
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+TERNARY = "ternary"
+NO_BASELINE = "none"
+
+WAITING = "*(waiting: the baseline runs after the ternary engine, so the two never share the cores)*"
+NOT_RUN_NONE = "*(no baseline for this turn)*"
+
+
+def new_turn(user: str, baseline: str, seed: int | None, context: int | None) -> dict:
+    answers = {TERNARY: new_answer()}
+    if baseline != NO_BASELINE:
+        answers[baseline] = new_answer()
+    return {"user": user, "seed": seed, "baseline": baseline, "context": context, "answers": answers}
+
+
+def new_answer() -> dict:
+    return {"text": "", "state": "waiting", "finish_reason": None, "stats": None, "weights_mb": None}
+
+
+def turns_of(conversation) -> list[dict]:
+    """The turns of a conversation value from the page (None or malformed -> [])."""
+    if not isinstance(conversation, list):
+        return []
+    return [t for t in conversation if isinstance(t, dict) and isinstance(t.get("user"), str)
+            and isinstance(t.get("answers"), dict)]
+
+
+def ran(answer: dict | None) -> bool:
+    """Did the engine produce at least one token for this answer?"""
+    return bool(answer and answer.get("stats") and answer["stats"].get("new_tokens"))
+
+
+def model_messages(turns, system: str = "") -> list[dict]:
+    """The chat both engines continue: system prompt, then each turn the ternary engine answered
+    (user message + its answer as written, a stopped answer as far as it got). A turn the
+    ternary engine never answered is left out with its user message. (Where the ternary
+    engine cannot run at all, the baseline's answers are the history.)"""
+    out = [{"role": "system", "content": system}] if system and system.strip() else []
+    for t in turns_of(turns):
+        answer = t["answers"].get(TERNARY)
+        if answer and answer.get("state") == "skipped":  # no ternary engine on this machine
+            answer = t["answers"].get(t.get("baseline"))
+        if not ran(answer):
+            continue
+        out += [{"role": "user", "content": t["user"]},
+                {"role": "assistant", "content": answer.get("text") or ""}]
+    return out
+
+
+# -- what the visitor sees ------------------------------------------------------------------------
+
+_IMAGE = re.compile(r"!(?=\[)")
+
+
+def shown(text: str) -> str:
+    """Text (the visitor's or a model's) as a chat pane displays it: HTML escaped, so markup and
+    scripts show as text, and markdown images disarmed: the "!" of `![x](url)` becomes a
+    character reference, which markdown reads as plain text (whatever backslashes precede
+    it), so no remote image loads: no tracking pixels in a shared page. Links stay links; the page sends no
+    referrer (playground/ui.py HEAD)."""
+    return _IMAGE.sub("&#33;", html.escape(text, quote=False))
+
+
+def _finish_note(variant: str, answer: dict) -> str:
+    state = answer.get("state")
+    if state in ("waiting", "prefill", "streaming"):
+        return ""
+    if answer.get("finish_reason") == "stop" and ran(answer):
+        return "*(no text: the model ended its turn at once)*"
+    return f"*({variant} not run: stopped before it started)*" if not ran(answer) \
+        else "*(stopped)*"
+
+
+def _footer(variant: str, answer: dict, seed) -> str:
+    """Per-message stats under an answer (kept with each message, not only the last turn)."""
+    s = answer.get("stats")
+    if not s or answer.get("state") in ("waiting", "prefill", "streaming"):
+        return ""
+    parts = [variant, f"{s.get('new_tokens', 0)} tokens"]
+    if s.get("new_tokens", 0) > 1 and s.get("decode_tokens_per_s"):
+        parts.append(f"{s['decode_tokens_per_s']:.1f} tok/s")
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return "\n\n<sub>" + " · ".join(parts) + "</sub>"
+
+
+def _answer_content(variant: str, answer: dict, seed) -> str:
+    if answer.get("state") == "waiting" and variant != TERNARY:
+        return WAITING
+    text = shown(answer.get("text") or "")
+    if not text.strip():
+        text = _finish_note(variant, answer)
+    return text + _footer(variant, answer, seed)
+
+
+def pane_messages(turns, pane: str) -> list[dict]:
+    """One chat pane ("ternary" or "baseline") as Chatbot messages."""
+    out = []
+    for t in turns_of(turns):
+        out.append({"role": "user", "content": shown(t["user"])})
+        if pane == TERNARY:
+            variant = TERNARY
+        else:
+            variant = t.get("baseline") or NO_BASELINE
+            if variant == NO_BASELINE or variant not in t["answers"]:
+                out.append({"role": "assistant", "content": NOT_RUN_NONE})
+                continue
+        out.append({"role": "assistant",
+                    "content": _answer_content(variant, t["answers"][variant], t.get("seed"))})
+    return out

@@ -104,7 +104,8 @@ def error_answers(base_url: str, model: str) -> dict:
     import httpx
 
     cases = {
-        "unknown_model": ("POST", "/v1/chat/completions", {"json": {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}}),
+        "other_model_name": ("POST", "/v1/chat/completions", {"json": {"model": "nope", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}}),
+        "no_messages": ("POST", "/v1/chat/completions", {"json": {"model": model}}),
         "bad_json": ("POST", "/v1/chat/completions", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
         "bad_temperature": ("POST", "/v1/chat/completions", {"json": {"model": model, "temperature": 9, "messages": [{"role": "user", "content": "hi"}]}}),
         "unknown_route": ("GET", "/v1/nothing", {}),
@@ -115,11 +116,22 @@ def error_answers(base_url: str, model: str) -> dict:
         for name, (method, path, kw) in cases.items():
             r = http.request(method, path, **kw)
             try:
-                code = r.json()["error"]["code"]
-            except Exception:  # noqa: BLE001 - not our JSON error shape: reported as such
+                body = r.json()
+                code = body["error"]["code"] if "error" in body else body.get("object")
+            except Exception:  # noqa: BLE001 - not JSON: reported as such
                 code = f"not JSON: {r.text[:80]!r}"
             out[name] = [r.status_code, code]
     return out
+
+
+def single_process_error_answers(model_dir: str, model: str) -> dict:
+    """The same bad requests against the single-process server (in this process, loopback)."""
+    from runtime import Engine
+    from server import create_api
+    from tests.api_support import ServerThread
+
+    with ServerThread(create_api({model: Engine(model_dir, threads=1)})) as url:
+        return error_answers(url, model)
 
 
 def main(argv=None) -> int:
@@ -162,10 +174,12 @@ def main(argv=None) -> int:
         per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
     disconnect = disconnect_one(client, model, url)
     errors_behind_ray = error_answers(url, model)
+    errors_alone = single_process_error_answers(args.model_dir, model)
     print(RESULT_PREFIX + json.dumps({"startup_s": round(startup_s, 2), "requests": args.requests,
                       "ok": len(results), "errors": errors, "per_replica": per_replica,
                       "completion_tokens": [r["completion_tokens"] for r in results],
-                      "disconnect": disconnect, "error_answers": errors_behind_ray}), flush=True)
+                      "disconnect": disconnect, "error_answers": errors_behind_ray,
+                      "error_answers_single_process": errors_alone}), flush=True)
     import ray
     from ray import serve
 

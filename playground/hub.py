@@ -64,3 +64,12 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         raise HubFolderError(f"{repo_id} is an exported folder but its snapshot lacks {', '.join(missing)}"
                              + (" (offline: only the hub cache was read)" if offline else ""))
     return folder
+
+
+def cached_exported_snapshot(repo_id: str, variants=None) -> str | None:
+    """exported_snapshot from the hub cache alone (no network); None when it is not there
+    complete (a partial snapshot is then fetched again, online)."""
+    try:
+        return exported_snapshot(repo_id, variants=variants, local_only=True)
+    except HubFolderError:
+        return None

@@ -152,3 +152,61 @@ def test_card_command_line_rewrites_with_parity(tmp_path, demo_export):
     bad = subprocess.run([sys.executable, "-m", "export.model_card", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+# -- --model ORG/NAME in the playground ---------------------------------------------------------
+RESOLVE = """
+import json, os, sys
+from playground import models
+lines = []
+r = models.resolve_model(sys.argv[1], progress=lines.append, check_hub=lambda: False)
+print(json.dumps({"folder": r.folder, "fallback": r.fallback, "model_id": r.model_id, "lines": lines}))
+"""
+
+
+def resolve_in_fresh_process(tmp_path, spec: str) -> dict:
+    """resolve_model in a new interpreter: huggingface_hub reads HF_HOME when imported."""
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1",
+               BITNET_ONNX_CACHE=str(tmp_path / "export-cache"), BITNET_DEMO_MODEL="none")
+    r = subprocess.run([sys.executable, "-c", RESOLVE, spec], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_model_flag_uses_a_cached_exported_repo_without_exporting(tmp_path, demo_export):
+    snapshot = put_in_hub_cache(tmp_path / "hf" / "hub", "someone/shakespeare-onnx", demo_export)
+    got = resolve_in_fresh_process(tmp_path, "someone/shakespeare-onnx")
+    assert os.path.realpath(got["folder"]) == os.path.realpath(snapshot)
+    assert not got["fallback"] and got["model_id"] == "someone/shakespeare-onnx"
+    assert not (tmp_path / "export-cache").exists() or not any((tmp_path / "export-cache").iterdir()), \
+        "an exported repo must not be exported again"
+    assert any("exported folder in the hub cache" in line for line in got["lines"])
+
+
+def test_model_flag_with_an_incomplete_cached_export_falls_back_with_a_reason(tmp_path, demo_export):
+    put_in_hub_cache(tmp_path / "hf" / "hub", "someone/partial", demo_export, skip=("model.onnx.data",))
+    got = resolve_in_fresh_process(tmp_path, "someone/partial")
+    assert got["fallback"]  # offline, nothing usable: the stand-in, with the usual one-line notice
+    assert any("Cannot reach the Hugging Face hub" in line for line in got["lines"])
+
+
+def test_online_exported_repo_is_used_as_is(monkeypatch, tmp_path, demo_export):
+    """The online branch (no network here: the hub call is replaced by the cache folder)."""
+    from playground import hub, models
+
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "export-cache"))
+    calls = []
+
+    def fake_snapshot(repo_id, variants=None, **kw):
+        calls.append((repo_id, kw.get("local_only", False)))
+        return None if kw.get("local_only") else demo_export
+
+    def no_export(*a, **k):
+        raise AssertionError("an exported repo must not be exported")
+
+    monkeypatch.setattr(hub, "exported_snapshot", fake_snapshot)
+    monkeypatch.setattr(models, "_export", no_export)
+    r = models.resolve_model("someone/online-onnx", progress=lambda m: None, check_hub=lambda: True)
+    assert r.folder == demo_export and not r.fallback
+    assert calls == [("someone/online-onnx", True), ("someone/online-onnx", False)]

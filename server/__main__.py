@@ -1,6 +1,8 @@
 """Serve the API alone (plus, with --page, a minimal Gradio page mounted at /):
 
     python -m server MODEL_DIR [--variant ternary] [--name ID] [--host 127.0.0.1] [--port 8000]
+    python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--autoscale MIN:MAX]
+        (the same API on Ray Serve, one engine per replica: server/ray_serve.py)
 
 The playground (app.py) mounts its own page the same way; this is for API-only hosting,
 benchmarks and tests. Limits come from BITNET_API_* variables, the key from BITNET_API_KEY.

@@ -49,7 +49,9 @@ def pct(values, q):
 
 
 def start_server(model_dir: str, extra: list[str], port: int, queue_size: int, timeout_s: float = 180):
-    env = dict(os.environ, BITNET_API_QUEUE_SIZE=str(queue_size), PYTHONPATH=REPO)
+    # every client fits in the queue, and a big model's queue wait does not end in a 503
+    env = dict(os.environ, BITNET_API_QUEUE_SIZE=str(queue_size), BITNET_API_QUEUE_TIMEOUT_S="900",
+               PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-m", "server", model_dir, "--port", str(port), *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)

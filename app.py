@@ -23,6 +23,7 @@ from playground.models import DEFAULT_MODEL
 from playground.service import DEFAULT_QUEUE_SIZE, Playground
 from playground.ui import build_demo, launch_kwargs
 from server import Gate, Limits, attach_api
+from server.console import print_urls
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,18 +70,6 @@ def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
     return demo
 
 
-def print_urls(local_url: str, share_url: str | None, api: bool) -> None:
-    """What the app prints at start (python -m server prints the same way): its URLs, and
-    the app's own flag for a public link (not Gradio's "share=True in launch()")."""
-    print(f"[bitnet-onnx] page at {local_url}", flush=True)
-    if api:
-        print(f"[bitnet-onnx] OpenAI-compatible API at {local_url.rstrip('/')}/v1", flush=True)
-    if share_url:
-        print(f"[bitnet-onnx] public link: {share_url}", flush=True)
-    elif not os.environ.get("SPACE_ID"):
-        print("[bitnet-onnx] for a public link, run again with --share", flush=True)
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -96,7 +85,7 @@ def main(argv=None) -> int:
     if args.api:
         # pg.api_models: {model id: ternary engine} once ready, None (503 "loading") before.
         attach_api(demo, pg.api_models, limits=limits, gate=pg.gate)
-    print_urls(demo.local_url, demo.share_url, args.api)
+    print_urls(demo.local_url, page=True, api=args.api, share_url=demo.share_url)
     demo.block_thread()
     return 0
 

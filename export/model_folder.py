@@ -16,7 +16,7 @@ from .errors import ExportError
 
 EOT_TOKEN = "<|eot_id|>"
 
-# BitNet b1.58 2B4T's chat template (DESIGN section 2), used when the checkpoint has none.
+# BitNet b1.58 2B4T's chat template (docs/ARCHITECTURE.md, section 2), used when the checkpoint has none.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"

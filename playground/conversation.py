@@ -9,6 +9,7 @@ footers, placeholders) ever reaches a model.
 A turn is plain JSON (it travels in the page and in shared links):
 
     {"user": "raw text", "seed": 123, "baseline": "int2" | "none", "context": 4096,
+     "settings": {"max_new_tokens": 256, "temperature": 0.6, ..., "seed": -1, "system": "..."},
      "answers": {"ternary": ANSWER, "int2": ANSWER}}
     ANSWER = {"text": str, "state": "waiting" | "prefill" | "streaming" | "done" | "stopped"
               | "skipped", "finish_reason": None | "stop" | "length" | "time" | "cancelled",
@@ -18,6 +19,7 @@ A turn is plain JSON (it travels in the page and in shared links):
 from __future__ import annotations
 
 import html
+import json
 import re
 
 TERNARY = "ternary"
@@ -27,19 +29,35 @@ WAITING = "*(waiting: the baseline runs after the ternary engine, so the two nev
 NOT_RUN_NONE = "*(no baseline for this turn)*"
 
 
-def new_turn(user: str, baseline: str, seed: int | None, context: int | None) -> dict:
+def new_turn(user: str, baseline: str, seed: int | None, context: int | None,
+             settings: dict | None = None) -> dict:
+    """A turn about to run. `settings`: the page's settings it ran with (a shared link restores
+    them from its last turn)."""
     answers = {TERNARY: new_answer()}
     if baseline != NO_BASELINE:
         answers[baseline] = new_answer()
-    return {"user": user, "seed": seed, "baseline": baseline, "context": context, "answers": answers}
+    return {"user": user, "seed": seed, "baseline": baseline, "context": context,
+            "settings": dict(settings or {}), "answers": answers}
 
 
 def new_answer() -> dict:
     return {"text": "", "state": "waiting", "finish_reason": None, "stats": None, "weights_mb": None}
 
 
+def dumps(turns) -> str:
+    """The conversation as the page holds it: JSON text (a hidden textbox; Gradio saves a text
+    value in shared links as it is)."""
+    return json.dumps(turns_of(turns), ensure_ascii=False)
+
+
 def turns_of(conversation) -> list[dict]:
-    """The turns of a conversation value from the page (None or malformed -> [])."""
+    """The turns of a conversation value from the page: a list or its JSON text (None or
+    malformed -> [])."""
+    if isinstance(conversation, str):
+        try:
+            conversation = json.loads(conversation) if conversation.strip() else []
+        except ValueError:
+            return []
     if not isinstance(conversation, list):
         return []
     return [t for t in conversation if isinstance(t, dict) and isinstance(t.get("user"), str)

@@ -126,17 +126,21 @@ def _downsample(points: list, limit: int = MAX_TIMELINE_POINTS) -> list:
     return picked[:-1] + [points[-1]]
 
 
+def turn_done(turn: dict | None) -> bool:
+    """Every engine of the turn finished, and at least one wrote a token."""
+    return bool(turn) and all(a.get("state") in ("done", "stopped", "skipped")
+                              for a in turn["answers"].values()) \
+        and any(ran(a) for a in turn["answers"].values())
+
+
 def chart_frames(turn: dict | None):
     """(decode tok/s per engine, tokens over time) as pandas DataFrames for the native plots;
     (None, None) until the turn is done (a half-drawn chart would compare unlike runs)."""
     import pandas as pd
 
-    if not turn or not all(a.get("state") in ("done", "stopped", "skipped")
-                           for a in turn["answers"].values()):
+    if not turn_done(turn):
         return None, None
     done = {v: a for v, a in turn["answers"].items() if ran(a)}
-    if not done:
-        return None, None
     speed = pd.DataFrame(
         [{"engine": v, "decode tok/s": round(a["stats"]["decode_tokens_per_s"], 2)} for v, a in done.items()],
         columns=["engine", "decode tok/s"])

@@ -338,7 +338,8 @@ class Playground:
             baseline = self.default_baseline()
         turns = [dict(t) for t in turns_of(conversation)]
         history = model_messages(turns, system)
-        turn = new_turn(message, baseline, settings.turn_seed(), self.context_length)
+        turn = new_turn(message, baseline, settings.turn_seed(), self.context_length,
+                        dict(vars(settings), system=system))
         if not self.ternary_ok:
             turn["answers"][TERNARY].update(state="skipped", finish_reason="unavailable")
         turns.append(turn)

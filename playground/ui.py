@@ -12,12 +12,13 @@ it, so a shared link or a reload restores exactly what was shown.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 
 import gradio as gr
 
-from .conversation import NO_BASELINE, TERNARY, pane_messages, turns_of
-from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line
+from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
+from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .service import ChatSettings, CpuBusy, NotReady, Playground, TooLong
 
 log = logging.getLogger("bitnet-onnx.app")
@@ -35,18 +36,28 @@ CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
 footer {display: none !important}
-/* narrow screens: the panes get shorter so the message box is reachable without scrolling */
+/* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
+   of the screen (reachable without scrolling past both panes), the charts one under the other */
 @media (max-width: 640px) {
+  #title h2 {font-size: 1.1em}
+  #banner, .pane-stats {font-size: 0.8em}
   #chat-ternary, #chat-baseline {height: 180px !important; min-height: 180px !important}
   #panes {flex-wrap: nowrap !important; gap: 4px}
   #panes > div {min-width: 0 !important}
-  .plot-container, #speed-plot, #time-plot {min-width: 0 !important}
+  #input-row {position: sticky; bottom: 0; z-index: 20; background: var(--body-background-fill);
+              padding: 4px 0; flex-wrap: nowrap !important; gap: 4px}
+  #input-row > * {min-width: 0 !important}
+  #plots {flex-direction: column}
 }
 """
 # No visitor or model text can make the page fetch a remote image (tracking pixels in shared
 # links), and links leave without a referrer.
 HEAD = ('<meta name="referrer" content="no-referrer">'
-        '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">')
+        '<meta http-equiv="Content-Security-Policy" content="img-src \'self\' data: blob:">'
+        # (Gradio scopes `css` inside its container; this one is about the container itself:
+        # the sticky message box of narrow screens needs no scroll container around it)
+        '<style>@media (max-width: 640px) {.gradio-container {overflow: visible !important;'
+        ' overflow-x: clip !important}}</style>')
 
 
 def _session(request: gr.Request | None) -> str:
@@ -72,16 +83,19 @@ def render(conversation, pg: Playground) -> tuple:
         base = last.get("baseline") or NO_BASELINE
         stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
                    else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
-    speed, timeline = chart_frames(last)
+    # the charts show the latest finished comparison (a chart that goes blank while the next
+    # turn streams makes Gradio's plot throw on a removed element)
+    speed, timeline = chart_frames(next((t for t in reversed(turns) if turn_done(t)), None))
+    raw = json.dumps(raw_stats(last, pg.hardware or None), indent=1, ensure_ascii=False)
     return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
-            summary_line(last, pg.time_limit_s), speed, timeline, raw_stats(last, pg.hardware or None))
+            summary_line(last, pg.time_limit_s), speed, timeline, raw)
 
 
 def build_demo(pg: Playground) -> gr.Blocks:
     ready = pg.state == "ready"
     initial_baseline = pg.default_baseline() if ready else "int2"
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
-        gr.Markdown(f"## {TITLE}")
+        gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
         with gr.Row(equal_height=False):
             baseline = gr.Dropdown(
@@ -107,7 +121,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 stats_b = gr.Markdown("**baseline** · idle", elem_id="stats-baseline",
                                       elem_classes=["pane-stats"])
         summary = gr.Markdown("", elem_id="summary")
-        with gr.Row():
+        with gr.Row(elem_id="input-row"):
             msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
             send = gr.Button("Send" if ready else "Preparing the model…", variant="primary", scale=1,
@@ -118,7 +132,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             edit = gr.Button("Edit last message", size="sm", elem_id="edit")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
-        with gr.Row():
+        with gr.Row(elem_id="plots"):
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
                                     title="Decode speed (tok/s)", elem_id="speed-plot",
                                     height=260, y_lim=[0, None], min_width=160,
@@ -143,9 +157,11 @@ def build_demo(pg: Playground) -> gr.Blocks:
                                  label="Seed (-1 = a new random seed each answer; both engines share "
                                        "it; the stats show the one used)")
         with gr.Accordion("Raw stats (JSON)", open=False):
-            raw = gr.JSON(None, elem_id="raw-stats")
-        # The conversation itself: the one value every view above is rendered from.
-        conversation = gr.JSON([], visible=False, elem_id="conversation")
+            # JSON as text: Gradio saves text values in shared links as they are
+            raw = gr.Code(json.dumps(raw_stats(None, pg.hardware or None)), language="json",
+                          interactive=False, elem_id="raw-stats", show_label=False)
+        # The conversation itself: the one value every view above is rendered from (JSON text).
+        conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
@@ -157,13 +173,13 @@ def build_demo(pg: Playground) -> gr.Blocks:
             log.warning("page request refused (%s): %s", title, why.splitlines()[0])
             gr.Warning(why, title=title)
             shown = render(conv, pg)
-            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (conv,)
+            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (dumps(conv),)
 
         def run(message, conv, system_prompt, baseline_, max_new_tokens, temperature_, top_p_,
                 top_k_, repetition_penalty, seed_, request, keep_box=False):
             message = message if isinstance(message, str) else ""
             if not message.strip():
-                yield (gr.skip(),) + render(conv, pg) + (conv,)
+                yield (gr.skip(),) + render(conv, pg) + (dumps(conv),)
                 return
             if pg.stop_pending(_session(request)):
                 gr.Warning("An answer is still being written: wait for it or press Stop.",
@@ -179,7 +195,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
                 first = True
                 with contextlib.closing(states):  # a cancelled request closes the engine's loop
                     for turns, _final in states:
-                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) + (turns,)
+                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) \
+                            + (dumps(turns),)
                         first = False
             except TooLong as e:
                 yield refused(message, conv, str(e), "Message too long")
@@ -199,7 +216,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
             """Answer the last user message again (both panes), replacing that turn."""
             turns = turns_of(conversation_)
             if not turns:
-                yield (gr.skip(),) + render(turns, pg) + (turns,)
+                yield (gr.skip(),) + render(turns, pg) + (dumps(turns),)
                 return
             yield from run(turns[-1]["user"], turns[:-1], system_prompt, baseline, max_new_tokens,
                            temperature, top_p, top_k, repetition_penalty, seed, request, keep_box=True)
@@ -208,8 +225,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
             """Edit the last message: it goes back to the box and its turn leaves the chat."""
             turns = turns_of(conversation_)
             if not turns:
-                return (gr.skip(),) + render(turns, pg) + (turns,)
-            return (turns[-1]["user"],) + render(turns[:-1], pg) + (turns[:-1],)
+                return (gr.skip(),) + render(turns, pg) + (dumps(turns),)
+            return (turns[-1]["user"],) + render(turns[:-1], pg) + (dumps(turns[:-1]),)
 
         def stop_fn(request: gr.Request):
             """Stop this session's turns: the running engine after its current token, a turn
@@ -218,7 +235,7 @@ def build_demo(pg: Playground) -> gr.Blocks:
 
         def clear_fn():
             """Start a new conversation."""
-            return render([], pg) + ([],)
+            return render([], pg) + ("[]",)
 
         def lock():
             return gr.update(interactive=False, value="Answering…")
@@ -244,35 +261,58 @@ def build_demo(pg: Playground) -> gr.Blocks:
         baseline.change(baseline_title, [baseline], [title_b], queue=False,
                         api_visibility="private", show_progress="hidden")
 
-        def refresh(current=None, conv=None):
-            """Banner, baseline choices (known once the model folder is), pane title, max new
-            tokens bound to the live model's context, Send enabled once ready, timer."""
+        setting_fields = [("system", system), ("max_new_tokens", max_new), ("temperature", temperature),
+                          ("top_p", top_p), ("top_k", top_k), ("repetition_penalty", rep), ("seed", seed)]
+
+        def refresh(current=None, conv=None, *values):
+            """Banner; once ready: baseline choices (known once the model folder is), max new
+            tokens bound to the live model's context, Send enabled; and the settings of a shared
+            link's conversation (its last turn's), baseline included. Settings go back as plain
+            values (their own when there is nothing to restore): in Gradio 6.31 an update dict
+            makes the session record the component under a new id, which shared links lose."""
             done = pg.state in ("ready", "failed")
+            values = list(values) + [None] * (len(setting_fields) - len(values))
             if pg.state != "ready":
-                return (pg.banner_markdown(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
-                        gr.Timer(active=not done))
+                return ((pg.banner_markdown(),) + tuple(gr.skip() for _ in range(3))
+                        + tuple(v if v is not None else gr.skip() for v in values)
+                        + (gr.Timer(active=not done),))
             choices = pg.baselines()
             turns = turns_of(conv)
+            used = (turns[-1].get("settings") or {}) if turns else {}
             if turns and turns[-1].get("baseline") in choices:  # a shared link: its baseline
                 current = turns[-1]["baseline"]
             value = current if current in choices else pg.default_baseline()
             context = pg.context_length or 8192
-            return (pg.banner_markdown(),
-                    gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
-                    baseline_title(value), gr.update(maximum=context),
-                    gr.update(interactive=True, value="Send"), gr.Timer(active=False))
+            restored = []
+            for (name, _), own in zip(setting_fields, values):
+                v = used.get(name, own)
+                if name == "max_new_tokens":
+                    v = DEFAULT_MAX_NEW if v is None else v
+                    restored.append(gr.update(maximum=context, value=min(int(v), context)))
+                else:
+                    restored.append(v if v is not None else gr.skip())
+            return ((pg.banner_markdown(),
+                     gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
+                     baseline_title(value), gr.update(interactive=True, value="Send"))
+                    + tuple(restored) + (gr.Timer(active=False),))
 
-        refresh_outputs = [banner, baseline, title_b, max_new, send, timer]
-        timer.tick(refresh, [baseline, conversation], refresh_outputs, queue=False,
+        refresh_outputs = [banner, baseline, title_b, send] + [c for _, c in setting_fields] + [timer]
+        refresh_inputs = [baseline, conversation] + [c for _, c in setting_fields]
+        def tick(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_):
+            return refresh(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
+
+        timer.tick(tick, refresh_inputs, refresh_outputs, queue=False,
                    api_visibility="private", show_progress="hidden")
 
-        def on_load(current, conv, request: gr.Request):
+        def on_load(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_,
+                    request: gr.Request):
             prompt = ""
             if request is not None:
                 prompt = request.query_params.get("prompt", "") or ""
-            return (prompt[:20000] if prompt else gr.skip(),) + refresh(current, conv)
+            return (prompt[:20000] if prompt else gr.skip(),) + refresh(
+                current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
 
-        demo.load(on_load, [baseline, conversation], [msg] + refresh_outputs, queue=False,
+        demo.load(on_load, refresh_inputs, [msg] + refresh_outputs, queue=False,
                   api_visibility="private", show_progress="hidden")
 
         def status() -> dict:

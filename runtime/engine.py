@@ -21,8 +21,8 @@ from .errors import EngineError, PromptTooLongError, VariantNotFoundError  # noq
 from .folder import NUM_LOGITS_TO_KEEP, VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
 from .kv_cache import KVCache
 from .sampling import GenerationSettings, Sampler
-from .session import open_session
-from .stats import GenerationStats, peak_rss_mb, rss_mb
+from .session import check_custom_ops, open_session
+from .stats import GenerationStats, StatsClock
 from .text import StreamDecoder, clean_text, compile_template, normalize_messages
 
 CACHE_BLOCK = 64  # KV cache capacity is rounded up to a multiple of this
@@ -95,7 +95,7 @@ class Engine:
         self.session_config = dict(session_config or {})
         self.uses_custom_ops = needs_custom_ops(variant)
         if self.uses_custom_ops:
-            _check_custom_ops()
+            check_custom_ops()
         try:
             self.session = open_session(model_path, threads=threads, custom_ops=self.uses_custom_ops,
                                         config=self.session_config)
@@ -265,7 +265,7 @@ class Engine:
             cache = self.new_cache(self._cache_capacity(len(ids), max_new))
             stats = GenerationStats(prompt_tokens=len(ids), variant=self.variant, threads=self.threads,
                                     kv_cache_tokens=cache.capacity, kv_cache_mb=cache.nbytes / 2**20)
-            clock = _StatsClock(stats, started)
+            clock = StatsClock(stats, started, GenerationEvent)
             limits = Limits(cancel, settings.max_time_s, started)
             finish = _Finish(self, settings, max_new)
             sampler = Sampler(settings, self.vocab_size, ids)
@@ -326,53 +326,3 @@ class _Finish:
 
     def flush(self) -> str:
         return self.decoder.flush()
-
-
-class _StatsClock:
-    """Fills GenerationStats as the generation goes and snapshots it into events."""
-
-    def __init__(self, stats: GenerationStats, started: float):
-        self.stats, self.started = stats, started
-        self.t_prefill = time.perf_counter()
-        self.t_first = None
-
-    def prefilled(self, n_prompt: int) -> None:
-        self.stats.prefill_s = time.perf_counter() - self.t_prefill
-        self.stats.prefill_tokens_per_s = n_prompt / max(self.stats.prefill_s, 1e-9)
-
-    def first_token(self) -> None:
-        self.t_first = time.perf_counter()
-        self.stats.ttft_s = self.t_first - self.started
-
-    def event(self, **kw) -> GenerationEvent:
-        s, now = self.stats, time.perf_counter()
-        s.new_tokens += len(kw["token_ids"])
-        s.total_s = now - self.started
-        if s.new_tokens > 1:
-            s.decode_s = now - self.t_first
-            s.decode_tokens_per_s = (s.new_tokens - 1) / max(s.decode_s, 1e-9)
-        s.rss_mb = rss_mb()
-        s.peak_rss_mb = max(peak_rss_mb(), s.rss_mb)
-        return GenerationEvent(stats=s.copy(), **kw)
-
-
-def _check_custom_ops() -> None:
-    """One line saying why the ternary variant cannot run here and how to fix it."""
-    try:
-        import custom_ops
-    except ImportError as e:
-        raise EngineError(f"the ternary variant needs the custom_ops package ({e}); run from the "
-                          "repository root or use --variant int2") from None
-    status = getattr(custom_ops, "status", None)
-    if status is not None:  # custom_ops.status(): never raises, says why and how to fix
-        st = status()
-        if not st.ok:
-            raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} "
-                              "(or use --variant int2)")
-        return
-    try:
-        custom_ops.library_path()
-    except Exception as e:  # BuildError: no compiler, no headers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngineError(f"the ternary variant needs the bitnet custom-op library, which cannot be "
-                          f"built here: {first} (or use --variant int2)") from None

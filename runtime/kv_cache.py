@@ -59,7 +59,7 @@ class KVCache:
             self._mask[row, self.lengths[row]:length] = 1
         total = int(new_lengths.max())
         self.binding.bind_cpu_input(INPUT_IDS, tokens)
-        self.binding.bind_cpu_input(ATTENTION_MASK, self._mask[:, :total])
+        self.binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(self._mask[:, :total]))
         self.binding.bind_output(LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self.binding)
         self.lengths = new_lengths

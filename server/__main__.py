@@ -35,22 +35,33 @@ def main(argv=None) -> int:
 
         return ray_main(args)
 
-    import uvicorn
-
     from runtime import Engine
+    from runtime.errors import EngineError
 
-    from . import create_api
+    from . import attach_api, create_api
+    from .console import print_urls
 
-    engine = Engine(args.model_dir, variant=args.variant, threads=args.threads)
+    try:
+        engine = Engine(args.model_dir, variant=args.variant, threads=args.threads)
+    except (EngineError, ValueError, KeyError) as e:
+        p.exit(2, f"python -m server: error: {e}\n")
     name = args.name or os.path.basename(os.path.normpath(args.model_dir))
-    app = create_api({name: engine})
-    if args.page:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    if args.page:  # the page beside the API, attached the way app.py attaches it
         import gradio as gr
 
         with gr.Blocks(title="bitnet-onnx API") as demo:
             gr.Markdown(f"bitnet-onnx API: model `{name}`; POST /v1/chat/completions")
-        app = gr.mount_gradio_app(app, demo, path="/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        demo.queue()
+        demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+        attach_api(demo, {name: engine})
+        print_urls(demo.local_url, page=True, api=True, share_flag=None)
+        demo.block_thread()
+        return 0
+    import uvicorn
+
+    print_urls(f"http://{host}:{args.port}", page=False, api=True, share_flag=None)
+    uvicorn.run(create_api({name: engine}), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -4,6 +4,7 @@ driven with gradio_client through its stable API names (/chat, /retry, /stop, /c
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -38,9 +39,20 @@ def engine(model_dir):
 
 def chat_args(message, conversation=(), baseline="int2", max_new_tokens=24, temperature=0.0,
               seed=7):
-    return dict(message=message, conversation_=list(conversation), system_prompt=SYSTEM,
+    conversation = conversation if isinstance(conversation, str) else json.dumps(list(conversation))
+    return dict(message=message, conversation_=conversation, system_prompt=SYSTEM,
                 baseline=baseline, max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=1.0, top_k=0, repetition_penalty=1.0, seed=seed, api_name="/chat")
+
+
+def raw_of(outputs) -> dict:
+    """The raw stats of a /chat answer (JSON text on the page)."""
+    return json.loads(outputs[RAW])
+
+
+def turns_of(outputs) -> list:
+    """The conversation of a /chat answer (JSON text in a hidden box)."""
+    return json.loads(outputs[CONV])
 
 
 def is_skip(value) -> bool:
@@ -89,7 +101,7 @@ def test_chat_streams_both_panes_one_after_the_other(server, engine):
     assert waiting, "no update showed the ternary answer while the baseline waited"
     assert final[MSG] == "" or is_skip(final[MSG])
 
-    raw = final[RAW]
+    raw = raw_of(final)
     assert set(raw["engines"]) == {"ternary", "int2"} and raw["seed"] == 7
     assert raw["hardware"]["threads"] == 1 and raw["hardware"]["cpu"]
     expected_prompt = len(engine.prompt_ids(messages=[{"role": "system", "content": SYSTEM},
@@ -137,13 +149,13 @@ def test_one_conversation_both_engines_same_prompt(server, engine):
     conv = first[CONV]
     # the chatbot shows the markup as text: escaped, never live HTML
     assert text_of(first[CHAT_T][0]) == "&lt;script&gt;alert(1)&lt;/script&gt; &amp; hi"
-    t1, b1 = (first[RAW]["engines"][v]["text"] for v in ("ternary", "int2"))
+    t1, b1 = (raw_of(first)["engines"][v]["text"] for v in ("ternary", "int2"))
     second = client.predict(**chat_args("And then?", conv, baseline="int4", max_new_tokens=30,
                                         temperature=1.0, seed=12))
     expected = engine.prompt_ids(messages=[
         {"role": "system", "content": SYSTEM}, {"role": "user", "content": first_msg},
         {"role": "assistant", "content": t1}, {"role": "user", "content": "And then?"}])
-    raw = second[RAW]["engines"]
+    raw = raw_of(second)["engines"]
     assert raw["ternary"]["stats"]["prompt_tokens"] == len(expected)
     assert raw["int4"]["stats"]["prompt_tokens"] == len(expected)  # token for token
     assert [m["role"] for m in second[CHAT_T]] == ["user", "assistant"] * 2
@@ -158,7 +170,7 @@ def test_one_conversation_both_engines_same_prompt(server, engine):
     assert "no baseline" in text_of(third[CHAT_B][-1])
     assert "none selected" in third[SUMMARY] or "no baseline" in third[SUMMARY]
     fourth = client.predict(**chat_args("Fourth", third[CONV], baseline="int2", max_new_tokens=8))
-    raw = fourth[RAW]["engines"]
+    raw = raw_of(fourth)["engines"]
     assert raw["ternary"]["stats"]["prompt_tokens"] == raw["int2"]["stats"]["prompt_tokens"]
 
     # retry answers the last message again, replacing (not adding) the turn; greedy = same text
@@ -166,38 +178,38 @@ def test_one_conversation_both_engines_same_prompt(server, engine):
     retried = client.predict(conversation_=g[CONV], system_prompt=SYSTEM, baseline="int2",
                              max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0,
                              repetition_penalty=1.0, seed=7, api_name="/retry")
-    assert len(retried[CONV]) == len(g[CONV]) == 5 and retried[CONV][-1]["user"] == "Greedy"
-    assert retried[RAW]["engines"]["ternary"]["text"] == g[RAW]["engines"]["ternary"]["text"]
+    assert len(turns_of(retried)) == len(turns_of(g)) == 5 and turns_of(retried)[-1]["user"] == "Greedy"
+    assert raw_of(retried)["engines"]["ternary"]["text"] == raw_of(g)["engines"]["ternary"]["text"]
 
     # edit: the last message goes back to the box, its turn leaves the conversation
     edited = client.predict(conversation_=retried[CONV], api_name="/edit")
-    assert edited[MSG] == "Greedy" and len(edited[CONV]) == 4
+    assert edited[MSG] == "Greedy" and len(turns_of(edited)) == 4
 
     cleared = client.predict(api_name="/clear")
-    assert cleared[0] == [] and cleared[1] == [] and cleared[-1] == []
+    assert cleared[0] == [] and cleared[1] == [] and cleared[-1] == "[]"
 
 
 def test_seed_is_fresh_per_answer_unless_set(server):
     client = server.client()
     a = client.predict(**chat_args("Pick", max_new_tokens=16, temperature=1.0, seed=-1))
     b = client.predict(**chat_args("Pick", max_new_tokens=16, temperature=1.0, seed=-1))
-    assert a[RAW]["seed"] != b[RAW]["seed"]
-    assert f"seed {a[RAW]['seed']}" in text_of(a[CHAT_T][-1])
+    assert raw_of(a)["seed"] != raw_of(b)["seed"]
+    assert f"seed {raw_of(a)['seed']}" in text_of(a[CHAT_T][-1])
     # the seed shown reproduces the answer
-    again = client.predict(**chat_args("Pick", max_new_tokens=16, temperature=1.0, seed=a[RAW]["seed"]))
-    assert again[RAW]["engines"]["ternary"]["text"] == a[RAW]["engines"]["ternary"]["text"]
+    again = client.predict(**chat_args("Pick", max_new_tokens=16, temperature=1.0, seed=raw_of(a)["seed"]))
+    assert raw_of(again)["engines"]["ternary"]["text"] == raw_of(a)["engines"]["ternary"]["text"]
 
 
 def test_baseline_choice_and_none(server):
     client = server.client()
     out = client.predict(**chat_args("Compare with fp32", baseline="fp32", max_new_tokens=6))
-    assert set(out[RAW]["engines"]) == {"ternary", "fp32"}
-    assert out[RAW]["engines"]["fp32"]["text"] == out[RAW]["engines"]["ternary"]["text"]
+    assert set(raw_of(out)["engines"]) == {"ternary", "fp32"}
+    assert raw_of(out)["engines"]["fp32"]["text"] == raw_of(out)["engines"]["ternary"]["text"]
     assert "too short to compare" in out[SUMMARY]  # 5 decoded tokens: no headline ratio
     status = client.predict(api_name="/status")
     assert status["loaded_engines"] == ["ternary", "fp32"]  # at most one baseline kept
     out = client.predict(**chat_args("No baseline now", baseline="none", max_new_tokens=6))
-    assert set(out[RAW]["engines"]) == {"ternary"}
+    assert set(raw_of(out)["engines"]) == {"ternary"}
     assert "no baseline" in text_of(out[CHAT_B][-1])
     assert "none (ternary only)" in out[STATS_B]
     assert "no baseline" in out[SUMMARY]
@@ -207,7 +219,7 @@ def test_empty_message_does_nothing(server):
     client = server.client()
     for message in ("", "   ", "\n\t"):
         out = client.predict(**chat_args(message))
-        assert out[CHAT_T] == [] and out[CHAT_B] == [] and out[CONV] == []
+        assert out[CHAT_T] == [] and out[CHAT_B] == [] and turns_of(out) == []
     # after a conversation: the page stays exactly as it was
     before = client.predict(**chat_args("Hi", max_new_tokens=4))
     after = client.predict(**chat_args("  ", before[CONV]))
@@ -233,7 +245,7 @@ def test_overlong_message_keeps_the_chat_and_logs_one_line(server):
     assert sum("refused (Message too long)" in line for line in log.splitlines()) == 2
     # a normal message still works afterwards
     out = client.predict(**chat_args("ok", max_new_tokens=4))
-    assert out[RAW]["engines"]["ternary"]["stats"]["new_tokens"] >= 1
+    assert raw_of(out)["engines"]["ternary"]["stats"]["new_tokens"] >= 1
 
 
 def wait_streaming(job, pane=CHAT_T, timeout=30):
@@ -254,7 +266,7 @@ def test_stop_stops_the_decode_loop(server):
     client.predict(api_name="/stop")
     final = job.result(timeout=20)
     assert time.time() - t_stop < 5, "generation did not stop promptly"
-    raw = final[RAW]["engines"]
+    raw = raw_of(final)["engines"]
     assert raw["ternary"]["finish_reason"] == "cancelled"
     assert raw["ternary"]["stats"]["new_tokens"] < 8000
     assert raw["int2"]["finish_reason"] == "cancelled"  # the baseline never started
@@ -268,7 +280,6 @@ def test_stop_stops_the_decode_loop(server):
 def test_stop_withdraws_a_queued_turn_at_once(server):
     """Issue 11.6: a page turn waiting for the CPU (an API request holds it) leaves at once on
     Stop; it never runs later."""
-    import json
     import threading
     import urllib.request
 
@@ -299,7 +310,7 @@ def test_stop_withdraws_a_queued_turn_at_once(server):
     final = job.result(timeout=20)
     assert time.time() - t_stop < 2, "Stop did not withdraw the queued turn at once"
     assert caller.is_alive(), "the API request should still be running"
-    raw = final[RAW]["engines"]
+    raw = raw_of(final)["engines"]
     assert raw["ternary"]["stats"] is None and raw["ternary"]["finish_reason"] == "cancelled"
     assert "not run" in text_of(final[CHAT_T][-1])
     caller.join(120)
@@ -321,13 +332,12 @@ def test_cancelled_request_frees_the_engine(server):
     assert not any(status["engine_active_generations"].values())
     # and the server serves the next request
     out = client.predict(**chat_args("ok", max_new_tokens=4))
-    assert out[RAW]["engines"]["ternary"]["finish_reason"] in ("stop", "length")
+    assert raw_of(out)["engines"]["ternary"]["finish_reason"] in ("stop", "length")
 
 
 def test_openai_api_beside_the_page_shares_the_cpu(server):
     """app.py serves the OpenAI-compatible API (server/) on the same port; an API request that
     arrives while the page generates waits for the CPU instead of running alongside."""
-    import json
     import threading
     import urllib.request
 
@@ -356,7 +366,7 @@ def test_openai_api_beside_the_page_shares_the_cpu(server):
     assert result["usage"]["completion_tokens"] >= 1
     # it waited for the page's ternary run (seconds), it did not share the cores with it
     assert result["bitnet"]["queue_wait_s"] > 0.3, result["bitnet"]
-    assert final[RAW]["engines"]["ternary"]["stats"]["new_tokens"] > 100
+    assert raw_of(final)["engines"]["ternary"]["stats"]["new_tokens"] > 100
 
 
 def test_start_up_prints_urls_and_the_apps_share_flag(server):

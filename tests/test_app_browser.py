@@ -2,16 +2,22 @@
 
 The app starts as a fresh install does with no network: default model, hub unreachable,
 nothing cached, so it serves the labelled fallback (the shipped demo model, or the random
-stand-in where none ships). The test opens the page with ?prompt=,
-sends a message holding <script> and an onerror image, sees both panes fill and the stats,
-the speed-up line and both charts appear, checks the markup is shown as text and never ran,
-reopens the conversation from a deep link, and saves screenshots in its tmp folder.
+stand-in where none ships). The tests open the page with ?prompt=, send a message holding
+<script>, an onerror image and a markdown image pointing at a local "tracking pixel" server,
+see both panes fill and the stats, the verdict and both charts appear, check the markup is
+shown as text and never ran and no image was fetched, reopen the conversation from a shared
+link for each baseline (every setting restored, and continuing runs that baseline), and use
+the page 390 px wide and in a dark system theme. Any page error or console error fails the
+test. Screenshots go to the tmp folder (and BITNET_SCREENSHOT_DIR when set).
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -60,82 +66,269 @@ def test_fresh_offline_start_serves_a_labelled_fallback(server):
     assert log.count("Cannot reach the Hugging Face hub") == 1
 
 
-def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, tmp_path):
-    page = browser.new_page(viewport={"width": 1400, "height": 1200})
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "?prompt=Hello%20from%20the%20URL", wait_until="domcontentloaded")
-    box = page.locator("#message textarea")
-    box.wait_for(timeout=60_000)
+class PageErrors:
+    """Every uncaught page error and console error of the pages it watches."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+
+    def watch(self, page):
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}")
+                if m.type == "error" else None)
+        return page
+
+    def check(self):
+        assert not self.errors, "the page logged errors:\n" + "\n".join(self.errors)
+
+
+@pytest.fixture
+def errors():
+    watcher = PageErrors()
+    yield watcher
+    watcher.check()
+
+
+@pytest.fixture(scope="module")
+def pixel_server():
+    """A local "remote" host: records every request (a tracking pixel would show up here)."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits.append((self.path, self.headers.get("Referer")))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/gif")
+            self.end_headers()
+            self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    srv.shutdown()
+
+
+def open_page(browser, errors, url, width=1400, height=1200, **kw):
+    page = errors.watch(browser.new_page(viewport={"width": width, "height": height}, **kw))
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#message textarea").wait_for(timeout=60_000)
+    page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=60_000)
+    return page
+
+
+def open_settings(page):
+    """The settings accordion (closed at first: its inputs are not in the DOM until opened)."""
+    if not page.locator("#seed input").count():
+        page.locator("#settings").get_by_text("Settings").first.click()
+        page.locator("#seed input").wait_for(timeout=10_000)
+
+
+def user_turns(page, pane="#chat-ternary"):
+    return page.locator(f"{pane} [data-testid='user']").count()
+
+
+def send_and_wait(page, text, turns_before=None):
+    """Type, send, and wait until the turn is done (the Send button comes back)."""
+    n = user_turns(page) if turns_before is None else turns_before
+    page.locator("#message textarea").fill(text)
+    page.click("#send")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#chat-ternary [data-testid=\"user\"]').length === {n + 1}"
+        " && !document.querySelector('#send').disabled"
+        " && (document.querySelector('#summary')?.innerText || '').length > 0"
+        " && !(document.querySelector('#summary')?.innerText || '').includes('answering')",
+        timeout=90_000)
+
+
+def choose_baseline(page, variant):
+    page.click("#baseline input")
+    page.locator("ul[role=listbox] li", has_text=variant).first.click()
+    page.wait_for_function(
+        f"() => (document.querySelector('#title-baseline')?.innerText || '').includes('{variant}')",
+        timeout=10_000)
+
+
+def set_number(page, elem_id, value):
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def share_link(page) -> str:
+    link = page.evaluate("""async () => {
+        const r = await fetch(`gradio_api/deep_link?session_hash=${window.__gradio_session_hash__}`);
+        return (await r.text()).replace(/^"|"$/g, '');
+    }""")
+    assert link
+    return link
+
+
+def screenshot(page, tmp_path, name):
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=True)
+    copy_to = os.environ.get("BITNET_SCREENSHOT_DIR")
+    if copy_to:  # to look at it after the run
+        os.makedirs(copy_to, exist_ok=True)
+        shutil.copy(shot, os.path.join(copy_to, name))
+    return shot
+
+
+def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, errors, pixel_server,
+                                                          tmp_path):
+    remote, hits = pixel_server
+    page = open_page(browser, errors, server.url + "?prompt=Hello%20from%20the%20URL")
     # ?prompt= pre-fills the message box
     page.wait_for_function(
         "() => document.querySelector('#message textarea').value === 'Hello from the URL'",
         timeout=30_000)
     banner = page.locator("#banner").inner_text()
     assert "Cannot reach the Hugging Face hub" in banner
+    assert "BitLinear kernel" in banner and "thread" in banner  # the hardware line
     if server.status["untrained"]:
         assert "untrained stand-in" in banner and "tiny random" in banner
     else:
         assert "Shakespeare demo model" in banner
+    # Max new tokens is bounded by the live model's context
+    context = server.status["context_length"]
+    open_settings(page)
+    assert page.locator("#max-new-tokens input[type=range]").get_attribute("max") == str(context)
 
-    box.fill(HOSTILE)
+    hostile = (HOSTILE + f" ![pixel]({remote}/pixel.gif) [a link]({remote}/page)")
+    page.locator("#message textarea").fill(hostile)
     page.click("#send")
+    # Send says it is busy while the answer is written
+    page.wait_for_function("() => document.querySelector('#send').disabled", timeout=10_000)
+    assert "Answering" in page.locator("#send").inner_text()
     page.wait_for_function(
-        "() => (document.querySelector('#summary')?.innerText || '').includes('Speed-up')",
-        timeout=60_000)
-    # both panes hold the user message and a non-empty answer
+        "() => (document.querySelector('#summary')?.innerText || '').includes('Speed-up')"
+        " && !document.querySelector('#send').disabled", timeout=90_000)
     for pane in ("#chat-ternary", "#chat-baseline"):
-        bot = page.locator(f"{pane} .message-row.bot-row, {pane} [data-testid='bot']").last
+        bot = page.locator(f"{pane} [data-testid='bot']").last
         assert bot.inner_text().strip(), f"{pane}: empty answer"
         user = page.locator(f"{pane} [data-testid='user']").last
         # the markup is shown as text ...
         assert "<script>window.__pwned = 1</script>" in user.inner_text()
         assert '<img src=x onerror="window.__pwned = 2">' in user.inner_text()
-        # ... and is not in the DOM as elements
+        # ... and is not in the DOM as elements; the markdown image is no image
         assert page.locator(f"{pane} script").count() == 0
         assert page.locator(f"{pane} img[src='x']").count() == 0
+        assert page.locator(f"{pane} img[src^='{remote}']").count() == 0
+        # links may stay, opened without a referrer
+        for rel in page.locator(f"{pane} a[href^='{remote}']").evaluate_all("as => as.map(a => a.rel)"):
+            assert "noreferrer" in rel
     assert page.evaluate("window.__pwned") is None
+    assert page.evaluate("document.querySelector('meta[name=referrer]')?.content") == "no-referrer"
     for stats in ("#stats-ternary", "#stats-baseline"):
         text = page.locator(stats).inner_text()
         assert "TTFT" in text and "decode" in text and "tok/s" in text and "weights" in text
+        assert "context" in text  # the context meter
     assert "int2" in page.locator("#stats-baseline").inner_text()
+    # each answer keeps its own stats line, with the seed used
+    assert "seed" in page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
+    raw = json.loads(page.locator("#raw-stats").evaluate("e => e.innerText") or "{}") \
+        if page.locator("#raw-stats").is_visible() else None
+    del raw  # (the raw stats accordion is closed; its value is checked in tests/test_app.py)
     # both charts drew something
     for plot in ("#speed-plot", "#time-plot"):
         page.wait_for_function(
             f"() => !!document.querySelector('{plot} svg, {plot} canvas')", timeout=30_000)
     page.wait_for_timeout(500)  # let the charts finish their transition
-    shot = tmp_path / "playground.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 10_000
-    copy_to = os.environ.get("BITNET_SCREENSHOT_DIR")
-    if copy_to:  # to look at it after the run
-        os.makedirs(copy_to, exist_ok=True)
-        shutil.copy(shot, os.path.join(copy_to, "playground.png"))
+    assert screenshot(page, tmp_path, "playground.png").stat().st_size > 10_000
 
-    # the deep link reopens the conversation (what the share button copies)
-    link = page.evaluate("""async () => {
-        const r = await fetch(`gradio_api/deep_link?session_hash=${window.__gradio_session_hash__}`);
-        return (await r.text()).replace(/^"|"$/g, '');
-    }""")
-    assert link
+    # a second turn and a retry after the charts are drawn: no page errors (issue 11.15)
+    send_and_wait(page, "And then?")
+    page.click("#retry")
+    page.wait_for_function("() => document.querySelector('#send').disabled", timeout=10_000)
+    page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=90_000)
+    page.wait_for_timeout(1000)
+    assert user_turns(page) == 2 and user_turns(page, "#chat-baseline") == 2
+
+    # the shared link reopens the conversation (what the share button copies)
+    link = share_link(page)
     page.click("button:has-text('Share this conversation')")  # copies the link; must not fail
-    reopened = browser.new_page(viewport={"width": 1400, "height": 1200})
-    reopened.goto(f"{server.url}?deep_link={link}", wait_until="domcontentloaded")
+    reopened = open_page(browser, errors, f"{server.url}?deep_link={link}")
     reopened.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
     assert "<script>window.__pwned = 1</script>" in \
-        reopened.locator("#chat-ternary [data-testid='user']").last.inner_text()
+        reopened.locator("#chat-ternary [data-testid='user']").first.inner_text()
     assert "Speed-up" in reopened.locator("#summary").inner_text()
-    # both panes, the stats and the charts come back
-    assert "<script>" in reopened.locator("#chat-baseline [data-testid='user']").last.inner_text()
+    assert "<script>" in reopened.locator("#chat-baseline [data-testid='user']").first.inner_text()
     assert "TTFT" in reopened.locator("#stats-baseline").inner_text()
     for plot in ("#speed-plot", "#time-plot"):
         reopened.wait_for_function(
             f"() => !!document.querySelector('{plot} svg, {plot} canvas')", timeout=30_000)
     reopened.wait_for_timeout(500)
     assert reopened.evaluate("window.__pwned") is None
-    reopened.screenshot(path=str(tmp_path / "deep-link.png"), full_page=True)
-    if copy_to:
-        shutil.copy(tmp_path / "deep-link.png", os.path.join(copy_to, "deep-link.png"))
-    assert not [e for e in errors if "pwned" in e]
+    screenshot(reopened, tmp_path, "deep-link.png")
+    assert hits == [], f"the page fetched from the 'remote' host: {hits}"
     reopened.close()
+    page.close()
+
+
+@pytest.mark.parametrize("variant", ["int2", "int4", "fp32", "none"])
+def test_shared_link_restores_every_setting_for_each_baseline(server, browser, errors, variant):
+    """Issue 11.4: the link carries the conversation, the baseline and the sampling settings;
+    continuing in the reopened page runs that baseline on the same history."""
+    page = open_page(browser, errors, server.url)
+    choose_baseline(page, variant)
+    open_settings(page)
+    set_number(page, "seed", 4321)
+    set_number(page, "max-new-tokens", 40)
+    set_number(page, "top-k", 7)
+    send_and_wait(page, "To be or not to be")
+    assert "seed 4321" in page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
+    stats_b = page.locator("#stats-baseline").inner_text()
+    assert (variant in stats_b) if variant != "none" else ("no baseline" in stats_b)
+    link = share_link(page)
+    page.close()
+
+    reopened = open_page(browser, errors, f"{server.url}?deep_link={link}")
+    reopened.wait_for_function(
+        f"() => (document.querySelector('#title-baseline')?.innerText || '').includes('{variant}')",
+        timeout=30_000)
+    open_settings(reopened)
+    assert reopened.locator("#baseline input").input_value().startswith(variant)
+    assert reopened.locator("#seed input").input_value() == "4321"
+    assert reopened.locator("#max-new-tokens input[type=number]").input_value() == "40"
+    assert reopened.locator("#top-k input[type=number]").input_value() == "7"
+    assert user_turns(reopened) == 1 and user_turns(reopened, "#chat-baseline") == 1
+    send_and_wait(reopened, "That is the question", turns_before=1)
+    assert user_turns(reopened) == 2 and user_turns(reopened, "#chat-baseline") == 2
+    stats_b = reopened.locator("#stats-baseline").inner_text()
+    if variant == "none":
+        assert "no baseline" in stats_b
+        assert "no baseline" in reopened.locator("#chat-baseline [data-testid='bot']").last.inner_text()
+    else:
+        assert variant in stats_b and "TTFT" in stats_b
+        assert "seed 4321" in reopened.locator("#chat-baseline [data-testid='bot']").last.inner_text()
+    reopened.close()
+
+
+def test_narrow_screen_keeps_the_message_box_reachable(server, browser, errors, tmp_path):
+    """Issue 11.16: at 390 px the message box sits within the first screen, not below two
+    tall panes, and the chart titles fit."""
+    page = open_page(browser, errors, server.url, width=390, height=844)
+    send_and_wait(page, "Hi")
+    page.evaluate("window.scrollTo(0, 0)")
+    box = page.locator("#message textarea").bounding_box()
+    assert box["y"] + box["height"] <= 844, f"message box at {box} is below the first screen"
+    for pane in ("#chat-ternary", "#chat-baseline"):
+        pb = page.locator(pane).bounding_box()
+        assert pb["x"] >= 0 and pb["x"] + pb["width"] <= 390 + 1, f"{pane} overflows: {pb}"
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 391, f"the page scrolls sideways ({width} px)"
+    screenshot(page, tmp_path, "narrow.png")
+    page.close()
+
+
+def test_dark_theme_follows_the_system(server, browser, errors):
+    page = open_page(browser, errors, server.url, color_scheme="dark")
+    page.wait_for_timeout(500)
+    bg = page.evaluate("getComputedStyle(document.querySelector('gradio-app') || document.body)"
+                       ".backgroundColor")
+    rgb = [int(x) for x in bg[bg.index("(") + 1:bg.index(")")].split(",")[:3]]
+    assert sum(rgb) < 3 * 100, f"background {bg} is not dark"
     page.close()

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from server.loadgen import run_load, summarize
+from bench.loadgen import run_load, summarize
 from tests.api_support import free_port, tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

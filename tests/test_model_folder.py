@@ -214,3 +214,18 @@ def test_available_threads_honours_cgroup_quotas(tmp_path, monkeypatch):
     assert available_threads(_fake_cgroup(tmp_path / "f", v1=("-1", "100000"))) == 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert available_threads(_fake_cgroup(tmp_path / "g", v2="800000 100000\n")) == 1
+
+
+def test_ternary_without_the_custom_op_library_says_why_in_one_line(tiny, tmp_path):
+    """No compiler (so no library): `python -m runtime` on the ternary variant names the
+    cause and the fix in one line; the int2 baseline still runs."""
+    env = dict(os.environ, PYTHONPATH=ROOT, BITNET_BUILD_DIR=str(tmp_path / "build"),
+               CXX=str(tmp_path / "no-such-g++"))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "runtime", tiny["dir"], "--prompt", "w5",  # noqa: E731
+                                     "--max-new-tokens", "2", *a], capture_output=True, text=True,
+                                    env=env, cwd=ROOT, timeout=120)
+    p = run()
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "ternary" in lines[0] and "no-such-g++" in lines[0] and "--variant int2" in lines[0], lines[0]
+    assert run("--variant", "int2").returncode == 0

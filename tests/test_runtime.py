@@ -24,12 +24,13 @@ import pytest
 from export import export_checkpoint
 from runtime import (Engine, GenerationSettings, PromptTooLongError, VariantNotFoundError,
                      token_distribution)
+from runtime.folder import VARIANTS
 from runtime.sampling import Sampler
 from runtime.text import StreamDecoder
 from tests.checkpoints import EOT, load_reference, write_tiny_checkpoint
 from tests.export_harness import reference_greedy
 
-ALL_VARIANTS = ("ternary", "int2", "int4", "fp32")
+ALL_VARIANTS = VARIANTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seed 1, untied: greedy output is varied (tied tiny models echo their last token), and
 # prompt A reaches <|eot_id|> (a stop id) at its 4th token.
@@ -346,6 +347,21 @@ def test_prefill_and_decode_step_drive_the_cache(engine, reference):
     assert int(cache.lengths[0]) == len(ids) + 9
     with pytest.raises(ValueError, match="do not fit"):
         cache.forward(np.zeros((1, 64), np.int64), np.empty((1, 64, engine.vocab_size), np.float32))
+
+
+def test_kv_cache_holds_a_batch(engine, reference):
+    """Two prompts of equal length in one [2, kv_heads, capacity, head_dim] cache, prefilled
+    and decoded together, give each prompt's own greedy tokens (the shape batching builds on)."""
+    rows = [engine.prompt_ids(PROMPT_A)[:6], engine.prompt_ids("w9 w8 w7 w6 w5 w4 w3")[:6]]
+    cache = engine.new_cache(64, batch=2)
+    cache.forward(np.array(rows, np.int64), cache.step_logits)
+    tokens = [[int(t)] for t in cache.step_logits[:, -1].argmax(-1)]
+    for _ in range(7):
+        cache.forward(np.array([[t[-1]] for t in tokens], np.int64), cache.step_logits)
+        for row, t in zip(tokens, cache.step_logits[:, -1].argmax(-1)):
+            row.append(int(t))
+    assert list(cache.lengths) == [13, 13]
+    assert tokens == [reference_greedy(reference, ids, 8) for ids in rows]
 
 
 def test_cancel_from_another_thread(engine):

@@ -1,6 +1,6 @@
 """A small load generator for the API: N concurrent streaming clients for T seconds.
 
-    python -m server.loadgen http://127.0.0.1:8000 --model tiny --clients 16 --seconds 8
+    python -m bench.loadgen http://127.0.0.1:8000 --model tiny --clients 16 --seconds 8
 
 Each client sends streaming chat completions one after another (waiting 0..think seconds
 after an answer, and Retry-After seconds after a busy answer) until the time is up; in-flight
@@ -134,7 +134,7 @@ def summarize(records, wall: float, **settings) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server.loadgen", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n\n")[0])
     p.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)
     p.add_argument("--clients", type=int, default=16)

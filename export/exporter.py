@@ -114,7 +114,10 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
                  "embedding_dtype": np.dtype(storage).name,
                  "int2_block_size": int2_block_size if "int2" in names else None}
         # Written last: a folder with bitnet_onnx.json is complete.
-        write_config(tmp, model_config(spec, source, token_meta,
-                                       {v.name: v.file_name for v in variant_objs}, extra))
+        config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)
+        from .model_card import write_card_for_export  # (here: python -m export.model_card runs clean)
+
+        write_card_for_export(tmp, config, folder, progress)  # README.md: publishable as is
+        write_config(tmp, config)
     progress(f"exported {source} to {out_dir} in {time.time() - started:.0f} s")
     return out_dir

@@ -4,6 +4,8 @@
 
 `resolve_model` returns a `ResolvedModel` (an exported folder plus what the banner says about
 it). A hub id is exported once into the cache (`model_cache_dir()`); a later start reuses it.
+A hub repo that holds an exported folder is downloaded into the hub cache and used as it is
+(playground/hub.py).
 Where the hub cannot be reached and nothing is cached, it says so in one line and falls back
 to the demo model (issue 6) or, until that ships, to a tiny random model made here.
 """
@@ -176,6 +178,12 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, check_
     if os.path.exists(spec) or spec.count("/") != 1:
         raise SystemExit(f"--model {spec}: no such folder, and not a hub id of the form org/name")
 
+    from .hub import HubFolderError, cached_exported_snapshot, exported_snapshot
+
+    published = cached_exported_snapshot(spec, variants)  # a published export: used as is
+    if published:
+        progress(f"using {spec}, an exported folder in the hub cache ({published})")
+        return ResolvedModel(published, spec, spec)
     out = cache / spec.replace("/", "--")
     if is_exported(out):
         progress(f"using the cached export of {spec} in {out}")
@@ -188,12 +196,22 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, check_
         return ResolvedModel(str(out), spec, spec)
     reason = f"Cannot reach the Hugging Face hub and {spec} is not cached"
     if check_hub():
-        progress(f"downloading {spec} from the Hugging Face hub (first start only)")
         from export import ExportError
 
         try:
+            watcher = _DownloadWatcher(spec, progress)
+            try:
+                published = exported_snapshot(spec, variants=variants)  # None: a checkpoint repo
+            finally:
+                watcher.stop()
+            if published:
+                progress(f"downloaded {spec}, an exported folder, into the hub cache ({published})")
+                return ResolvedModel(published, spec, spec)
+            progress(f"downloading {spec} from the Hugging Face hub (first start only)")
             _export(spec, out, variants or HUB_VARIANTS, progress)
             return ResolvedModel(str(out), spec, spec)
+        except HubFolderError as e:
+            reason = f"Could not use {spec} ({e})"
         except ExportError as e:  # download or export failed: say why, serve the fallback
             reason = f"Could not download and export {spec} ({str(e).splitlines()[0]})"
     # Say so first (one line), then prepare the fallback.

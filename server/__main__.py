@@ -2,6 +2,8 @@
 
     python -m server MODEL_DIR [--variant ternary] [--name ID] [--host 127.0.0.1] [--port 8000]
                                [--batch SLOTS]
+    python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--autoscale MIN:MAX]
+        (the same API on Ray Serve, one engine per replica: server/ray_serve.py)
 
 The playground (app.py) mounts its own page the same way; this is for API-only hosting,
 benchmarks and tests. Limits come from BITNET_API_* variables, the key from BITNET_API_KEY.
@@ -26,7 +28,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=0, metavar="SLOTS",
                    help="decode up to SLOTS requests together in one step (continuous batching, "
                         "docs/BATCHING.md); also the API's concurrency (default: off, one at a time)")
+    # Ray Serve: one engine per replica (server/ray_serve.py; pip install -r requirements-ray.txt)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve (RAY_ADDRESS: an existing cluster)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default: %(default)s)")
+    p.add_argument("--threads-per-replica", type=int, default=1, help="with --ray (default: %(default)s)")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: autoscale between MIN and MAX replicas")
     args = p.parse_args(argv)
+    if args.ray:
+        from .ray_serve import main as ray_main
+
+        return ray_main(args)
     if args.batch < 0:
         p.error("--batch must be >= 0")
 

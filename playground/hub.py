@@ -1,0 +1,75 @@
+"""A hub repo that holds an exported folder (bitnet_onnx.json at its root), used as it is.
+
+    folder = exported_snapshot("org/bitnet-b1.58-2B-4T-onnx")   # None: not an exported repo
+
+The repo is downloaded with huggingface_hub into its own cache (HF_HOME / HF_HUB_CACHE, so a
+Space's `preload_from_hub` fills it at build time) and the snapshot folder is served without an
+export. A repo without bitnet_onnx.json at its root is a checkpoint: the caller exports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from runtime.folder import CONFIG_NAME, TOKENIZER_FILES
+
+# What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
+FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
+
+
+class HubFolderError(Exception):
+    """The repo says it is an exported folder but its snapshot is not usable (one line)."""
+
+
+def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, revision: str | None = None,
+                      cache_dir: str | None = None) -> str | None:
+    """The local snapshot folder of `repo_id` when the repo is an exported folder, else None.
+
+    variants: which variants' model files to fetch (default: every variant its config lists).
+    local_only: only look in the hub cache (no network), as when offline (HF_HUB_OFFLINE=1).
+    Raises HubFolderError when the repo has bitnet_onnx.json but a listed file is missing.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = local_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        config_path = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=offline)
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
+        return None  # offline or unreachable, and not in the cache as an exported folder
+    except EntryNotFoundError:
+        return None  # the repo exists and has no bitnet_onnx.json: a checkpoint
+    except RepositoryNotFoundError:
+        return None  # let the checkpoint path say what is wrong with the id
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except ValueError as e:
+            raise HubFolderError(f"{repo_id}: {CONFIG_NAME} is not valid JSON ({e})") from None
+    listed = config.get("variants") or {}
+    wanted = list(listed) if variants is None else [v for v in variants if v in listed]
+    if not wanted:
+        raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
+                             f"none of the requested {list(variants or [])}")
+    model_files = [listed[v] for v in wanted]
+    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
+    folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
+                               local_files_only=offline)
+    # every variant's graph keeps its weights beside it in FILE.data (runtime/folder.py)
+    needed = [p for f in model_files for p in (f, f + ".data")] + ["tokenizer.json"]
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise HubFolderError(f"{repo_id} is an exported folder but its snapshot lacks {', '.join(missing)}"
+                             + (" (offline: only the hub cache was read)" if offline else ""))
+    return folder
+
+
+def cached_exported_snapshot(repo_id: str, variants=None) -> str | None:
+    """exported_snapshot from the hub cache alone (no network); None when it is not there
+    complete (a partial snapshot is then fetched again, online)."""
+    try:
+        return exported_snapshot(repo_id, variants=variants, local_only=True)
+    except HubFolderError:
+        return None

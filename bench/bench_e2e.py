@@ -244,18 +244,19 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {','.join(CONFIGS)}")
     thread_list = [int(t) for t in args.threads.split(",")]
-    with open(os.path.join(args.model_dir, "bitnet_onnx.json")) as f:
-        cfg = json.load(f)
-    dirs, bytes_per_token = {}, {}
-    for c in configs:
-        variant, _, dir_opt = CONFIGS[c]
-        d = getattr(args, dir_opt) if dir_opt and getattr(args, dir_opt) else args.model_dir
-        with open(os.path.join(d, "bitnet_onnx.json")) as f:
-            dcfg = json.load(f)
-        if variant not in dcfg["variants"]:
-            p.error(f"{d} has no {variant} variant")
-        dirs[c] = d
-        bytes_per_token[c] = weight_bytes_per_token(os.path.join(d, dcfg["variants"][variant]))
+    from runtime.errors import EngineError, VariantNotFoundError
+    from runtime.folder import read_config, variant_path
+
+    try:
+        cfg = read_config(args.model_dir)
+        dirs, bytes_per_token = {}, {}
+        for c in configs:
+            variant, _, dir_opt = CONFIGS[c]
+            d = getattr(args, dir_opt) if dir_opt and getattr(args, dir_opt) else args.model_dir
+            dirs[c] = d
+            bytes_per_token[c] = weight_bytes_per_token(variant_path(d, variant))
+    except (EngineError, VariantNotFoundError) as e:
+        p.error(str(e))
 
     import onnxruntime
 

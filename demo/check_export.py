@@ -22,19 +22,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_variant(folder: str, variant: str, prompt: list[int], steps: list[int]):
     import numpy as np
-    import onnxruntime as ort
 
-    with open(os.path.join(folder, "bitnet_onnx.json")) as f:
-        cfg = json.load(f)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    if variant == "ternary":
-        sys.path.insert(0, ROOT)
-        import custom_ops
+    sys.path.insert(0, ROOT)
+    from runtime.folder import needs_custom_ops, read_config, variant_path
+    from runtime.session import open_session
 
-        so.register_custom_ops_library(custom_ops.library_path())
-    sess = ort.InferenceSession(os.path.join(folder, cfg["variants"][variant]), so,
-                                providers=["CPUExecutionProvider"])
+    cfg = read_config(folder)
+    sess = open_session(variant_path(folder, variant, cfg), threads=1, custom_ops=needs_custom_ops(variant))
     names = [o.name for o in sess.get_outputs()]
     past = {f"past_key_values.{i}.{k}": np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]),
                                                  np.float32)

@@ -1,4 +1,5 @@
-"""The output folder: atomic creation, tokenizer files, and bitnet_onnx.json."""
+"""The output folder: atomic creation, tokenizer files, and the config's contents (the file
+format itself is runtime/folder.py's)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import json
 import os
 import shutil
 
+from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, write_config  # noqa: F401
+
 from .checkpoint import ModelSpec
 from .errors import ExportError
 
-CONFIG_NAME = "bitnet_onnx.json"
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
 EOT_TOKEN = "<|eot_id|>"
 
 # BitNet b1.58 2B4T's chat template (DESIGN section 2), used when the checkpoint has none.
@@ -96,9 +95,7 @@ def tokenizer_metadata(folder: str, spec: ModelSpec) -> dict:
 
 
 def model_config(spec: ModelSpec, source: str, token_meta: dict, variants: dict, extra: dict) -> dict:
-    return {
-        "format": "bitnet-onnx",
-        "format_version": FORMAT_VERSION,
+    return {  # runtime.folder.write_config adds "format" and "format_version"
         "source": source,
         "architecture": spec.architecture,
         "num_layers": spec.num_layers,
@@ -113,7 +110,7 @@ def model_config(spec: ModelSpec, source: str, token_meta: dict, variants: dict,
         "rms_norm_eps": spec.rms_norm_eps,
         "tie_word_embeddings": spec.tie_word_embeddings,
         **token_meta,
-        "custom_op_domain": "bitnet",
+        "custom_op_domain": CUSTOM_OP_DOMAIN,
         "variants": variants,
         **extra,
     }
@@ -124,12 +121,6 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
         path = os.path.join(src, name)
         if os.path.exists(path):
             shutil.copyfile(path, os.path.join(dst, name))
-
-
-def write_config(folder: str, config: dict) -> None:
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 @contextlib.contextmanager

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from runtime.folder import CUSTOM_OP_DOMAIN, VARIANTS, variant_file
+
 from .graph import GraphBuilder, Projection
 from .lm_head_int8 import make_int8_head
 from .matmulnbits import make_matmulnbits
 
-CUSTOM_DOMAIN = "bitnet"
+CUSTOM_DOMAIN = CUSTOM_OP_DOMAIN
 
 
 def _multiplier(b: GraphBuilder, name: str, multiplier: np.ndarray) -> str:
@@ -75,7 +77,7 @@ class _Variant:
 
 
 class TernaryVariant(_Variant):
-    name, file_name, extra_domains = "ternary", "model.onnx", (CUSTOM_DOMAIN,)
+    name, file_name, extra_domains = "ternary", variant_file("ternary"), (CUSTOM_DOMAIN,)
 
     def __init__(self, lm_head_precision: str = "native"):
         super().__init__(lm_head_precision)
@@ -125,7 +127,7 @@ class NBitsVariant(_EmulatedQuantVariant):
         super().__init__(lm_head_precision)
         self.bits, self.block_size, self.accuracy_level = bits, block_size, accuracy_level
         self.name = f"int{bits}"
-        self.file_name = f"model.int{bits}.onnx"
+        self.file_name = variant_file(self.name)
 
     def matmul(self, b, name, xq, w):
         out = name + ".matmul"
@@ -136,14 +138,14 @@ class NBitsVariant(_EmulatedQuantVariant):
 
 
 class Fp32Variant(_EmulatedQuantVariant):
-    name, file_name = "fp32", "model.fp32.onnx"
+    name, file_name = "fp32", variant_file("fp32")
 
     def matmul(self, b, name, xq, w):
         weight = b.initializer(name + ".weight_t", np.ascontiguousarray(w.T, dtype=np.float32))
         return b.op("MatMul", [xq, weight], name=name + ".matmul")
 
 
-VARIANT_NAMES = ("ternary", "int2", "int4", "fp32")
+VARIANT_NAMES = VARIANTS
 # MLAS has int8-activation 2-bit kernels up to block 128; at 256 ORT 1.32 silently dequantizes
 # the weights to fp32 on every call (~100x slower; measured in bench/README.md).
 INT2_BLOCK_SIZE = 128

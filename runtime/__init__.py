@@ -7,8 +7,9 @@
         print(event.text, end="", flush=True)
 """
 
-from .engine import (Engine, EngineError, GenerationEvent, GenerationResult, PromptTooLongError,
-                     VariantNotFoundError, VARIANTS)
+from .engine import Engine, GenerationEvent, GenerationResult
+from .errors import EngineError, PromptTooLongError, VariantNotFoundError
+from .folder import VARIANTS
 from .sampling import GenerationSettings, token_distribution
 from .stats import GenerationStats
 

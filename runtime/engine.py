@@ -9,7 +9,6 @@ session and its intra-op thread pool (see README: concurrency).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -17,34 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import EngineError, PromptTooLongError, VariantNotFoundError  # noqa: F401
+from .folder import VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
 from .sampling import GenerationSettings, Sampler
+from .session import session_options
 from .stats import GenerationStats, peak_rss_mb, rss_mb
 from .text import StreamDecoder, clean_text, compile_template, normalize_messages
 
-CONFIG_NAME = "bitnet_onnx.json"
-VARIANTS = ("ternary", "int2", "int4", "fp32")
 CACHE_BLOCK = 64  # KV cache capacity is rounded up to a multiple of this
-
-
-class EngineError(RuntimeError):
-    """The model folder cannot be used (missing files, wrong format)."""
-
-
-class VariantNotFoundError(KeyError):
-    """The model folder has no file for the requested variant."""
-
-    def __str__(self):  # KeyError would show the message quoted
-        return str(self.args[0]) if self.args else ""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt does not leave room for one new token in the context."""
-
-    def __init__(self, prompt_tokens: int, context_length: int, detail: str = ""):
-        self.prompt_tokens, self.context_length = prompt_tokens, context_length
-        super().__init__(
-            f"prompt is {prompt_tokens} tokens but the context holds {context_length} "
-            f"(at most {context_length - 1} prompt tokens leave room for one new token){detail}")
 
 
 @dataclass
@@ -62,33 +41,6 @@ class GenerationResult:
     token_ids: list[int]
     stats: GenerationStats
     finish_reason: str
-
-
-def _load_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, CONFIG_NAME)
-    if not os.path.isdir(model_dir):
-        raise EngineError(f"model folder {model_dir} does not exist")
-    if not os.path.exists(path):
-        raise EngineError(f"{model_dir} is not an exported model folder (no {CONFIG_NAME}; "
-                          f"make one with: python -m export SOURCE --out {model_dir})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise EngineError(f"{path} cannot be read: {e}") from None
-    if config.get("format") != "bitnet-onnx":
-        raise EngineError(f"{path}: format is {config.get('format')!r}, expected 'bitnet-onnx'")
-    missing = [k for k in ("num_layers", "num_key_value_heads", "head_dim", "vocab_size",
-                           "context_length", "variants") if k not in config]
-    if missing:
-        raise EngineError(f"{path} lacks {', '.join(missing)}")
-    return config
-
-
-def _uses_domain(model, domain: str) -> bool:
-    """Does the graph use ops of `domain`?"""
-    return any(o.domain == domain for o in model.opset_import) or \
-        any(n.domain == domain for n in model.graph.node)
 
 
 FINAL_NORM = "model.norm"  # export/graph.py names the final RMSNorm node so
@@ -145,14 +97,8 @@ class Engine:
 
         model_dir = os.fspath(model_dir)
         self.model_dir = model_dir
-        self.config = _load_config(model_dir)
-        variants = self.config["variants"]
-        if variant not in variants:
-            raise VariantNotFoundError(
-                f"model folder {model_dir} has no {variant!r} variant; it has: {', '.join(variants) or 'none'}")
-        model_path = os.path.join(model_dir, variants[variant])
-        if not os.path.exists(model_path):
-            raise EngineError(f"{model_path} is missing (the folder lists it for variant {variant!r})")
+        self.config = read_config(model_dir)
+        model_path = variant_path(model_dir, variant, self.config)
         tok_path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise EngineError(f"{model_dir} has no tokenizer.json")
@@ -165,25 +111,14 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk)
         self.session_config = dict(session_config or {})
 
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        for key, value in self.session_config.items():
-            so.add_session_config_entry(str(key), str(value))
+        self.uses_custom_ops = needs_custom_ops(variant)
+        so = session_options(threads, self.uses_custom_ops, self.session_config)
         import onnx
 
         try:
             proto = onnx.load(model_path, load_external_data=False)  # the graph; weights stay on disk
         except Exception as e:
             raise EngineError(f"{model_path} is not a readable ONNX model: {e}") from None
-        domain = self.config.get("custom_op_domain", "bitnet")
-        self.uses_custom_ops = _uses_domain(proto, domain)
-        if self.uses_custom_ops:
-            import custom_ops
-
-            so.register_custom_ops_library(custom_ops.library_path())
         # How many positions get logits. Folders exported with the optional `logits_to_keep`
         # input (an initializer that is also a graph input; IO binding cannot feed such an
         # "overridable initializer"): its value is set in memory to 1 (or 0 = all) and it
@@ -207,7 +142,6 @@ class Engine:
         elif last_logits_only:
             edited = _last_position_logits(proto)
         self.last_logits_only = last_logits_only and (edited or self._logits_to_keep_input)
-        so.log_severity_level = 3  # errors only: ORT's warnings are not for the end user
         try:
             if edited:
                 # The edited graph is passed as bytes; its weights are read from the folder.
@@ -220,7 +154,7 @@ class Engine:
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime cannot load {model_path}: {e}") from None
         del proto
-        self.threads = threads or self._default_threads()
+        self.threads = so.intra_op_num_threads
         self.model_file_bytes = sum(
             os.path.getsize(p) for p in (model_path, model_path + ".data") if os.path.exists(p))
 
@@ -235,15 +169,6 @@ class Engine:
         self._template_source = c.get("chat_template")
         self._active = 0
         self._lock = threading.Lock()
-
-    @staticmethod
-    def _default_threads() -> int:
-        try:
-            import psutil
-
-            return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        except Exception:
-            return os.cpu_count() or 1
 
     # -- text ---------------------------------------------------------------------------
     @property

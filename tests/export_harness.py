@@ -8,28 +8,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import onnxruntime as ort
 
+from runtime.folder import needs_custom_ops, read_config, variant_path
+from runtime.session import open_session
+
 
 def load_config(folder) -> dict:
-    with open(os.path.join(folder, "bitnet_onnx.json")) as f:
-        return json.load(f)
+    return read_config(folder)
 
 
 def make_session(folder, variant: str = "ternary") -> ort.InferenceSession:
-    cfg = load_config(folder)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    if variant == "ternary":
-        import custom_ops
-
-        so.register_custom_ops_library(custom_ops.library_path())
-    path = os.path.join(folder, cfg["variants"][variant])
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    """The variant's session, opened exactly as the engine opens it (one thread)."""
+    return open_session(variant_path(folder, variant), threads=1, custom_ops=needs_custom_ops(variant))
 
 
 class GrowingCache:

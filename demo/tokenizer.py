@@ -26,10 +26,19 @@ VOCAB_SIZE = 4096
 #   space, other runs of symbols stay together, runs of whitespace stay apart.
 PRETOKENIZE_PATTERN = r" ?'[A-Za-z]+|: | ?[A-Za-z]+| ?[0-9]+| ?[^ \t\r\nA-Za-z0-9]+|[ \t\r\n]+"
 
-# microsoft/bitnet-b1.58-2B-4T's chat template (tokenizer_config.json), verbatim.
-CHAT_TEMPLATE = (
+# microsoft/bitnet-b1.58-2B-4T's chat template (tokenizer_config.json), with one spelling
+# changed so that onnxruntime-genai's template engine (minja, which has no `capitalize`
+# filter) renders it too: `message['role'].capitalize()` for `message['role'] | capitalize`.
+# Both render the same text in jinja2 (transformers, our runtime) and in genai.
+CHAT_TEMPLATE_2B4T = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'].capitalize() + ': '+ message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
 )

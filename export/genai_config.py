@@ -1,0 +1,152 @@
+"""genai_config.json: what onnxruntime-genai needs to run an exported folder.
+
+    python -m export.genai_config DIR [--variant ternary|int2|int4|fp32]
+
+onnxruntime-genai (`og.Model(DIR)`) reads DIR/genai_config.json: the decoder graph's file and
+input/output names, the model's shape, token ids and search defaults. `python -m export` writes
+one for the ternary variant (the first exported variant when ternary is not) and copies the
+custom-op library into the folder (`python -m custom_ops install DIR`), because genai loads a
+`custom_ops_library` only from inside the model folder (a relative path with no "..", checked
+after resolving links). Pick another variant by setting `model.decoder.filename` to its file
+(`model.int2.onnx`, ...): by hand, with this command, or at load time with
+`og.Config(DIR).overlay('{"model": {"decoder": {"filename": "model.int2.onnx"}}}')`. The
+stock-ORT variants ignore the library; the ternary one cannot run without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from custom_ops.build import LIBRARY_NAME
+from runtime import folder as model_folder
+from runtime.errors import EngineError
+
+GENAI_CONFIG_NAME = "genai_config.json"
+
+
+def _search_defaults(config: dict, generation: dict) -> dict:
+    """genai's search options. Greedy unless the checkpoint's generation_config.json samples;
+    max_length is the whole context (prompt + new tokens), as in genai's own builder."""
+    search = {
+        "do_sample": bool(generation.get("do_sample", False)),
+        "max_length": config["context_length"],
+        "min_length": 0,
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        # Our graph concatenates past and new keys/values (no fixed-size cache buffer).
+        "past_present_share_buffer": False,
+        "repetition_penalty": float(generation.get("repetition_penalty", 1.0)),
+        "temperature": float(generation.get("temperature", 1.0)),
+        "top_k": int(generation.get("top_k", 50)),
+        "top_p": float(generation.get("top_p", 1.0)),
+    }
+    return search
+
+
+def genai_config(config: dict, variant: str | None = None, generation: dict | None = None) -> dict:
+    """genai_config.json for a folder whose bitnet_onnx.json is `config`, running `variant`
+    (default: ternary if the folder has it, else the first variant it lists)."""
+    variants = config["variants"]
+    if variant is None:
+        variant = next((v for v in model_folder.VARIANTS if v in variants), None) or next(iter(variants))
+    if variant not in variants:
+        raise ValueError(f"the folder has no {variant!r} variant; it has: {', '.join(variants)}")
+    stop_ids = list(config.get("stop_token_ids") or [])
+    session_options = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if "ternary" in variants:
+        # Listed for every variant so switching `filename` is the only edit; loading the
+        # library does nothing for graphs without `bitnet` nodes.
+        session_options["custom_ops_library"] = LIBRARY_NAME
+    decoder = {
+        "filename": variants[variant],
+        "session_options": session_options,
+        "head_size": config["head_dim"],
+        "hidden_size": config["hidden_size"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_hidden_layers": config["num_layers"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        # No position_ids: the graph derives positions from attention_mask.
+        "inputs": {
+            "input_ids": model_folder.INPUT_IDS,
+            "attention_mask": model_folder.ATTENTION_MASK,
+            "past_key_names": model_folder.past_name("%d", "key"),
+            "past_value_names": model_folder.past_name("%d", "value"),
+        },
+        "outputs": {
+            "logits": model_folder.LOGITS,
+            "present_key_names": model_folder.present_name("%d", "key"),
+            "present_value_names": model_folder.present_name("%d", "value"),
+        },
+    }
+    model = {
+        # genai's generic decoder-only type: it feeds exactly the inputs named above.
+        "type": "decoder",
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": stop_ids,
+        "pad_token_id": stop_ids[0] if stop_ids else 0,
+        "context_length": config["context_length"],
+        "vocab_size": config["vocab_size"],
+        "decoder": decoder,
+    }
+    if model["bos_token_id"] is None:
+        del model["bos_token_id"]
+    return {"model": model, "search": _search_defaults(config, generation or {})}
+
+
+def _read_generation_config(folder: str) -> dict:
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write(folder: str, config: dict | None = None, variant: str | None = None) -> str:
+    """Write DIR/genai_config.json (from `config`, else the folder's bitnet_onnx.json); return
+    its path. Does not place the custom-op library (see `python -m custom_ops install`)."""
+    folder = os.fspath(folder)
+    if config is None:
+        config = model_folder.read_config(folder)
+    data = genai_config(config, variant, _read_generation_config(folder))
+    path = os.path.join(folder, GENAI_CONFIG_NAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_genai_files(folder: str, config: dict) -> None:
+    """What `python -m export` adds for onnxruntime-genai: genai_config.json, and for a folder
+    with the ternary variant a copy of the custom-op library."""
+    write(folder, config)
+    if "ternary" in config["variants"]:
+        from custom_ops.install import install
+
+        install(folder)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.genai_config", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", help="an exported model folder")
+    ap.add_argument("--variant", default=None, choices=model_folder.VARIANTS,
+                    help="the variant genai runs (default: ternary, else the first exported)")
+    args = ap.parse_args(argv)
+    try:
+        path = write(args.folder, variant=args.variant)
+    except (ValueError, EngineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

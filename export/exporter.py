@@ -10,7 +10,6 @@ import numpy as np
 from .checkpoint import Checkpoint, linear_prefixes, open_checkpoint
 from .errors import ExportError
 from .external_data import ExternalDataWriter, save_model
-from .genai_config import write_genai_files
 from .graph import DecoderGraph, LayerWeights, Projection
 from .model_folder import (atomic_output_dir, copy_tokenizer_files, model_config,
                            tokenizer_metadata, write_config)
@@ -112,7 +111,9 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
         extra = {"lm_head": lm_head, "embedding_dtype": np.dtype(storage).name,
                  "int2_block_size": int2_block_size if "int2" in names else None}
         config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)
-        write_genai_files(tmp, config)
+        from .genai_config import write_genai_files  # here: `python -m export.genai_config` stays clean
+
+        write_genai_files(tmp, config, progress)
         # Written last: a folder with bitnet_onnx.json is complete.
         write_config(tmp, config)
     progress(f"exported {source} to {out_dir} in {time.time() - started:.0f} s")

@@ -122,14 +122,21 @@ def write(folder: str, config: dict | None = None, variant: str | None = None) -
     return path
 
 
-def write_genai_files(folder: str, config: dict) -> None:
+def write_genai_files(folder: str, config: dict, progress=print) -> None:
     """What `python -m export` adds for onnxruntime-genai: genai_config.json, and for a folder
-    with the ternary variant a copy of the custom-op library."""
+    with the ternary variant a copy of the custom-op library. A library that cannot be built
+    here does not fail the export (our runtime would build it later); it is reported."""
     write(folder, config)
     if "ternary" in config["variants"]:
+        from custom_ops import BuildError
         from custom_ops.install import install
 
-        install(folder)
+        try:
+            install(folder)
+        except BuildError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            progress(f"onnxruntime-genai: the custom-op library is not in the folder ({reason}); "
+                     f"add it later with: python -m custom_ops install DIR")
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,12 @@ after resolving links). Pick another variant by setting `model.decoder.filename`
 (`model.int2.onnx`, ...): by hand, with this command, or at load time with
 `og.Config(DIR).overlay('{"model": {"decoder": {"filename": "model.int2.onnx"}}}')`. The
 stock-ORT variants ignore the library; the ternary one cannot run without it.
+
+genai renders the chat template of tokenizer_config.json with its own engine (minja), which
+lacks jinja2's `capitalize` filter that 2B4T's template uses: the export rewrites the folder's
+copy to the method form `.capitalize()` (same text in jinja2; bitnet_onnx.json keeps the
+original). genai's tokenizer adds no BOS unless asked
+(`tokenizer.update_options(add_special_tokens="true")`); the chat template writes it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from custom_ops.build import LIBRARY_NAME
@@ -25,6 +32,11 @@ from runtime import folder as model_folder
 from runtime.errors import EngineError
 
 GENAI_CONFIG_NAME = "genai_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+
+# genai renders chat templates with minja, which lacks jinja2's `capitalize` filter (2B4T's
+# template uses it) but has the string method; for a string both give the same text.
+_CAPITALIZE_FILTER = re.compile(r"(\w+(?:\[[^\]]*\])*)\s*\|\s*capitalize\b(?!\s*\()")
 
 
 def _search_defaults(config: dict, generation: dict) -> dict:
@@ -122,11 +134,39 @@ def write(folder: str, config: dict | None = None, variant: str | None = None) -
     return path
 
 
+def genai_chat_template(template: str) -> str:
+    """The template with jinja2-only spellings replaced by ones genai also renders
+    (`x | capitalize` -> `x.capitalize()`); jinja2 renders both alike."""
+    return _CAPITALIZE_FILTER.sub(r"\1.capitalize()", template)
+
+
+def make_chat_template_renderable(folder: str) -> bool:
+    """Rewrite the folder's tokenizer_config.json chat template for genai when it needs it;
+    True when it changed."""
+    path = os.path.join(folder, TOKENIZER_CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if not isinstance(template, str) or genai_chat_template(template) == template:
+        return False
+    data["chat_template"] = genai_chat_template(template)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    return True
+
+
 def write_genai_files(folder: str, config: dict, progress=print) -> None:
     """What `python -m export` adds for onnxruntime-genai: genai_config.json, and for a folder
-    with the ternary variant a copy of the custom-op library. A library that cannot be built
-    here does not fail the export (our runtime would build it later); it is reported."""
+    with the ternary variant a copy of the custom-op library, and a chat template genai can
+    render. A library that cannot be built here does not fail the export (our runtime would
+    build it later); it is reported."""
     write(folder, config)
+    make_chat_template_renderable(folder)
     if "ternary" in config["variants"]:
         from custom_ops import BuildError
         from custom_ops.install import install

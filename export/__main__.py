@@ -8,7 +8,7 @@ import sys
 
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
-from .variants import INT2_BLOCK_SIZE
+from .variants import INT2_BLOCK_SIZE, VARIANT_NAMES
 
 
 def _interrupt(signum, frame):
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("source", help="hub id (org/name) or local checkpoint folder")
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help="comma-separated: ternary,int2,int4,fp32 (default: %(default)s)")
+                        help=f"comma-separated: {','.join(VARIANT_NAMES)} (default: %(default)s)")
     parser.add_argument("--lm-head", default="native", choices=["native", "int8"],
                         help="lm_head precision: the checkpoint's (fp16/fp32) or int8 MatMulNBits")
     parser.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,

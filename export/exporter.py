@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint, linear_prefixes, open_checkpoint
 from .errors import ExportError
 from .external_data import ExternalDataWriter, save_model
 from .graph import DecoderGraph, LayerWeights, Projection
-from .model_folder import (atomic_output_dir, copy_tokenizer_files, model_config,
+from .model_folder import (atomic_output_dir, check_output_dir, copy_tokenizer_files, model_config,
                            tokenizer_metadata, write_config)
 from .source import resolve_source
 from .variants import INT2_BLOCK_SIZE, VARIANT_NAMES, make_variant
@@ -79,6 +79,7 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
         raise ExportError(f"--lm-head must be native or int8, not {lm_head!r}")
     started = time.time()
     folder = resolve_source(source, revision)
+    check_output_dir(out_dir, folder, overwrite)  # before any work: never write over the source
     ckpt = open_checkpoint(folder)
     spec = ckpt.spec
     token_meta = tokenizer_metadata(folder, spec)
@@ -87,7 +88,7 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
     except ImportError as e:
         raise ExportError(f"the ternary variant needs the custom_ops package: {e}") from None
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, folder) as tmp:
         writers = [ExternalDataWriter(tmp, v.file_name + ".data") for v in variant_objs]
         graphs = [DecoderGraph(spec, v, w) for v, w in zip(variant_objs, writers)]
         embedding = ckpt.embedding()

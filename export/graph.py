@@ -1,6 +1,6 @@
 """Build the decoder graph (one variant) node by node.
 
-The graph follows the Optimum / onnxruntime-genai decoder convention (see DESIGN section 4)
+The graph follows the Optimum / onnxruntime-genai decoder convention (docs/ARCHITECTURE.md)
 and uses ONNX Runtime's CPU contrib ops: GroupQueryAttention (packed QKV, rotary, KV cache,
 shared past/present buffers) and (Skip)SimplifiedLayerNormalization. How a projection or
 the embedding/lm_head is computed is the variant's business (`variants.py`); this module
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from runtime.folder import ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, past_name, present_name
 
 from .checkpoint import ModelSpec
 from .external_data import ExternalDataWriter
@@ -105,8 +107,8 @@ class DecoderGraph:
     def _attention_inputs(self) -> None:
         s, b = self.spec, self.b
         self._inputs += [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+            helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         ]
         # seqlens_k = tokens so far - 1 per row; total_sequence_length = mask width.
         mask_sum = b.op("ReduceSum", ["attention_mask", b.const("axes_1", [1], np.int64)], keepdims=0)
@@ -155,8 +157,8 @@ class DecoderGraph:
         p = f"model.layers.{i}"
         kv_shape = ["batch_size", s.num_key_value_heads, "past_sequence_length", s.head_dim]
         present_shape = ["batch_size", s.num_key_value_heads, "present_sequence_length", s.head_dim]
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        past_k, past_v = past_name(i, "key"), past_name(i, "value")
+        pres_k, pres_v = present_name(i, "key"), present_name(i, "value")
         self._inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
         self._outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (pres_k, pres_v)]
 
@@ -191,21 +193,24 @@ class DecoderGraph:
         self.pending = self._linear(f"{p}.mlp.down_proj", hidden, lw.down)
 
     def _keep_last_positions(self, hidden: str) -> str:
-        """Optional input `logits_to_keep` (int64 scalar, default 0 = every position): with n > 0
-        only the last n positions go through the lm_head, so a prefill does not pay the
-        [seq, vocab] head for logits nobody reads. Drivers that do not feed it get all logits."""
+        """Required input `num_logits_to_keep` (int64, a scalar or [1], the name and values
+        transformers.js and onnxruntime-genai feed): 0 = every position goes through the
+        lm_head, n > 0 = only the last n, so a prefill does not pay the [seq, vocab] head
+        for logits nobody reads. Required, not an initializer-backed optional input: ORT
+        warns about every such input at load (docs/ARCHITECTURE.md, "logits")."""
         b = self.b
-        self._inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
-        b.initializers.append(numpy_helper.from_array(np.array(0, np.int64), "logits_to_keep"))
-        start = b.op("Unsqueeze", [b.op("Neg", ["logits_to_keep"]), b.const("axes_0", [0], np.int64)])
+        # No declared shape: scalar (transformers.js) and [1] (onnxruntime-genai) both fit.
+        self._inputs.append(helper.make_tensor_value_info(NUM_LOGITS_TO_KEEP, TensorProto.INT64, None))
+        keep = b.op("Reshape", [NUM_LOGITS_TO_KEEP, b.const("shape_1", [1], np.int64)], name="num_logits_to_keep/1d")
+        start = b.op("Neg", [keep], name="num_logits_to_keep/start")
         end = b.const("int64_max", [np.iinfo(np.int64).max], np.int64)
         return b.op("Slice", [hidden, start, end, b.const("axes_1", [1], np.int64)], name="keep_last_positions")
 
     def finish(self, final_norm: np.ndarray, producer: str) -> onnx.ModelProto:
         s, b = self.spec, self.b
         normed = self._keep_last_positions(self._norm("model.norm", final_norm))
-        self.variant.lm_head(b, normed, "logits")
-        logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+        self.variant.lm_head(b, normed, LOGITS)
+        logits = helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT,
                                                ["batch_size", "sequence_length", s.vocab_size])
         graph = helper.make_graph(b.nodes, "bitnet_decoder", self._inputs, [logits] + self._outputs,
                                   initializer=b.initializers)

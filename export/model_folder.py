@@ -9,14 +9,14 @@ import json
 import os
 import shutil
 
-from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, write_config  # noqa: F401
+from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, is_exported, write_config  # noqa: F401
 
 from .checkpoint import ModelSpec
 from .errors import ExportError
 
 EOT_TOKEN = "<|eot_id|>"
 
-# BitNet b1.58 2B4T's chat template (DESIGN section 2), used when the checkpoint has none.
+# BitNet b1.58 2B4T's chat template (docs/ARCHITECTURE.md, section 2), used when the checkpoint has none.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -123,17 +123,46 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
             shutil.copyfile(path, os.path.join(dst, name))
 
 
+def _within(path: str, folder: str) -> bool:
+    """Is `path` (a resolved path) `folder` itself or inside it?"""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_dir(out_dir: str, source_dir: str, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output folder that could destroy the source or
+    something that is not a model folder (issue: `--out SOURCE --overwrite` once deleted the
+    checkpoint). Paths are compared resolved (symlinks, `..`), and the output may not contain
+    any file the source's files link to (a hub snapshot's files link into its blob store)."""
+    out, src = os.path.realpath(out_dir), os.path.realpath(source_dir)
+    if _within(out, src) or _within(src, out):
+        where = "is" if out == src else "lies inside" if _within(out, src) else "contains"
+        raise ExportError(f"--out {out_dir} {where} the source checkpoint folder {src}; choose "
+                          f"another folder, e.g. --out {source_dir.rstrip('/')}-onnx")
+    for name in os.listdir(source_dir):
+        real = os.path.realpath(os.path.join(source_dir, name))
+        if _within(real, out):
+            raise ExportError(f"--out {out_dir} contains the source file {real} "
+                              f"({os.path.join(source_dir, name)} links to it); choose another folder")
+    if not os.path.lexists(out_dir) or (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        return
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists and is not empty (pass --overwrite to replace "
+                          "an exported model folder)")
+    if not os.path.isdir(out_dir) or not is_exported(out_dir):
+        raise ExportError(f"{out_dir} is not an exported model folder (no {CONFIG_NAME}); --overwrite "
+                          "replaces only those: choose another --out")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool):
+def atomic_output_dir(out_dir: str, overwrite: bool, source_dir: str):
     """Yield a temporary folder beside out_dir; rename it to out_dir only on success.
 
     A failed or killed export leaves at most a hidden `.NAME.partial-PID` folder (removed on
     failure, and by the next export), never something that looks like a finished model.
     """
+    check_output_dir(out_dir, source_dir, overwrite)
     out_dir = os.path.abspath(out_dir)
     parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ExportError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(parent, f".{name}.partial-*")):
         pid = stale.rsplit("-", 1)[-1]

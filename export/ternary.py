@@ -24,7 +24,9 @@ def unpack_rows(packed: np.ndarray) -> np.ndarray:
 
 
 def pack_rows(w: np.ndarray) -> np.ndarray:
-    """Inverse of `unpack_rows` (used by tests and the benchmark checkpoint writer)."""
+    """Inverse of `unpack_rows`: int8 ternary [out, in] -> uint8 [out/4, in]. The one packer
+    of this layout: the test checkpoints (tests/checkpoints.py), the 2B4T-shaped benchmark
+    checkpoint (bench/make_2b4t_checkpoint.py) and the demo model (demo/pack.py) use it."""
     out_features = w.shape[0]
     if out_features % VALUES_PER_BYTE:
         raise ValueError("out features must be a multiple of 4 to pack")

@@ -1,12 +1,17 @@
 """How each variant computes a projection and the embedding/lm_head.
 
-All variants compute the same function: y = (xq . w^T) / s * multiplier with the per-token
-int8 activation quantization of BitNet (s = 127 / max|x|, xq = clamp(round(x*s), -128, 127)).
+Every variant computes y = (xq . w^T) / s * multiplier with the per-token int8 activation
+quantization of BitNet (s = 127 / max|x|, xq = clamp(round(x*s), -128, 127)):
 
-- ternary: our custom `bitnet.BitLinear` op does all of that in one node.
-- int2 / int4 / fp32 (baselines): the activation quantization is emulated with standard ops,
-  then the integer-valued xq is multiplied with stock ORT operators (MatMulNBits holding the
-  exact ternary values, or MatMul with float32 weights).
+- ternary: our custom `bitnet.BitLinear` op does all of that in one node (exact).
+- fp32 (baseline): the quantization emulated with standard ops, then MatMul with the ternary
+  values as float32 weights (exact: integer sums below 2**24).
+- int2 / int4 (baselines): the same emulation, then MatMulNBits holding the exact ternary
+  values. With accuracy_level 4 MatMulNBits re-quantizes its input to int8 per block of
+  `block_size` inputs (scale max|block|/127): exact only for the block that holds the row's
+  max of 127, so int2 (block 128) is the same function only while K <= 128; at 2B4T's
+  K = 2560 it differs by ~0.7 % RMS per projection (tests/test_matmulnbits.py), int4 (block
+  32) likewise at every K > 32.
 """
 
 from __future__ import annotations

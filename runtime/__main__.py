@@ -13,13 +13,15 @@ import json
 import sys
 import threading
 
+from .folder import VARIANTS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m runtime",
                                 description="Generate text with an exported BitNet ONNX model folder.")
     p.add_argument("model_dir", metavar="DIR", help="model folder written by python -m export")
     p.add_argument("--prompt", help="the prompt; without it, an interactive chat on stdin")
-    p.add_argument("--variant", default="ternary", choices=["ternary", "int2", "int4", "fp32"])
+    p.add_argument("--variant", default="ternary", choices=VARIANTS)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", nargs="+", default=[], metavar="S", help="stop strings")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPUs this process may use)")
     p.add_argument("--system", default=None, help="system prompt (chat mode)")
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is raw text")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer")

@@ -1,9 +1,10 @@
 """The generation engine: one exported model folder, one variant, one InferenceSession.
 
-Each `stream()` call owns its KV cache (preallocated for the request, bound with IO binding so
-the same buffer is GroupQueryAttention's past input and present output: decode copies no
-cache) and its logits buffers. Calls from several threads run at once; they share the
-session and its intra-op thread pool (see README: concurrency).
+Shaped like gpt-fast's generate.py: a generation makes a KVCache (runtime/kv_cache.py: its
+buffers and IO binding), `prefill()` runs the prompt, `decode_step()` one token, and
+`_generate()` is the loop between them and the sampler (runtime/sampling.py). Several
+generations may run at once from different threads: each has its own cache; they share the
+session and its intra-op thread pool (runtime/README.md, concurrency).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import EngineError, PromptTooLongError, VariantNotFoundError  # noqa: F401
-from .folder import VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
+from .folder import NUM_LOGITS_TO_KEEP, VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
+from .kv_cache import KVCache
 from .sampling import GenerationSettings, Sampler
-from .session import session_options
-from .stats import GenerationStats, peak_rss_mb, rss_mb
+from .session import check_custom_ops, open_session
+from .stats import GenerationStats, StatsClock
 from .text import StreamDecoder, clean_text, compile_template, normalize_messages
 
 CACHE_BLOCK = 64  # KV cache capacity is rounded up to a multiple of this
@@ -32,7 +34,7 @@ class GenerationEvent:
     token_ids: list[int]  # new token ids since the previous event
     stats: GenerationStats
     done: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" once done
+    finish_reason: str | None = None  # "stop" | "length" | "time" | "cancelled" once done
 
 
 @dataclass
@@ -43,39 +45,20 @@ class GenerationResult:
     finish_reason: str
 
 
-FINAL_NORM = "model.norm"  # export/graph.py names the final RMSNorm node so
+class Limits:
+    """The two reasons to end a generation early, checked between tokens: the caller's
+    `cancel` (anything with is_set(), e.g. a threading.Event) and settings.max_time_s."""
 
+    def __init__(self, cancel, max_time_s: float | None, started: float):
+        self.cancel = cancel
+        self.deadline = None if max_time_s is None else started + float(max_time_s)
 
-def _last_position_logits(model) -> bool:
-    """Edit the graph (in memory) so that the lm_head sees only the last position: logits
-    become [batch, 1, vocab]. A prompt of n tokens then costs one lm_head row instead of n
-    (2B4T: 128 x 2560 x 128256 multiply-adds less per 128-token prefill) and no [n, vocab]
-    buffer. Returns False (graph untouched) when the final norm is not found."""
-    from onnx import TensorProto, helper
-
-    nodes = [n for n in model.graph.node if n.name == FINAL_NORM]
-    if len(nodes) != 1 or model.graph.output[0].name != "logits":
-        return False
-    hidden = nodes[0].output[0]
-    last = hidden + "/last_position"
-    consumers = [n for n in model.graph.node if hidden in n.input]
-    if not consumers:
-        return False
-    for n in consumers:
-        for i, name in enumerate(n.input):
-            if name == hidden:
-                n.input[i] = last
-    consts = [helper.make_tensor(f"{last}/{k}", TensorProto.INT64, [1], [v])
-              for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))]
-    model.graph.initializer.extend(consts)
-    index = list(model.graph.node).index(nodes[0]) + 1
-    model.graph.node.insert(index, helper.make_node(
-        "Slice", [hidden] + [c.name for c in consts], [last], name=hidden + "/slice_last"))
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    if len(dims) == 3:
-        dims[1].ClearField("dim_param")
-        dims[1].dim_value = 1
-    return True
+    def reason(self) -> str | None:
+        if self.cancel is not None and self.cancel.is_set():
+            return "cancelled"
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            return "time"
+        return None
 
 
 class Engine:
@@ -84,15 +67,15 @@ class Engine:
                  last_logits_only: bool = True):
         """Load `variant` of the model folder `model_dir`.
 
-        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+        threads: intra-op threads (None: runtime.cpus.available_threads(), the CPUs this
+            process may use, cgroup quota included).
         session_config: extra onnxruntime session config entries, e.g. {"mlas.use_lut_gemm": "1"}.
         prefill_chunk: the prompt is run in chunks of at most this many tokens (bounds the
-            memory of the [chunk, vocab] logits and activations; 0 = whole prompt at once).
-        last_logits_only: run the lm_head on the last position only: through the graph's
-            optional `logits_to_keep` input when it has one, else by an in-memory edit of the
-            graph (the files are not changed). False: logits for every prompt position.
+            memory of the activations and logits; 0 = whole prompt at once).
+        last_logits_only: the lm_head runs on the last position only (the graph's
+            `num_logits_to_keep` input = 1). False: logits for every prompt position (also
+            what folders of format 1, which lack that input, always give).
         """
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         model_dir = os.fspath(model_dir)
@@ -102,7 +85,7 @@ class Engine:
         tok_path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise EngineError(f"{model_dir} has no tokenizer.json")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
 
         self.variant = variant
@@ -110,51 +93,16 @@ class Engine:
         self.tokenizer = Tokenizer.from_file(tok_path)
         self.prefill_chunk = int(prefill_chunk)
         self.session_config = dict(session_config or {})
-
         self.uses_custom_ops = needs_custom_ops(variant)
-        so = session_options(threads, self.uses_custom_ops, self.session_config)
-        import onnx
-
+        if self.uses_custom_ops:
+            check_custom_ops()
         try:
-            proto = onnx.load(model_path, load_external_data=False)  # the graph; weights stay on disk
-        except Exception as e:
-            raise EngineError(f"{model_path} is not a readable ONNX model: {e}") from None
-        # How many positions get logits. Folders exported with the optional `logits_to_keep`
-        # input (an initializer that is also a graph input; IO binding cannot feed such an
-        # "overridable initializer"): its value is set in memory to 1 (or 0 = all) and it
-        # becomes a constant. A required `logits_to_keep` input is fed at run time. Older
-        # folders without it: a Slice to the last position is inserted in memory.
-        last_logits_only = bool(last_logits_only)
-        self._logits_to_keep_input, edited = False, False
-        if any(i.name == "logits_to_keep" for i in proto.graph.input):
-            inits = [t for t in proto.graph.initializer if t.name == "logits_to_keep"]
-            if inits:
-                from onnx import numpy_helper
-
-                inits[0].CopyFrom(numpy_helper.from_array(np.array(int(last_logits_only), np.int64),
-                                                          "logits_to_keep"))
-                kept = [i for i in proto.graph.input if i.name != "logits_to_keep"]
-                del proto.graph.input[:]
-                proto.graph.input.extend(kept)
-                edited = True
-            else:
-                self._logits_to_keep_input = True
-        elif last_logits_only:
-            edited = _last_position_logits(proto)
-        self.last_logits_only = last_logits_only and (edited or self._logits_to_keep_input)
-        try:
-            if edited:
-                # The edited graph is passed as bytes; its weights are read from the folder.
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                            os.path.dirname(os.path.abspath(model_path)))
-                self.session = ort.InferenceSession(proto.SerializeToString(), so,
-                                                    providers=["CPUExecutionProvider"])
-            else:
-                self.session = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+            self.session = open_session(model_path, threads=threads, custom_ops=self.uses_custom_ops,
+                                        config=self.session_config)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineError(f"onnxruntime cannot load {model_path}: {e}") from None
-        del proto
-        self.threads = so.intra_op_num_threads
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"onnxruntime cannot load {model_path}: {first}") from None
+        self.threads = self.session.get_session_options().intra_op_num_threads
         self.model_file_bytes = sum(
             os.path.getsize(p) for p in (model_path, model_path + ".data") if os.path.exists(p))
 
@@ -164,6 +112,11 @@ class Engine:
         self.head_dim = int(c["head_dim"])
         out_shape = self.session.get_outputs()[0].shape
         self.vocab_size = out_shape[-1] if isinstance(out_shape[-1], int) else int(c["vocab_size"])
+        # The graph says what it needs: format 2 graphs take num_logits_to_keep; format 1
+        # graphs (no such input) always return logits for every position.
+        inputs = {i.name for i in self.session.get_inputs()}
+        self._keep_input = NUM_LOGITS_TO_KEEP in inputs
+        self.last_logits_only = bool(last_logits_only) and self._keep_input
         self.stop_token_ids = [int(t) for t in c.get("stop_token_ids") or []]
         self.bos_token_id = c.get("bos_token_id")
         self._template_source = c.get("chat_template")
@@ -253,21 +206,17 @@ class Engine:
                settings: GenerationSettings | None = None, cancel: threading.Event | None = None):
         """Generate from a raw `prompt` or chat `messages`; returns an iterator of
         GenerationEvent. Bad settings, an overlong prompt etc. raise here, before any compute.
+        `cancel`: anything with is_set() (a threading.Event), checked between tokens.
         """
         started = time.perf_counter()
-        settings = dataclasses.replace(settings) if settings is not None else GenerationSettings()
-        settings.stop = list(settings.stop) if not isinstance(settings.stop, str) else [settings.stop]
-        settings.validate()
-        ids = self.prompt_ids(prompt, messages, settings)
-        return self._run(ids, settings, cancel, started)
+        settings = _checked(settings)
+        return self._generate(self.prompt_ids(prompt, messages, settings), settings, cancel, started)
 
     def stream_tokens(self, ids, settings: GenerationSettings | None = None,
                       cancel: threading.Event | None = None):
         """stream() from token ids as they are (no tokenizer, no BOS added)."""
         started = time.perf_counter()
-        settings = dataclasses.replace(settings) if settings is not None else GenerationSettings()
-        settings.stop = list(settings.stop) if not isinstance(settings.stop, str) else [settings.stop]
-        settings.validate()
+        settings = _checked(settings)
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("no prompt tokens")
@@ -275,118 +224,105 @@ class Engine:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.context_length:
             raise PromptTooLongError(len(ids), self.context_length)
-        return self._run(ids, settings, cancel, started)
+        return self._generate(ids, settings, cancel, started)
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens."""
+        extra = {NUM_LOGITS_TO_KEEP: np.array([int(self.last_logits_only)], np.int64)} if self._keep_input else {}
+        return KVCache(self.session, self.num_layers, self.kv_heads, self.head_dim, capacity,
+                       self.vocab_size, batch, extra)
+
+    def prefill(self, cache: KVCache, ids, limits: Limits | None = None) -> np.ndarray | None:
+        """Run the prompt `ids` through the model in chunks of prefill_chunk tokens; the logits
+        of its last position ([vocab]), or None when `limits` ended it between chunks."""
+        prompt = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        chunk = self.prefill_chunk if self.prefill_chunk > 0 else prompt.shape[1]
+        for start in range(0, prompt.shape[1], chunk):
+            if limits is not None and limits.reason():
+                return None
+            part = prompt[:, start:start + chunk]
+            if self.last_logits_only or part.shape[1] == 1:
+                logits = cache.step_logits
+            else:  # every position's logits (format 1 folders, last_logits_only=False)
+                logits = np.empty((1, part.shape[1], self.vocab_size), np.float32)
+            cache.forward(part, logits)
+        return logits[0, -1]
+
+    def decode_step(self, cache: KVCache, token: int) -> np.ndarray:
+        """Feed one token; the logits of the next ([vocab], a view of the cache's buffer)."""
+        return cache.forward(np.array([[token]], np.int64), cache.step_logits)[0, -1]
 
     def _cache_capacity(self, prompt_len: int, new_tokens: int) -> int:
         need = prompt_len + new_tokens
         return min(self.context_length, -(-need // CACHE_BLOCK) * CACHE_BLOCK)
 
-    def _run(self, ids: list[int], settings: GenerationSettings, cancel, started: float):
-        import onnxruntime as ort
-
+    def _generate(self, ids: list[int], settings: GenerationSettings, cancel, started: float):
+        """The loop: prefill, then sample / emit / decode_step until a finish reason."""
         with self._lock:
             self._active += 1
         try:
-            n_prompt = len(ids)
-            max_new = min(settings.max_new_tokens, self.context_length - n_prompt)
-            capacity = self._cache_capacity(n_prompt, max_new)
-            stops = set(self.stop_token_ids if settings.stop_token_ids is None else settings.stop_token_ids)
-            stats = GenerationStats(prompt_tokens=n_prompt, variant=self.variant, threads=self.threads,
-                                    kv_cache_tokens=capacity)
-
-            # Per generation: KV buffers, attention mask, logits buffers, one IO binding.
-            shape = (1, self.kv_heads, capacity, self.head_dim)
-            kv_arrays = [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
-            stats.kv_cache_mb = sum(a.nbytes for a in kv_arrays) / 2**20
-            binding = self.session.io_binding()
-            for i in range(self.num_layers):
-                for j, kind in enumerate(("key", "value")):
-                    value = ort.OrtValue.ortvalue_from_numpy(kv_arrays[2 * i + j])
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                    binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
-            if self._logits_to_keep_input:
-                binding.bind_cpu_input("logits_to_keep", np.array(int(self.last_logits_only), np.int64))
-            mask = np.ones((1, capacity), np.int64)
-            step_logits = np.empty((1, 1, self.vocab_size), np.float32)
-
-            def run(tokens: np.ndarray, pos: int, logits: np.ndarray) -> None:
-                """Feed tokens at positions pos.. ; the model writes into `logits`."""
-                binding.bind_cpu_input("input_ids", tokens)
-                binding.bind_cpu_input("attention_mask", mask[:, :pos + tokens.shape[1]])
-                binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-                self.session.run_with_iobinding(binding)
-
-            def snapshot(**kw):
-                now = time.perf_counter()
-                stats.total_s = now - started
-                if stats.new_tokens > 1:
-                    stats.decode_s = now - t_first
-                    stats.decode_tokens_per_s = (stats.new_tokens - 1) / max(stats.decode_s, 1e-9)
-                stats.rss_mb = rss_mb()
-                stats.peak_rss_mb = max(peak_rss_mb(), stats.rss_mb)
-                return GenerationEvent(stats=stats.copy(), **kw)
-
-            decoder = StreamDecoder(self.tokenizer, settings.stop)
+            max_new = min(settings.max_new_tokens, self.context_length - len(ids))
+            cache = self.new_cache(self._cache_capacity(len(ids), max_new))
+            stats = GenerationStats(prompt_tokens=len(ids), variant=self.variant, threads=self.threads,
+                                    kv_cache_tokens=cache.capacity, kv_cache_mb=cache.nbytes / 2**20)
+            clock = StatsClock(stats, started, GenerationEvent)
+            limits = Limits(cancel, settings.max_time_s, started)
+            finish = _Finish(self, settings, max_new)
             sampler = Sampler(settings, self.vocab_size, ids)
 
-            if cancel is not None and cancel.is_set():
-                yield snapshot(text="", token_ids=[], done=True, finish_reason="cancelled")
+            logits = None if limits.reason() else self.prefill(cache, ids, limits)
+            if logits is None:  # cancelled or out of time before the first token
+                yield clock.event(text="", token_ids=[], done=True, finish_reason=limits.reason())
                 return
-
-            # Prefill, in chunks; only the last position's logits are kept.
-            prompt = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-            chunk = self.prefill_chunk if self.prefill_chunk > 0 else n_prompt
-            t_prefill = time.perf_counter()
-            pos = 0
-            while pos < n_prompt:
-                part = prompt[:, pos:pos + chunk]
-                if part.shape[1] == 1 or self.last_logits_only:
-                    chunk_logits = step_logits
-                else:
-                    chunk_logits = np.empty((1, part.shape[1], self.vocab_size), np.float32)
-                run(part, pos, chunk_logits)
-                pos += part.shape[1]
-            last = chunk_logits[0, -1]
-            del prompt
-            t_first = time.perf_counter()
-            stats.prefill_s = t_first - t_prefill
-            stats.prefill_tokens_per_s = n_prompt / max(stats.prefill_s, 1e-9)
-
-            token = sampler(last)
-            del chunk_logits, last
-            stats.ttft_s = time.perf_counter() - started
-            t_first = time.perf_counter()
-            input_ids = np.empty((1, 1), np.int64)
+            clock.prefilled(len(ids))
+            token = sampler(logits)
+            clock.first_token()
             while True:
-                stats.new_tokens += 1
-                finish = None
-                if token in stops:
-                    finish = "stop"
-                    text = ""
-                else:
-                    text = decoder.add([token])
-                    if decoder.stopped:
-                        finish = "stop"
-                if finish is None and stats.new_tokens >= max_new:
-                    finish = "length"
-                if finish is None and cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                if finish is not None:
-                    if finish != "stop":
-                        text += decoder.flush()
-                    yield snapshot(text=text, token_ids=[token], done=True, finish_reason=finish)
+                text, reason = finish.accept(token)
+                reason = reason or limits.reason()
+                if reason is not None and reason != "stop":
+                    text += finish.flush()
+                yield clock.event(text=text, token_ids=[token], done=reason is not None, finish_reason=reason)
+                if reason is not None:
                     return
-                yield snapshot(text=text, token_ids=[token])
-                if cancel is not None and cancel.is_set():
-                    yield snapshot(text=decoder.flush(), token_ids=[], done=True, finish_reason="cancelled")
+                reason = limits.reason()  # set while the caller handled the event
+                if reason is not None:
+                    yield clock.event(text=finish.flush(), token_ids=[], done=True, finish_reason=reason)
                     return
-                input_ids[0, 0] = token
-                run(input_ids, pos, step_logits)
-                pos += 1
-                token = sampler(step_logits[0, 0])
+                token = sampler(self.decode_step(cache, token))
         finally:
             with self._lock:
                 self._active -= 1
 
     def __repr__(self):
         return f"Engine({self.model_dir!r}, variant={self.variant!r}, threads={self.threads})"
+
+
+def _checked(settings: GenerationSettings | None) -> GenerationSettings:
+    """A validated copy (the caller's object is never changed)."""
+    settings = dataclasses.replace(settings) if settings is not None else GenerationSettings()
+    settings.stop = [settings.stop] if isinstance(settings.stop, str) else list(settings.stop)
+    settings.validate()
+    return settings
+
+
+class _Finish:
+    """Per token: its text, and whether it ends the generation ("stop" or "length")."""
+
+    def __init__(self, engine: Engine, settings: GenerationSettings, max_new: int):
+        ids = engine.stop_token_ids if settings.stop_token_ids is None else settings.stop_token_ids
+        self.stop_ids, self.max_new = set(ids), max_new
+        self.decoder = StreamDecoder(engine.tokenizer, settings.stop)
+        self.count = 0
+
+    def accept(self, token: int) -> tuple[str, str | None]:
+        self.count += 1
+        if token in self.stop_ids:
+            return "", "stop"
+        text = self.decoder.add([token])
+        if self.decoder.stopped:
+            return text, "stop"
+        return text, "length" if self.count >= self.max_new else None
+
+    def flush(self) -> str:
+        return self.decoder.flush()

@@ -23,6 +23,8 @@ class GenerationSettings:
     # Extras beyond the minimal contract:
     stop_token_ids: list[int] | None = None  # None: the model's stop ids; []: never stop on ids
     truncate: bool = False  # messages only: drop the oldest non-system turns when too long
+    max_time_s: float | None = None  # stop after this many seconds (finish reason "time"), like
+    # transformers' max_time: counted from the call, checked between tokens
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -40,6 +42,10 @@ class GenerationSettings:
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
                                       or self.seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+        if self.max_time_s is not None and (isinstance(self.max_time_s, bool) or not isinstance(
+                self.max_time_s, (int, float, np.integer, np.floating)) or not self.max_time_s > 0
+                or not np.isfinite(self.max_time_s)):
+            raise ValueError(f"max_time_s must be None or a number of seconds > 0, got {self.max_time_s!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) for s in self.stop):
@@ -97,7 +103,12 @@ def token_distribution(logits: np.ndarray, settings: GenerationSettings, seen=No
         out = np.zeros(x.size, dtype=np.float64)
         out[int(np.argmax(x))] = 1.0
         return out
-    x /= np.float32(settings.temperature)
+    # Shift so the largest logit is 0 before dividing (softmax does not change): then no
+    # temperature, however tiny (1e-40), overflows to inf - inf = NaN; it tends to greedy.
+    x = x.astype(np.float64)
+    x -= np.max(x)
+    with np.errstate(over="ignore"):  # -inf for the others is the right limit
+        x /= float(settings.temperature)
     filter_top_k(x, settings.top_k)
     filter_top_p(x, settings.top_p)
     return softmax(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .cpus import available_threads
+from .errors import EngineError
 
 
 def session_options(threads: int | None = None, custom_ops: bool = False, config: dict | None = None):
@@ -37,3 +38,26 @@ def open_session(model_path, *, threads: int | None = None, custom_ops: bool = F
 
     so = session_options(threads, custom_ops, config)
     return ort.InferenceSession(os.fspath(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def check_custom_ops() -> None:
+    """Raise EngineError with one line saying why the custom-op library (the ternary variant)
+    cannot run here and how to fix it; uses custom_ops.status() when the package has it."""
+    try:
+        import custom_ops
+    except ImportError as e:
+        raise EngineError(f"the ternary variant needs the custom_ops package ({e}); run from the "
+                          "repository root or use --variant int2") from None
+    status = getattr(custom_ops, "status", None)
+    if status is not None:  # custom_ops.status(): never raises, says why and how to fix
+        st = status()
+        if not st.ok:
+            raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} "
+                              "(or use --variant int2)")
+        return
+    try:
+        custom_ops.library_path()
+    except Exception as e:  # BuildError: no compiler, no headers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngineError(f"the ternary variant needs the bitnet custom-op library, which cannot be "
+                          f"built here: {first} (or use --variant int2)") from None

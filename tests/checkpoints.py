@@ -12,7 +12,7 @@ Formats (`fmt`):
 - "autobitlinear_unpacked": the same with bf16 ternary weights [out, in] (not packed).
 - "float": bf16 master weights, quantized with absmean at load (autobitlinear, online).
 Embedding, lm_head and norms are bf16 (as in the real checkpoints) unless float_dtype="fp32".
-Packing mirrors transformers' integrations/bitnet.py (`pack_weights`/`unpack_weights`).
+Packing is export/ternary.py's `pack_rows`, the layout of transformers' integrations/bitnet.py.
 """
 
 from __future__ import annotations
@@ -23,22 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from export.ternary import pack_rows  # the one implementation of the HF 2-bit layout
+
 FORMATS = ("bitlinear", "autobitlinear", "autobitlinear_unpacked", "float")
 
 # token ids of the tiny word-level tokenizer
 BOS, EOS, EOT = 0, 1, 2
 TINY = dict(hidden_size=64, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=263, max_position_embeddings=128)
-
-
-def pack_rows(w: np.ndarray) -> np.ndarray:
-    """int8 ternary [out, in] -> uint8 [out/4, in]: row i*(out/4)+r in bits 2i of row r."""
-    rows = w.shape[0] // 4
-    codes = (w.astype(np.int16) + 1).astype(np.uint8)
-    packed = np.zeros((rows, w.shape[1]), dtype=np.uint8)
-    for i in range(4):
-        packed |= codes[i * rows:(i + 1) * rows] << np.uint8(2 * i)
-    return packed
 
 
 def absmean(weight: np.ndarray):

@@ -15,6 +15,9 @@ from runtime.folder import needs_custom_ops, read_config, variant_path
 from runtime.session import open_session
 
 
+ALL_POSITIONS = np.zeros([1], np.int64)  # num_logits_to_keep = 0: logits for every position
+
+
 def load_config(folder) -> dict:
     return read_config(folder)
 
@@ -38,7 +41,8 @@ class GrowingCache:
     def step(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self.length += ids.shape[1]
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64), **self.past}
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64),
+                "num_logits_to_keep": ALL_POSITIONS, **self.past}
         outputs = dict(zip(self.output_names, self.session.run(None, feed)))
         for name in self.past:
             present = outputs[name.replace("past_key_values", "present")]
@@ -63,6 +67,7 @@ class SharedBuffer:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, self.length), np.int64))
+        binding.bind_cpu_input("num_logits_to_keep", ALL_POSITIONS)
         binding.bind_output("logits")  # first, so it is output 0 below
         for (i, kind), value in self.buffers.items():
             binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from export import export_checkpoint
+from runtime.folder import VARIANTS
 from tests.checkpoints import load_reference
 from tests.export_harness import (GrowingCache, SharedBuffer, load_config, make_session, reference_greedy,
                                   reference_logits)
 from tests.test_export import RELATIVE_TOLERANCE
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "shakespeare-bitnet"
-VARIANTS = ("ternary", "int2", "int4", "fp32")
 # MatMulNBits with accuracy_level 4 re-quantizes its (int8-valued) input per block with scale
 # max|block|/127; on this trained model many blocks have a max below 127, so int2 is as
 # approximate as int4 here (measured 0.06 of max |logit| 15.7) and gets int4's bound.

@@ -144,3 +144,79 @@ def test_existing_output_needs_overwrite(good_checkpoint, tmp_path):
     export_checkpoint(str(good_checkpoint), str(out), ["int2"], overwrite=True, progress=lambda m: None)
     assert sorted(p for p in os.listdir(out) if p.endswith(".onnx")) == ["model.int2.onnx"]
     assert os.listdir(tmp_path) == ["model"]
+
+
+# ---- the output folder never destroys the source (issue 11, item 1) ----------------------------
+
+def _snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _out_cases(ckpt, tmp_path):
+    """(label, --out path, needle) for outputs that are, lie inside or contain the source."""
+    link = tmp_path / "link-to-ckpt"
+    link.symlink_to(ckpt, target_is_directory=True)
+    return [
+        ("the source", ckpt, "is the source"),
+        ("inside", ckpt / "onnx", "lies inside"),
+        ("the parent", tmp_path, "contains"),
+        ("a symlink to it", link, "is the source"),
+        ("inside via symlink", link / "onnx", "lies inside"),
+        ("dot-dot", tmp_path / "elsewhere" / ".." / ckpt.name, "is the source"),
+        ("dot-dot inside", ckpt / "a" / ".." / "b", "lies inside"),
+    ]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_that_is_inside_or_contains_the_source_is_refused(good_checkpoint, tmp_path, overwrite):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_checkpoint, ckpt)
+    before = _snapshot(ckpt)
+    for label, out, needle in _out_cases(ckpt, tmp_path):
+        args = [ckpt, "--out", out, "--variants", "fp32"] + (["--overwrite"] if overwrite else [])
+        result = _run_cli(*args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 1 and len(lines) == 1, (label, result.stderr)
+        assert lines[0].startswith("export failed:") and needle in lines[0], (label, lines[0])
+        assert "Traceback" not in result.stderr
+        assert _snapshot(ckpt) == before, label  # not one byte of the checkpoint changed
+        assert sorted(os.listdir(ckpt)) == sorted(before), label  # nothing added either
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "link-to-ckpt"]
+
+
+def test_out_containing_a_file_the_source_links_to_is_refused(good_checkpoint, tmp_path):
+    """A hub snapshot's files are symlinks into the cache's blob store: --out that blob
+    folder (or one containing it) would replace the real weights."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for p in good_checkpoint.iterdir():
+        (blobs / p.name).write_bytes(p.read_bytes())
+        (snapshot / p.name).symlink_to(blobs / p.name)
+    before = _snapshot(blobs)
+    result = _run_cli(snapshot, "--out", blobs, "--overwrite", "--variants", "fp32")
+    assert result.returncode == 1 and "links to it" in result.stderr, result.stderr
+    assert _snapshot(blobs) == before
+
+
+def test_overwrite_replaces_only_an_exported_folder(good_checkpoint, tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    result = _run_cli(good_checkpoint, "--out", other, "--overwrite", "--variants", "fp32")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "not an exported model folder" in lines[0], result.stderr
+    assert (other / "thesis.tex").read_text() == "years of work"
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(ExportError, match="not an exported model folder"):
+        export_checkpoint(str(good_checkpoint), str(file), ["fp32"], overwrite=True, progress=lambda m: None)
+    assert file.read_text() == "x"
+    # an exported folder is replaced, and an empty folder is simply used
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_checkpoint(str(good_checkpoint), str(empty), ["fp32"], progress=lambda m: None)
+    export_checkpoint(str(good_checkpoint), str(empty), ["int2"], overwrite=True, progress=lambda m: None)
+    assert sorted(p for p in os.listdir(empty) if p.endswith(".onnx")) == ["model.int2.onnx"]

@@ -20,7 +20,7 @@ from tests.export_harness import (GrowingCache, SharedBuffer, greedy, load_confi
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [0, 5, 17, 33, 100, 7, 250]
 
-# The chat template of microsoft/bitnet-b1.58-2B-4T's tokenizer_config.json (DESIGN section 2).
+# The chat template of microsoft/bitnet-b1.58-2B-4T's tokenizer_config.json (docs/ARCHITECTURE.md).
 CHAT_TEMPLATE_2B4T = (
     "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
     "{% if message['role'] == 'system' %}{{ 'System: ' + message['content'] + '<|eot_id|>' }}"

@@ -10,6 +10,7 @@ import pytest
 from export import ternary
 from export.errors import ExportError
 from export.safetensors_reader import bf16_bits_to_float32, read_float32, read_header
+from runtime.folder import CONFIG_NAME
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (64, 17), (640, 2560 // 16)])
@@ -72,6 +73,6 @@ def test_embedding_outside_fp16_range_stays_fp32(tmp_path):
     tensors["model.embed_tokens.weight"][3, 5] = 1e6
     save_file(tensors, str(ckpt / "model.safetensors"))
     out = export_checkpoint(str(ckpt), str(tmp_path / "m"), ["ternary"], progress=lambda m: None)
-    assert json.loads((tmp_path / "m" / "bitnet_onnx.json").read_text())["embedding_dtype"] == "float32"
+    assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["embedding_dtype"] == "float32"
     model = onnx.load(f"{out}/model.onnx", load_external_data=False)
     assert [n.op_type for n in model.graph.node if n.name == "lm_head"] == ["Gemm"]

@@ -24,12 +24,13 @@ import pytest
 from export import export_checkpoint
 from runtime import (Engine, GenerationSettings, PromptTooLongError, VariantNotFoundError,
                      token_distribution)
+from runtime.folder import VARIANTS
 from runtime.sampling import Sampler
 from runtime.text import StreamDecoder
 from tests.checkpoints import EOT, load_reference, write_tiny_checkpoint
 from tests.export_harness import reference_greedy
 
-ALL_VARIANTS = ("ternary", "int2", "int4", "fp32")
+ALL_VARIANTS = VARIANTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seed 1, untied: greedy output is varied (tied tiny models echo their last token), and
 # prompt A reaches <|eot_id|> (a stop id) at its 4th token.
@@ -68,8 +69,8 @@ def llama3_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_greedy_equals_transformers(tiny, reference, variant):
-    # The whole prompt in one run; chunks of 3 (past > 0 and seq > 1); and the graph as
-    # exported (logits for every position) instead of the engine's last-position edit.
+    # The whole prompt in one run; chunks of 3 (past > 0 and seq > 1); and logits for every
+    # position (num_logits_to_keep = 0) instead of the last one only.
     for chunk, last_only in ((256, True), (3, True), (3, False)):
         engine = Engine(tiny["dir"], variant, threads=1, prefill_chunk=chunk, last_logits_only=last_only)
         assert engine.last_logits_only == last_only
@@ -80,29 +81,6 @@ def test_greedy_equals_transformers(tiny, reference, variant):
             result = engine.generate(prompt=prompt, settings=GenerationSettings(max_new_tokens=40, **NO_STOP))
             assert result.token_ids == expected, (variant, chunk, last_only, prompt)
             assert result.finish_reason == "length" and result.stats.new_tokens == 40
-
-
-def test_folder_without_logits_to_keep_input(tiny, reference, tmp_path):
-    """Folders exported before the optional `logits_to_keep` input: the engine edits the graph
-    in memory instead (a Slice to the last position before the lm_head)."""
-    import onnx
-
-    src = tiny["dir"]
-    import shutil
-
-    for name in os.listdir(src):
-        if name != "model.onnx":
-            shutil.copy(os.path.join(src, name), tmp_path / name)  # ORT refuses symlinks out
-    model = onnx.load(os.path.join(src, "model.onnx"), load_external_data=False)
-    inputs = [i for i in model.graph.input if i.name != "logits_to_keep"]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)  # logits_to_keep stays an initializer (0 = all positions)
-    onnx.save(model, str(tmp_path / "model.onnx"))
-    engine = Engine(str(tmp_path), threads=1, prefill_chunk=4)
-    assert engine.last_logits_only
-    ids = engine.prompt_ids(PROMPT_A)
-    result = engine.generate(prompt=PROMPT_A, settings=GenerationSettings(max_new_tokens=20, **NO_STOP))
-    assert result.token_ids == reference_greedy(reference, ids, 20)
 
 
 def test_stops_on_the_models_stop_ids(engine, reference):
@@ -153,6 +131,21 @@ def test_logits_processor_equals_transformers(kw):
     ours = token_distribution(logits, settings, seen if "repetition_penalty" in kw else None)
     theirs = _hf_distribution(logits, settings, seen if "repetition_penalty" in kw else ())
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    """x / 1e-40 overflows float32 (inf - inf = NaN in the softmax): the sampler must stay
+    finite on its own and, in the limit, pick the argmax (ties share the mass)."""
+    logits = np.array([1.0, 3.5, -2.0, 3.5 - 1e-6, 0.0], np.float32)
+    for kw in (dict(), dict(top_k=2), dict(top_p=0.5), dict(repetition_penalty=1.3)):
+        settings = GenerationSettings(temperature=temperature, seed=0, **kw)
+        probs = token_distribution(logits, settings, [0] if "repetition_penalty" in kw else None)
+        assert np.all(np.isfinite(probs)) and abs(probs.sum() - 1) < 1e-12, (kw, probs)
+        assert probs[1] == 1.0, (kw, probs)
+        sampler = Sampler(settings, logits.size)  # (a repetition penalty then demotes token 1)
+        draws = 20 if "repetition_penalty" not in kw else 1
+        assert all(sampler(logits) == 1 for _ in range(draws))
 
 
 def test_samples_follow_the_known_distribution():
@@ -287,6 +280,88 @@ def test_cancel_stops_within_one_step(engine):
     cancel.set()
     result = engine.generate(prompt=PROMPT_B, cancel=cancel)
     assert result.finish_reason == "cancelled" and result.token_ids == []
+
+
+def test_max_time_ends_with_finish_reason_time(engine):
+    settings = GenerationSettings(max_new_tokens=100, max_time_s=1e-9, **NO_STOP)
+    result = engine.generate(prompt=PROMPT_B, settings=settings)
+    assert result.finish_reason == "time" and result.token_ids == []  # the limit passed before prefill
+    # A limit that passes mid-generation: the stream ends at a token boundary with "time".
+    clock = {"t": 0.0}
+    events = []
+    settings = GenerationSettings(max_new_tokens=100, max_time_s=3600, **NO_STOP)
+    gen = engine.stream(prompt=PROMPT_B, settings=settings)
+    import runtime.engine as engine_module
+
+    real = engine_module.time.perf_counter
+    try:
+        engine_module.time.perf_counter = lambda: real() + clock["t"]
+        for event in gen:
+            events.append(event)
+            if len(events) == 4:
+                clock["t"] = 7200.0  # two hours later
+    finally:
+        engine_module.time.perf_counter = real
+    assert events[-1].done and events[-1].finish_reason == "time"
+    assert sum(len(e.token_ids) for e in events) == 4  # no model step after the limit
+    assert engine.active_generations == 0
+    with pytest.raises(ValueError, match="max_time_s"):
+        engine.stream(prompt=PROMPT_B, settings=GenerationSettings(max_time_s=0))
+    with pytest.raises(ValueError, match="max_time_s"):
+        engine.stream(prompt=PROMPT_B, settings=GenerationSettings(max_time_s=float("nan")))
+
+
+def test_cancel_between_prefill_chunks(tiny):
+    """The cancel handle is also checked between prompt chunks: no token after it is set."""
+    from runtime.engine import Limits
+
+    class CountingEvent:  # set once the first chunk has been checked
+        def __init__(self):
+            self.calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 2
+
+    engine = Engine(tiny["dir"], "ternary", threads=1, prefill_chunk=2)
+    cache = engine.new_cache(64)
+    ids = engine.prompt_ids(PROMPT_A)
+    assert engine.prefill(cache, ids, Limits(CountingEvent(), None, 0.0)) is None
+    assert 0 < int(cache.lengths[0]) < len(ids)
+    result = engine.generate(prompt=PROMPT_A, cancel=CountingEvent())
+    assert result.finish_reason == "cancelled" and result.token_ids == []
+
+
+def test_prefill_and_decode_step_drive_the_cache(engine, reference):
+    """The loop's parts, used directly (as a batched scheduler will): greedy from them equals
+    transformers."""
+    ids = engine.prompt_ids(PROMPT_A)
+    cache = engine.new_cache(64)
+    assert cache.buffers[0].shape == (1, engine.kv_heads, 64, engine.head_dim)
+    token = int(np.argmax(engine.prefill(cache, ids)))
+    tokens = [token]
+    for _ in range(9):
+        token = int(np.argmax(engine.decode_step(cache, token)))
+        tokens.append(token)
+    assert tokens == reference_greedy(reference, ids, 10)
+    assert int(cache.lengths[0]) == len(ids) + 9
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.forward(np.zeros((1, 64), np.int64), np.empty((1, 64, engine.vocab_size), np.float32))
+
+
+def test_kv_cache_holds_a_batch(engine, reference):
+    """Two prompts of equal length in one [2, kv_heads, capacity, head_dim] cache, prefilled
+    and decoded together, give each prompt's own greedy tokens (the shape batching builds on)."""
+    rows = [engine.prompt_ids(PROMPT_A)[:6], engine.prompt_ids("w9 w8 w7 w6 w5 w4 w3")[:6]]
+    cache = engine.new_cache(64, batch=2)
+    cache.forward(np.array(rows, np.int64), cache.step_logits)
+    tokens = [[int(t)] for t in cache.step_logits[:, -1].argmax(-1)]
+    for _ in range(7):
+        cache.forward(np.array([[t[-1]] for t in tokens], np.int64), cache.step_logits)
+        for row, t in zip(tokens, cache.step_logits[:, -1].argmax(-1)):
+            row.append(int(t))
+    assert list(cache.lengths) == [13, 13]
+    assert tokens == [reference_greedy(reference, ids, 8) for ids in rows]
 
 
 def test_cancel_from_another_thread(engine):

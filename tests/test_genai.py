@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-og = pytest.importorskip("onnxruntime_genai", reason="pip install onnxruntime-genai (requirements-dev.txt)")
+import onnxruntime_genai as og  # requirements-dev.txt
 
-from custom_ops.build import LIBRARY_NAME  # noqa: E402
-from demo import corpus, tokenizer as demo_tokenizer  # noqa: E402
-from export import export_checkpoint  # noqa: E402
-from export.genai_config import GENAI_CONFIG_NAME  # noqa: E402
-from runtime import Engine, GenerationSettings  # noqa: E402
-from runtime.folder import read_config, variant_file  # noqa: E402
-from tests.checkpoints import load_reference, write_tiny_checkpoint  # noqa: E402
-from tests.export_harness import reference_greedy, reference_logits  # noqa: E402
-from tests.test_export import RELATIVE_TOLERANCE  # noqa: E402
+from custom_ops.build import LIBRARY_NAME
+from demo import corpus, tokenizer as demo_tokenizer
+from export import export_checkpoint
+from export.genai_config import GENAI_CONFIG_NAME
+from runtime import Engine, GenerationSettings
+from runtime.folder import read_config, variant_file
+from tests.checkpoints import load_reference, write_tiny_checkpoint
+from tests.export_harness import reference_greedy, reference_logits
+from tests.test_export import RELATIVE_TOLERANCE
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "shakespeare-bitnet"
@@ -224,7 +223,7 @@ def test_demo_tokenizer_ids_equal_under_genai(demo, tmp_path):
 
     hf = Tokenizer.from_file(str(DEMO / "tokenizer.json"))
     tok = og.Tokenizer(og.Model(str(demo["out"])))
-    train, val = corpus.split_plays(corpus.load_plays()) if _has_corpus() else ([], [])
+    _, val = corpus.split_plays(corpus.load_plays()) if _has_corpus() else ([], [])
     texts = STRINGS + [corpus.render(c) for p in val for c in corpus.conversations(p)]
     for text in texts:
         assert [int(t) for t in tok.encode(text)] == hf.encode(text, add_special_tokens=False).ids, text

@@ -1,16 +1,17 @@
 """genai_config.json: what onnxruntime-genai needs to run an exported folder.
 
-    python -m export.genai_config DIR [--variant ternary|int2|int4|fp32]
+    python -m export.genai_config DIR [--variant ternary|int2|int4|fp32]   # (re)write for a folder
 
 onnxruntime-genai (`og.Model(DIR)`) reads DIR/genai_config.json: the decoder graph's file and
 input/output names, the model's shape, token ids and search defaults. `python -m export` writes
-one for the ternary variant (the first exported variant when ternary is not) and copies the
+one for the ternary variant (else for the first variant the folder has) and copies the
 custom-op library into the folder (`python -m custom_ops install DIR`), because genai loads a
 `custom_ops_library` only from inside the model folder (a relative path with no "..", checked
 after resolving links). Pick another variant by setting `model.decoder.filename` to its file
 (`model.int2.onnx`, ...): by hand, with this command, or at load time with
 `og.Config(DIR).overlay('{"model": {"decoder": {"filename": "model.int2.onnx"}}}')`. The
-stock-ORT variants ignore the library; the ternary one cannot run without it.
+stock-ORT variants ignore the library; the ternary one cannot run without it. The command
+does everything the export does for genai, so it also readies a folder exported before.
 
 genai renders the chat template of tokenizer_config.json with its own engine (minja), which
 lacks jinja2's `capitalize` filter that 2B4T's template uses: the export rewrites the folder's
@@ -160,12 +161,12 @@ def make_chat_template_renderable(folder: str) -> bool:
     return True
 
 
-def write_genai_files(folder: str, config: dict, progress=print) -> None:
+def write_genai_files(folder: str, config: dict, progress=print, variant: str | None = None) -> None:
     """What `python -m export` adds for onnxruntime-genai: genai_config.json, and for a folder
     with the ternary variant a copy of the custom-op library, and a chat template genai can
     render. A library that cannot be built here does not fail the export (our runtime would
     build it later); it is reported."""
-    write(folder, config)
+    write(folder, config, variant)
     make_chat_template_renderable(folder)
     if "ternary" in config["variants"]:
         from custom_ops import BuildError
@@ -187,11 +188,13 @@ def main(argv=None) -> int:
                     help="the variant genai runs (default: ternary, else the first exported)")
     args = ap.parse_args(argv)
     try:
-        path = write(args.folder, variant=args.variant)
-    except (ValueError, EngineError) as e:
+        # Everything the export adds, so this also readies a folder exported before it did.
+        write_genai_files(args.folder, model_folder.read_config(args.folder),
+                          progress=lambda line: print(line, file=sys.stderr), variant=args.variant)
+    except (ValueError, OSError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(path)
+    print(os.path.join(args.folder, GENAI_CONFIG_NAME))
     return 0
 
 

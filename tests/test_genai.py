@@ -130,15 +130,19 @@ def test_tiny_greedy_matches_runtime_and_transformers(tiny, variant):
 
 
 def test_variant_switch_command_and_int2_without_the_library(tiny, tmp_path):
-    """`python -m export.genai_config DIR --variant int2` rewrites decoder.filename; the int2
-    graph then runs even with the operator library gone."""
+    """`python -m export.genai_config DIR --variant int2` readies a folder without genai files
+    (exported before) and sets decoder.filename; the int2 graph runs even with the operator
+    library gone."""
     folder = tmp_path / "copy"
     shutil.copytree(tiny["out"], folder)
+    (folder / GENAI_CONFIG_NAME).unlink()
+    (folder / LIBRARY_NAME).unlink()
     done = subprocess.run([sys.executable, "-m", "export.genai_config", str(folder), "--variant", "int2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     genai = json.loads((folder / GENAI_CONFIG_NAME).read_text())
     assert genai["model"]["decoder"]["filename"] == "model.int2.onnx"
+    assert (folder / LIBRARY_NAME).is_file()
     (folder / LIBRARY_NAME).unlink()
     del genai["model"]["decoder"]["session_options"]["custom_ops_library"]
     (folder / GENAI_CONFIG_NAME).write_text(json.dumps(genai))

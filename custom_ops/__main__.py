@@ -1,4 +1,5 @@
-"""`python -m custom_ops build [--force]`: build the library (if needed) and print its path."""
+"""`python -m custom_ops build [--force]`: build the library (if needed) and print its path.
+`python -m custom_ops install DIR`: copy it into a model folder (for onnxruntime-genai)."""
 
 import argparse
 import sys
@@ -8,12 +9,23 @@ from .build import BuildError, ensure_built
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m custom_ops", description=__doc__)
-    parser.add_argument("command", choices=["build"], help="build the custom-op library")
+    parser.add_argument("command", choices=["build", "install"],
+                        help="build the custom-op library, or install a copy into DIR")
+    parser.add_argument("folder", nargs="?", help="install: the model folder")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
+    if args.command == "install" and not args.folder:
+        parser.error("install needs the model folder: python -m custom_ops install DIR")
     try:
-        print(ensure_built(force=args.force))
-    except BuildError as e:
+        if args.command == "install":
+            from .install import install
+
+            if args.force:
+                ensure_built(force=True)
+            print(install(args.folder))
+        else:
+            print(ensure_built(force=args.force))
+    except (BuildError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,8 +1,9 @@
 """python -m demo train|pack|sample: the Shakespeare BitNet b1.58 demo model.
 
-  python -m demo train                  # ternary QAT run with the fixed seed, then pack it
-                                        # into models/shakespeare-bitnet (<= 60 min, 2 cores)
-  python -m demo train --variant float  # the float baseline, same data/steps/seed
+  python -m demo train                  # ternary QAT run with the fixed seed (2000 steps, 1 thread),
+                                        # then pack it into models/shakespeare-bitnet
+  python -m demo train --variant float  # the float baseline, same data/steps/seed (run it beside
+                                        # the ternary one: one core each)
   python -m demo pack                   # re-pack build/demo/ternary into the model folder
   python -m demo sample "To be, or not to be"   # chat with the shipped checkpoint (transformers)
 """

@@ -15,10 +15,30 @@ from . import corpus
 
 VOCAB_SIZE = 4096
 
-# microsoft/bitnet-b1.58-2B-4T's chat template (tokenizer_config.json), verbatim.
-CHAT_TEMPLATE = (
+# How text is cut into words before BPE: one regex with no look-around (onnxruntime-genai's
+# tokenizer rejects look-around; with this pattern it gives the same ids as `tokenizers`, checked
+# on every conversation of the corpus) and ASCII classes only (the two regex engines disagree on
+# Unicode classes; anything non-ASCII is a symbol here, and byte-level BPE still covers it).
+# - ": " is a word of its own, so "Assistant: Nay" in training is cut as the generation prompt
+#   "Assistant: " plus "Nay": the prompt ends on the same token the model saw in training
+#   (plain byte-level BPE would glue the space to the next word);
+# - an apostrophe keeps the letters after it ("'tis", "o'er", "we'll"), a word keeps one leading
+#   space, other runs of symbols stay together, runs of whitespace stay apart.
+PRETOKENIZE_PATTERN = r" ?'[A-Za-z]+|: | ?[A-Za-z]+| ?[0-9]+| ?[^ \t\r\nA-Za-z0-9]+|[ \t\r\n]+"
+
+# microsoft/bitnet-b1.58-2B-4T's chat template (tokenizer_config.json), with one spelling
+# changed so that onnxruntime-genai's template engine (minja, which has no `capitalize`
+# filter) renders it too: `message['role'].capitalize()` for `message['role'] | capitalize`.
+# Both render the same text in jinja2 (transformers, our runtime) and in genai.
+CHAT_TEMPLATE_2B4T = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = message['role'] | capitalize + ': '+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = message['role'].capitalize() + ': '+ message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
 )
@@ -28,12 +48,9 @@ def train_tokenizer(plays, vocab_size: int = VOCAB_SIZE):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    # The space after a colon is a token of its own, so "Assistant: Nay" in training tokenizes
-    # as the generation prompt "Assistant: " plus "Nay": the prompt's trailing space is then the
-    # same token the model saw in training (plain byte-level BPE would glue it to the next word).
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"(?<=:) "), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=list(corpus.SPECIAL_TOKENS),

@@ -24,7 +24,7 @@ BUILD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class TrainArgs:
     variant: str = "ternary"        # "ternary" (BitNet b1.58 QAT) or "float" (baseline)
-    steps: int = 1000
+    steps: int = 2000               # ~1.56 epochs of the training plays
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 3e-3
@@ -33,7 +33,7 @@ class TrainArgs:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 1234
-    threads: int = 2
+    threads: int = 1                # the shipped runs: ternary and float side by side, one core each
     eval_every: int = 100
     eval_windows: int = 8           # quick validation during training
     final_eval_windows: int = 64    # validation at the end (0 = every window of the held-out plays)
@@ -57,7 +57,14 @@ def prepare_data(out: str = BUILD, log=print):
     t0 = time.time()
     train_plays, val_plays = corpus.split_plays(corpus.load_plays())
     tok = tokenizer.train_tokenizer(train_plays)
-    tokenizer.save(tok, tok_dir)
+    # Files appear whole (written aside, then renamed): the ternary and float runs may start
+    # side by side and both get here; they write the same bytes.
+    tmp_dir = f"{tok_dir}.{os.getpid()}.tmp"
+    tokenizer.save(tok, tmp_dir)
+    os.makedirs(tok_dir, exist_ok=True)
+    for name in os.listdir(tmp_dir):
+        os.replace(os.path.join(tmp_dir, name), os.path.join(tok_dir, name))
+    os.rmdir(tmp_dir)
     streams = {}
     for name, plays in (("train", train_plays), ("val", val_plays)):
         texts = [corpus.render(c) for p in plays for c in corpus.conversations(p)]
@@ -66,7 +73,8 @@ def prepare_data(out: str = BUILD, log=print):
     streams["train_plays"] = [p.slug for p in train_plays]
     streams["val_plays"] = [p.slug for p in val_plays]
     os.makedirs(data_dir, exist_ok=True)
-    torch.save(streams, stamp)
+    torch.save(streams, f"{stamp}.{os.getpid()}.tmp")
+    os.replace(f"{stamp}.{os.getpid()}.tmp", stamp)
     log(f"data: {len(streams['train']):,} training tokens ({len(train_plays)} plays), "
         f"{len(streams['val']):,} validation tokens ({', '.join(streams['val_plays'])}); "
         f"tokenizer {tok.get_vocab_size()} tokens; {time.time() - t0:.0f}s")

@@ -113,8 +113,11 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
         extra = {"lm_head": lm_head, "lm_head_kinds": {v.name: v.head_kind for v in variant_objs},
                  "embedding_dtype": np.dtype(storage).name,
                  "int2_block_size": int2_block_size if "int2" in names else None}
-        # Written last: a folder with bitnet_onnx.json is complete.
         config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)
+        from .genai_config import write_genai_files  # here: `python -m export.genai_config` stays clean
+
+        write_genai_files(tmp, config, progress)
+        # Written last: a folder with bitnet_onnx.json is complete.
         from .model_card import write_card_for_export  # (here: python -m export.model_card runs clean)
 
         write_card_for_export(tmp, config, folder, progress)  # README.md: publishable as is

@@ -117,10 +117,9 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
         from .genai_config import write_genai_files  # here: `python -m export.genai_config` stays clean
 
         write_genai_files(tmp, config, progress)
-        # Written last: a folder with bitnet_onnx.json is complete.
         from .model_card import write_card_for_export  # (here: python -m export.model_card runs clean)
 
         write_card_for_export(tmp, config, folder, progress)  # README.md: publishable as is
-        write_config(tmp, config)
+        write_config(tmp, config)  # written last: a folder with bitnet_onnx.json is complete
     progress(f"exported {source} to {out_dir} in {time.time() - started:.0f} s")
     return out_dir

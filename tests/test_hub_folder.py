@@ -98,8 +98,13 @@ def test_broken_config_is_one_clear_error(tmp_path, demo_export, offline):
     shutil.copytree(demo_export, broken)
     (broken / CONFIG_NAME).write_text("{not json")
     put_in_hub_cache(tmp_path / "hub", "someone/broken", str(broken))
-    with pytest.raises(HubFolderError, match="not valid JSON"):
+    with pytest.raises(HubFolderError, match="someone/broken: .*bitnet_onnx.json cannot be read") as e:
         exported_snapshot("someone/broken", cache_dir=str(tmp_path / "hub"))
+    assert "\n" not in str(e.value)
+    (broken / CONFIG_NAME).write_text(json.dumps({"format": "something-else", "variants": {}}))
+    put_in_hub_cache(tmp_path / "hub2", "someone/broken", str(broken))
+    with pytest.raises(HubFolderError, match="format is 'something-else'"):
+        exported_snapshot("someone/broken", cache_dir=str(tmp_path / "hub2"))
 
 
 # -- the model card ----------------------------------------------------------------------------
@@ -210,3 +215,36 @@ def test_online_exported_repo_is_used_as_is(monkeypatch, tmp_path, demo_export):
     r = models.resolve_model("someone/online-onnx", progress=lambda m: None, check_hub=lambda: True)
     assert r.folder == demo_export and not r.fallback
     assert calls == [("someone/online-onnx", True), ("someone/online-onnx", False)]
+
+
+def test_hub_failures_are_one_line(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def broken_download(*a, **k):
+        raise OSError("connection reset by peer\nsecond line")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", broken_download)
+    with pytest.raises(HubFolderError) as e:
+        exported_snapshot("someone/flaky", cache_dir=str(tmp_path))
+    assert str(e.value) == ("cannot fetch bitnet_onnx.json of someone/flaky: OSError: "
+                            "connection reset by peer")
+
+
+def test_online_hub_failure_falls_back_with_the_reason(monkeypatch, tmp_path):
+    from playground import hub, models
+
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "export-cache"))
+
+    def failing(repo_id, variants=None, **kw):
+        if kw.get("local_only"):
+            return None
+        raise HubFolderError(f"cannot download {repo_id}: OSError: connection reset")
+
+    monkeypatch.setattr(hub, "exported_snapshot", failing)
+    monkeypatch.setattr(models, "demo_model", lambda progress, requested: models.ResolvedModel(
+        "/nowhere", models.STAND_IN_LABEL, requested, fallback=True, untrained=True))
+    lines = []
+    r = models.resolve_model("someone/flaky-onnx", progress=lines.append, check_hub=lambda: True)
+    assert r.fallback and "Could not use someone/flaky-onnx (cannot download" in r.notice
+    assert "\n" not in r.notice

@@ -466,7 +466,7 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
     return settings
 
 
-FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
+FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "length"}
 
 
 def _extras(event, record: JobRecord, meta: dict) -> dict:

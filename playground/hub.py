@@ -74,11 +74,3 @@ def _one_line(what: str, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{what}: {type(e).__name__}: {first}"
 
-
-def cached_exported_snapshot(repo_id: str, variants=None) -> str | None:
-    """exported_snapshot from the hub cache alone (no network); None when it is not there
-    complete (a partial snapshot is then fetched again, online)."""
-    try:
-        return exported_snapshot(repo_id, variants=variants, local_only=True)
-    except HubFolderError:
-        return None

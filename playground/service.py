@@ -218,9 +218,11 @@ class Playground:
     def api_models(self):
         """For the OpenAI-compatible API (server.create_api takes a callable): {model id: the
         ternary engine} once ready, None while the model is being prepared."""
-        if self.state != "ready" or TERNARY not in self.engines:
+        if self.state != "ready" or not self.engines:
             return None
-        return {self.resolved.model_id: self.engines[TERNARY]}
+        # the ternary engine; where the custom op cannot run, the baseline the page serves
+        engine = self.engines.get(TERNARY) or next(iter(self.engines.values()))
+        return {self.resolved.model_id: engine}
 
     # -- status ----------------------------------------------------------------------------------
     def banner_markdown(self) -> str:
@@ -241,9 +243,6 @@ class Playground:
                          f"Fix: {self.ops.fix}. The stock baselines still run.")
         if r.notice:
             lines.append(f"⚠️ {r.notice}")
-        if r.untrained:
-            lines.append("⚠️ **This is an untrained stand-in with random weights: its answers are "
-                         "noise.** The speeds are measured for real.")
         if int(cfg.get("hidden_size") or 0) and int(cfg.get("hidden_size")) < 1024:
             lines.append("At this model size the timings mostly show per-token overheads; the "
                          "ternary kernels pay off on large models such as 2B4T.")
@@ -259,7 +258,6 @@ class Playground:
             "requested": self.model_spec,
             "folder": r.folder if r else None,
             "fallback": bool(r and r.fallback),
-            "untrained": bool(r and r.untrained),
             "notice": r.notice if r else "",
             "variants": self.variants_available(),
             "baselines": self.baselines() if self.state == "ready" else [],

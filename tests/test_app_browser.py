@@ -1,8 +1,7 @@
 """The playground in a real browser: Debian's chromium, headless, driven by Playwright.
 
 The app starts as a fresh install does with no network: default model, hub unreachable,
-nothing cached, so it serves the labelled fallback (the shipped demo model, or the random
-stand-in where none ships). The tests open the page with ?prompt=, send a message holding
+nothing cached, so it serves the labelled fallback, the shipped Shakespeare demo model. The tests open the page with ?prompt=, send a message holding
 <script>, an onerror image and a markdown image pointing at a local "tracking pixel" server,
 see both panes fill and the stats, the verdict and both charts appear, check the markup is
 shown as text and never ran and no image was fetched, reopen the conversation from a shared
@@ -60,7 +59,7 @@ def browser():
 
 def test_fresh_offline_start_serves_a_labelled_fallback(server):
     status = server.status
-    assert status["fallback"]  # the demo model when it ships, else the random stand-in
+    assert status["fallback"] and status["model_id"] == "shakespeare-bitnet"  # a readable API id
     assert "Cannot reach the Hugging Face hub" in status["notice"]
     log = server.log_text()
     assert log.count("Cannot reach the Hugging Face hub") == 1
@@ -188,10 +187,7 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
     banner = page.locator("#banner").inner_text()
     assert "Cannot reach the Hugging Face hub" in banner
     assert "BitLinear kernel" in banner and "thread" in banner  # the hardware line
-    if server.status["untrained"]:
-        assert "untrained stand-in" in banner and "tiny random" in banner
-    else:
-        assert "Shakespeare demo model" in banner
+    assert "Shakespeare demo model" in banner
     # Max new tokens is bounded by the live model's context
     context = server.status["context_length"]
     open_settings(page)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import custom_ops
+from custom_ops.operator_status import cpu_from_cpuinfo
 from export import export_checkpoint
 from tests.checkpoints import write_tiny_checkpoint
 
@@ -49,6 +50,16 @@ def test_cpu_model_names_this_cpu():
         if names:
             assert cpu == names[0]
     assert one_line(cpu)
+
+
+def test_cpu_model_on_arm64_linux():
+    graviton2 = "processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n" \
+                "CPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n"
+    assert cpu_from_cpuinfo(graviton2) == "ARM Neoverse N1"
+    other = graviton2.replace("0x41", "0xc0")
+    assert cpu_from_cpuinfo(other) == "ARM64 CPU (implementer 0xc0, part 0xd0c)"
+    assert cpu_from_cpuinfo("model name\t: AMD EPYC 7R13 Processor\n") == "AMD EPYC 7R13 Processor"
+    assert cpu_from_cpuinfo("") is None
 
 
 def test_missing_compiler(tmp_path):

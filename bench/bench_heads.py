@@ -1,7 +1,7 @@
 """The lm_head kernels at the 2B4T head shape (vocab 128256 x hidden 2560), decode (M = 1), inside
 ONNX Runtime: where the table lives vs the bandwidth it reaches (a benchmark, not a test).
 
-    python bench/bench_heads.py [--threads 1,2] [--rounds 5] [--reps 10] [--markdown]
+    python bench/bench_heads.py [--threads 1,2] [--rounds 5] [--reps 10] [--kernel auto] [--markdown]
 
 Heads: MatMulF16 (656 MB fp16 table), MatMulI8 (328 MB int8 table + row scales), stock
 MatMulNBits bits=8 block 32 (the baselines' head, 369 MB). Each is timed with its table
@@ -9,7 +9,9 @@ MatMulNBits bits=8 block 32 (the baselines' head, 369 MB). Each is timed with it
   - as external data (ORT memory-maps the file: what an exported model folder does),
   - fed as a graph input from an anonymous mmap advised MADV_HUGEPAGE (2 MiB pages), and
   - the same with MADV_NOHUGEPAGE (4 KiB pages),
-so the page size effect is measured with the same kernel and the same thread pool. Rounds are
+so the page size effect is measured with the same kernel and the same thread pool. The bitnet
+ops themselves ask for 2 MiB pages in place (MADV_COLLAPSE, ops.cc); `--no-advise` runs with
+BITNET_HUGEPAGES=0 to see the tables as ORT leaves them. Rounds are
 interleaved with a plain streaming read through ORT's pool (bench_ops.StreamReader) for the
 bandwidth reference; medians are printed with the machine's load average.
 """
@@ -139,7 +141,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--heads", default="MatMulF16,MatMulI8,MatMulNBits 8-bit", help="comma-separated")
+    parser.add_argument("--kernel", default="auto", help="BITNET_KERNEL level to force (e.g. avx2 on an AVX-512 CPU)")
+    parser.add_argument("--no-advise", action="store_true", help="BITNET_HUGEPAGES=0: no in-place huge pages")
     args = parser.parse_args(argv)
+    os.environ["BITNET_KERNEL"] = args.kernel  # read when the library is registered
+    if args.no_advise:
+        os.environ["BITNET_HUGEPAGES"] = "0"  # read by the library at its first head call
     threads = [int(t) for t in args.threads.split(",")]
     import bench_ops
 
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for head in make_heads(rng):
+        for head in [h for h in make_heads(rng) if h.name in args.heads.split(",")]:
             for label, make in placements(head, Path(tmp)):
                 for t in threads:
                     sess, feed = make(t)
@@ -162,7 +170,8 @@ def main(argv=None) -> int:
                     print(f"{head.name:18s} {label:28s} threads={t}: {m:8.2f} ms {head.nbytes / m / 1e6:6.1f} GB/s "
                           f"(stream {b:.1f} GB/s)", file=sys.stderr, flush=True)
     load1 = os.getloadavg()[0]
-    print(f"kernel level: {custom_ops.resolve_kernel('auto')}; load average {load0:.1f} -> {load1:.1f}; "
+    print(f"kernel level: {custom_ops.resolve_kernel(args.kernel)}; huge-page advice "
+          f"{'off' if args.no_advise else 'on'}; load average {load0:.1f} -> {load1:.1f}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.markdown:
         print("| head | table placement | threads | ms | GB/s | stream GB/s | % of stream |")

@@ -140,11 +140,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=128, help="teacher-forced positions per checkpoint")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="also measure this checkpoint (hub id or folder; repeatable)")
+    parser.add_argument("--only", action="store_true", help="only the --checkpoint ones")
+    parser.add_argument("--text", default=PASSAGE, help="passage the --checkpoint ones are teacher-forced on")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        for source in args.checkpoint:
+            from export.source import resolve_source
+            from tokenizers import Tokenizer
+
+            folder = resolve_source(source, None)
+            ids = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(args.text).ids[:args.steps]
+            name = Path(source).name
+            rows += measure(name, source, ids, work)
+            rows += split_error(name, source, ids, work)
         demo = str(ROOT / "models/shakespeare-bitnet")
+        if args.only:
+            return report(rows, args.markdown)
         rows += measure("demo (shakespeare-bitnet)", demo, demo_ids(args.steps), work)
         rows += split_error("demo (shakespeare-bitnet)", demo, demo_ids(args.steps), work)
         rng = np.random.default_rng(0)
@@ -160,7 +175,11 @@ def main(argv=None) -> int:
         name = "synthetic (vocab 32000, hidden 512, realistic row norms)"
         rows += measure(name, ckpt, ids, work)
         rows += split_error(name, ckpt, ids, work)
-    if args.markdown:
+    return report(rows, args.markdown)
+
+
+def report(rows, markdown: bool) -> int:
+    if markdown:
         print("| checkpoint | head | against | max \\|diff\\| / max \\|logit\\| | top-1 agreement | positions |")
         print("|---|---|---|---:|---:|---:|")
         for name, head, against, rel, top1, n in rows:

@@ -15,8 +15,13 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -145,14 +150,114 @@ void bitlinear_item(void* data, size_t i) {
   w->kernel(p, r.m0, r.m1, r.c0, r.c1);
 }
 
+// ---- Weight holding ------------------------------------------------------------------------
+//
+// BITNET_WEIGHTS=owned: at kernel creation each BitLinear copies its constant W into a buffer of
+// its own, 2 MiB aligned and advised for transparent huge pages (one TLB entry per 2 MiB of the
+// weight stream instead of 512), then hints the kernel to reclaim the pages of ORT's copy
+// (MADV_PAGEOUT: clean pages of the memory-mapped external data leave the process; anonymous
+// memory without swap stays as it is; nothing is ever lost), so the weights are not held twice.
+// Default (unset or "ort"): the kernels read W where ONNX Runtime holds it.
+
+// Owned copies live in slabs of at least 64 MiB, 2 MiB aligned and huge-page advised, filled
+// one after another (64-byte aligned): one small matrix per 2 MiB huge page would waste most
+// of it. A slab is freed when the last kernel using it is destroyed.
+struct Slab {
+  uint8_t* base;
+  size_t size, used;
+  int users;
+};
+
+std::mutex slabs_mutex;
+Slab* open_slab = nullptr;     // the slab new copies go to
+size_t owned_weight_bytes = 0;  // bytes of W held in slabs now (for tests and tools)
+
+struct OwnedBuffer {
+  Slab* slab = nullptr;
+  uint8_t* data = nullptr;
+  size_t bytes = 0;
+  ~OwnedBuffer() {
+    std::lock_guard<std::mutex> lock(slabs_mutex);
+    owned_weight_bytes -= bytes;
+    if (--slab->users == 0) {
+      if (open_slab == slab) open_slab = nullptr;
+      std::free(slab->base);
+      delete slab;
+    }
+  }
+};
+
+bool owned_weights_requested() {
+  const char* v = std::getenv("BITNET_WEIGHTS");
+  return v && std::string(v) == "owned";
+}
+
+// A copy of `bytes` at `src` in a slab; nullptr when memory is short (the kernel then reads
+// ORT's copy).
+std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20, kSlab = size_t{64} << 20;
+  const size_t need = (bytes + 63) / 64 * 64;
+  auto buffer = std::make_unique<OwnedBuffer>();
+  {
+    std::lock_guard<std::mutex> lock(slabs_mutex);
+    if (open_slab == nullptr || open_slab->size - open_slab->used < need) {
+      const size_t size = std::max(kSlab, (need + kHuge - 1) / kHuge * kHuge);
+      void* mem = nullptr;
+      if (posix_memalign(&mem, kHuge, size) != 0) return nullptr;
+#ifdef MADV_HUGEPAGE
+      madvise(mem, size, MADV_HUGEPAGE);
+#endif
+      if (open_slab != nullptr && open_slab->users == 0) {  // cannot happen (a full slab has users)
+        std::free(open_slab->base);
+        delete open_slab;
+      }
+      open_slab = new Slab{static_cast<uint8_t*>(mem), size, 0, 0};
+    }
+    buffer->slab = open_slab;
+    buffer->data = open_slab->base + open_slab->used;
+    buffer->bytes = bytes;
+    owned_weight_bytes += bytes;
+    open_slab->used += need;
+    ++open_slab->users;
+  }
+  std::memcpy(buffer->data, src, bytes);
+#ifdef MADV_PAGEOUT
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(src) + page - 1) / page * page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(src) + bytes) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);  // a hint; errors ignored
+#endif
+  return buffer;
+}
+
 struct BitLinearKernelState {
   int64_t K, N;
   KernelSet kernels;
   std::string label;
+  std::unique_ptr<OwnedBuffer> owned_w;  // BITNET_WEIGHTS=owned: W copied at creation
 
   OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
     if (OrtStatus* st = read_positive_attr(api, info, label, "K", &K)) return st;
-    return read_positive_attr(api, info, label, "N", &N);
+    if (OrtStatus* st = read_positive_attr(api, info, label, "N", &N)) return st;
+    if (owned_weights_requested()) hold_weights(api, info);
+    return nullptr;
+  }
+
+  // Copies W when it is a constant of the expected size (anything else is left to Compute,
+  // which reads the input and reports a wrong size).
+  void hold_weights(const OrtApi& api, const OrtKernelInfo* info) {
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)) {
+      api.ReleaseStatus(st);
+      return;
+    }
+    if (!is_constant || value == nullptr) return;
+    const Ort::ConstValue w(value);
+    if (w.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return;
+    const int64_t count = w.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (count != bitnet::packed_bytes(N, K)) return;
+    owned_w = own_copy(w.GetTensorData<uint8_t>(), static_cast<size_t>(count));
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -196,7 +301,7 @@ struct BitLinearKernelState {
     p.xq = xq.data();
     p.xsum = xsum.data();
     p.xscale = xscale.data();
-    p.w = W.GetTensorData<uint8_t>();
+    p.w = owned_w ? owned_w->data : W.GetTensorData<uint8_t>();
     p.S = S.GetTensorData<float>();
     p.per_channel_scale = s_count == N && N != 1;
     p.y = Y.GetTensorMutableData<float>();
@@ -530,6 +635,13 @@ BITNET_EXPORT const char* bitnet_resolve_kernel(const char* requested) {
   KernelSet kernels{};
   std::string error;
   return bitnet::select_kernels(requested, &kernels, &error) ? kernels.name : "";
+}
+
+// For tests and tools (via ctypes): bytes of BitLinear weights held in owned copies now
+// (BITNET_WEIGHTS=owned), 0 when every kernel reads ONNX Runtime's buffers.
+__attribute__((visibility("default"))) size_t bitnet_owned_weight_bytes() {
+  std::lock_guard<std::mutex> lock(slabs_mutex);
+  return owned_weight_bytes;
 }
 
 // For tests (via ctypes): this CPU's feature bits, and which kernel each op gets for a

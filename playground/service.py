@@ -345,7 +345,8 @@ class Playground:
         gen_settings = settings.to_runtime(turn["seed"], self.time_limit_s)
         prompt = history + [{"role": "user", "content": message}]
         cancel = self._register(session)
-        self._active += 1
+        with self._cancels_lock:
+            self._active += 1
         try:
             yield turns, False
             for variant in turn["answers"]:
@@ -363,7 +364,8 @@ class Playground:
                 yield from self._run_in_slot(engine, answer, prompt, gen_settings, cancel, turns)
             yield turns, True
         finally:
-            self._active -= 1
+            with self._cancels_lock:
+                self._active -= 1
             self._unregister(session, cancel)
             for a in turn["answers"].values():  # closed mid-run: nothing is left "streaming"
                 if a["state"] not in ("done", "stopped", "skipped"):

@@ -1,31 +1,56 @@
-"""The bitnet custom-op library for ONNX Runtime: the ternary `BitLinear` and `MatMulF16`.
+"""The bitnet custom-op library for ONNX Runtime: the ternary `BitLinear`, the lm_heads
+`MatMulF16` (fp16 table) and `MatMulI8` (int8 table, per-row scales).
 
     so = onnxruntime.SessionOptions()
     so.register_custom_ops_library(custom_ops.library_path())
 
 `library_path()` compiles the library on first use (and when its sources changed);
 `pack_ternary(w)` turns int8 ternary weights [N, K] into the layout `BitLinear` reads.
-Set BITNET_KERNEL=reference|avx2|avx512vnni to force a kernel (default: the best the CPU has).
+Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni (ARM64: reference|neon|dotprod) to
+force a feature level (default: the best the CPU has); `kernel_table(features)` says which
+kernel each op runs at a level.
+`status()` says whether the operator can run here (why not, how to fix), the kernel level the
+dispatch chose and the CPU model; it never raises.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 
 import numpy as np
 
 from .build import BuildError, ensure_built
+from .operator_status import Status, cpu_model, status
 
 DOMAIN = "bitnet"
-KERNELS = ("reference", "avx2", "avx512vnni")
+# BITNET_KERNEL levels of this machine's architecture, weakest first, and the CPU features each
+# needs (bits of custom_ops/src/kernels.h's CpuFeature).
+FEATURE_AVX2, FEATURE_AVX512, FEATURE_AVX512VNNI, FEATURE_AVXVNNI = 1, 2, 4, 8
+FEATURE_NEON, FEATURE_DOTPROD = 16, 32
+FEATURE_NAMES = {FEATURE_AVX2: "AVX2/FMA/F16C", FEATURE_AVX512: "AVX-512 F/BW/VL",
+                 FEATURE_AVX512VNNI: "AVX-512 VNNI", FEATURE_AVXVNNI: "AVX-VNNI",
+                 FEATURE_NEON: "ARM64 NEON", FEATURE_DOTPROD: "ARM64 dot product (sdot)"}
+LEVEL_FEATURES = {
+    "reference": 0,
+    "avx2": FEATURE_AVX2,
+    "avxvnni": FEATURE_AVX2 | FEATURE_AVXVNNI,
+    "avx512": FEATURE_AVX2 | FEATURE_AVX512,
+    "avx512vnni": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI,
+    "neon": FEATURE_NEON,
+    "dotprod": FEATURE_NEON | FEATURE_DOTPROD,
+}
+ARM64 = platform.machine().lower() in ("aarch64", "arm64")
+KERNELS = ("reference", "neon", "dotprod") if ARM64 else ("reference", "avx2", "avxvnni", "avx512", "avx512vnni")
 
 GROUP_COLS = 32  # output columns per packed group: two 16-lane halves of a 128-byte block
 HALF_COLS = 16   # columns per 64-byte half (one int32 lane each in a 512-bit register)
 BLOCK_K = 16     # reduction values per block
 
 __all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
-           "available_kernels", "session_options"]
+           "available_kernels", "session_options", "cpu_features", "kernel_table", "missing_features",
+           "quantize_head_table", "status", "Status", "cpu_model", "resolve_kernel"]
 
 
 def library_path() -> str:
@@ -74,6 +99,8 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(library_path())
     lib.bitnet_resolve_kernel.restype = ctypes.c_char_p
     lib.bitnet_resolve_kernel.argtypes = [ctypes.c_char_p]
+    lib.bitnet_cpu_features.restype = ctypes.c_uint32
+    lib.bitnet_kernel_table.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
     return lib
 
 
@@ -85,6 +112,45 @@ def resolve_kernel(requested: str = "auto") -> str:
 def available_kernels() -> list[str]:
     """The kernels this CPU can run, reference first."""
     return [k for k in KERNELS if resolve_kernel(k) == k]
+
+
+def cpu_features() -> int:
+    """This CPU's feature bits (FEATURE_*), as the dispatch sees them."""
+    return int(_library().bitnet_cpu_features())
+
+
+def kernel_table(features: int) -> dict:
+    """Which kernel each op runs for a feature bitmask (a pure function: any machine can ask
+    about any CPU): {"level", "BitLinear", "MatMulF16", "MatMulI8"}."""
+    buf = ctypes.create_string_buffer(128)
+    _library().bitnet_kernel_table(features, buf, len(buf))
+    level, bitlinear, f16, i8 = buf.value.decode().split()
+    return {"level": level, "BitLinear": bitlinear, "MatMulF16": f16, "MatMulI8": i8}
+
+
+def missing_features(level: str) -> list[str]:
+    """The CPU features a BITNET_KERNEL level needs that this CPU lacks (names)."""
+    lacking = LEVEL_FEATURES[level] & ~cpu_features()
+    return [name for bit, name in FEATURE_NAMES.items() if lacking & bit]
+
+
+def quantize_head_table(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float [N, K] -> (int8 codes [N, K], float32 scales [N]) for MatMulI8 and the embedding:
+    per row, scale = max|w| / 127 (1 for an all-zero row), code = round_half_even(w / scale),
+    so row n is approximately codes[n] * scales[n]. Done in chunks of rows (small temporaries)."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise ValueError(f"quantize_head_table expects a 2-D array [N, K], got shape {weight.shape}")
+    n, k = weight.shape
+    codes = np.empty((n, k), np.int8)
+    scales = np.empty(n, np.float32)
+    for start in range(0, n, 8192):
+        rows = np.asarray(weight[start:start + 8192], np.float32)
+        scale = np.abs(rows).max(axis=1) / np.float32(127.0) if k else np.zeros(len(rows), np.float32)
+        scale[scale == 0] = 1.0
+        codes[start:start + 8192] = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
+        scales[start:start + 8192] = scale
+    return codes, scales
 
 
 def session_options(threads: int | None = None):

@@ -1,17 +1,17 @@
-"""Builds the bitnet custom-op library: fetch ONNX Runtime's headers, compile with g++.
+"""Builds the bitnet custom-op library: find ONNX Runtime's headers, compile.
 
-The headers come from ORT_INCLUDE_DIR when set, else from Debian trixie's `libonnxruntime-dev`
-package, downloaded with `apt-get download` into a private apt state under the build folder
-and unpacked with `dpkg -x` (no root, no system install). Nothing third-party is vendored.
-The library is built for baseline x86-64; its SIMD kernels carry per-function target
-attributes and are chosen at load time, so one build runs on any x86-64 CPU.
+Headers: custom_ops/headers.py (ORT_INCLUDE_DIR, Homebrew, NuGet/vcpkg, a distribution's dev
+package, else Debian's libonnxruntime-dev fetched with apt-get; checked against the installed
+onnxruntime). Compilers: g++ or clang++ (Linux, macOS: a .so / .dylib), MSVC's cl or clang-cl
+(Windows: a .dll); CXX overrides. Nothing third-party is vendored.
+On x86-64 the library is built for baseline x86-64; its SIMD kernels carry per-function target
+attributes and are chosen at load time, so one build runs on any x86-64 CPU. On ARM64 the
+dot-product kernel's unit alone is compiled for ARMv8.2 + dotprod and chosen from HWCAP.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import glob
 import os
 import platform
 import shutil
@@ -20,16 +20,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import BuildError
+from .headers import find_include_dir
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = PACKAGE_DIR / "src"
-LIBRARY_NAME = "libbitnet_ops.so"
-HEADER_PACKAGE = "libonnxruntime-dev"
-HEADER_SUITE = "trixie"  # the Debian release whose libonnxruntime-dev has the headers we build with
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+LIBRARY_NAMES = {"Linux": "libbitnet_ops.so", "Darwin": "libbitnet_ops.dylib", "Windows": "bitnet_ops.dll"}
+LIBRARY_NAME = LIBRARY_NAMES.get(platform.system(), "libbitnet_ops.so")
+# Units that need more than the baseline, per CPU architecture (GCC 12 refuses the dot-product
+# intrinsics under a per-function target attribute, so that kernel gets a unit of its own).
+UNIT_FLAGS = {"kernels_arm_dotprod.cc": {"arm64": ["-march=armv8.2-a+dotprod"]}}
 
-
-class BuildError(RuntimeError):
-    """The library cannot be built; the message says what is missing."""
+__all__ = ["BuildError", "build_dir", "include_dir", "compiler", "compile_commands", "ensure_built", "LIBRARY_NAME"]
 
 
 def build_dir() -> Path:
@@ -51,98 +53,79 @@ def _is_stale(library: Path) -> bool:
     return any(src.stat().st_mtime > built for src in sources() + [Path(__file__)])
 
 
-# ---- headers ---------------------------------------------------------------------------------
-
-def _debian_mirror() -> str:
-    """The Debian archive URI this machine's apt already uses (so no host is hard-coded)."""
-    candidates = []
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        uri = None
-        for line in Path(path).read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "URIs":
-                uri = value.split()[0] if value.split() else None
-            if key.strip() == "Suites" and uri:
-                candidates.append((uri, value.split()))
-    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
-        if not os.path.exists(path):
-            continue
-        for line in Path(path).read_text(errors="replace").splitlines():
-            words = line.split("#")[0].split()
-            if words and words[0] == "deb":
-                words = [w for w in words[1:] if not w.startswith("[")]
-                if len(words) >= 2:
-                    candidates.append((words[0], [words[1]]))
-    for uri, suites in candidates:
-        if uri.rstrip("/").endswith("/debian") and not any(s.endswith("-security") for s in suites):
-            return uri
-    raise BuildError(
-        "cannot fetch ONNX Runtime's C/C++ headers: no Debian archive found in /etc/apt sources. "
-        "Install onnxruntime's headers and set ORT_INCLUDE_DIR to the folder holding onnxruntime_cxx_api.h."
-    )
-
-
-def _fetch_headers(dest: Path) -> Path:
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise BuildError(
-                f"cannot fetch ONNX Runtime's headers: `{tool}` is missing (not a Debian system?). "
-                "Set ORT_INCLUDE_DIR to a folder holding onnxruntime_cxx_api.h."
-            )
-    if not os.path.exists(KEYRING):
-        raise BuildError(f"cannot fetch ONNX Runtime's headers: the Debian archive keyring {KEYRING} is missing "
-                         "(apt-get install debian-archive-keyring), or set ORT_INCLUDE_DIR.")
-    state = dest / "apt"
-    for sub in ("lists/partial", "archives/partial"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
-    sources_list = state / "sources.list"
-    sources_list.write_text(f"deb [signed-by={KEYRING}] {_debian_mirror()} {HEADER_SUITE} main\n")
-    apt_options = [
-        f"-oDir::State={state}", "-oDir::State::status=/dev/null", f"-oDir::Cache={state}",
-        f"-oDir::Etc::SourceList={sources_list}", "-oDir::Etc::SourceParts=/dev/null",
-        "-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oAPT::Sandbox::User=",
-        "-qq",
-    ]
-    _log(f"fetching ONNX Runtime headers: apt-get download {HEADER_PACKAGE} ({HEADER_SUITE})")
-    for args in (["update"], ["download", HEADER_PACKAGE]):
-        result = subprocess.run(["apt-get", *apt_options, *args], cwd=state, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise BuildError(f"cannot fetch ONNX Runtime's headers: `apt-get {' '.join(args)}` failed:\n"
-                             f"{result.stderr.strip()[-2000:]}\nSet ORT_INCLUDE_DIR to skip the download.")
-    debs = sorted(state.glob(f"{HEADER_PACKAGE}_*.deb"))
-    if not debs:
-        raise BuildError(f"apt-get download {HEADER_PACKAGE} produced no .deb file")
-    unpacked = dest / "root"
-    subprocess.run(["dpkg", "-x", str(debs[-1]), str(unpacked)], check=True)
-    include = unpacked / "usr" / "include" / "onnxruntime"
-    if not (include / "onnxruntime_cxx_api.h").exists():
-        raise BuildError(f"{debs[-1].name} has no onnxruntime_cxx_api.h")
-    return include
-
-
 def include_dir() -> Path:
-    """Folder holding onnxruntime_cxx_api.h: ORT_INCLUDE_DIR, or the fetched Debian headers."""
-    env = os.environ.get("ORT_INCLUDE_DIR")
-    if env:
-        path = Path(env)
-        if not (path / "onnxruntime_cxx_api.h").exists():
-            raise BuildError(f"ORT_INCLUDE_DIR={env} does not hold onnxruntime_cxx_api.h")
-        return path
-    headers = build_dir() / "ort-headers"
-    include = headers / "root" / "usr" / "include" / "onnxruntime"
-    if (include / "onnxruntime_cxx_api.h").exists():
-        return include
-    return _fetch_headers(headers)
+    """Folder holding onnxruntime_cxx_api.h, no newer than the installed onnxruntime."""
+    return find_include_dir(build_dir() / "ort-headers")
 
 
 # ---- compile ---------------------------------------------------------------------------------
 
+def _arch(machine: str) -> str:
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "x64"):
+        return "x86_64"
+    if machine in ("aarch64", "arm64"):
+        return "arm64"
+    return machine
+
+
+def default_compiler(system: str) -> str:
+    if system == "Darwin":
+        return "clang++"  # Xcode's command line tools
+    if system == "Windows":
+        # clang-cl compiles the SIMD kernels; cl keeps the reference kernels (src/compiler.h)
+        return "clang-cl" if shutil.which("clang-cl") else "cl"
+    return "g++"
+
+
 def compiler() -> str:
-    cxx = os.environ.get("CXX", "g++")
+    cxx = os.environ.get("CXX") or default_compiler(platform.system())
     if shutil.which(cxx) is None:
-        raise BuildError(f"cannot build the bitnet custom ops: C++ compiler `{cxx}` not found "
-                         "(apt-get install g++, or set CXX)")
+        raise BuildError(f"cannot build the bitnet custom ops: C++ compiler `{cxx}` not found",
+                         fix="install a C++ compiler (Debian/Ubuntu: apt-get install g++; macOS: "
+                             "xcode-select --install; Windows: Visual Studio Build Tools, from a developer prompt) "
+                             "or point CXX at one")
     return cxx
+
+
+def _msvc_style(cxx: str) -> bool:
+    return Path(cxx).name.lower() in ("cl", "cl.exe", "clang-cl", "clang-cl.exe")
+
+
+def compile_commands(cxx: str, include: Path, units: list[Path], output: str, objects: Path,
+                     machine: str | None = None) -> list[list[str]]:
+    """The commands that build the library: one per unit with flags of its own (an object in
+    `objects`), then one that compiles the rest and links everything into `output`."""
+    arch = _arch(machine or platform.machine())
+    special = [u for u in units if arch in UNIT_FLAGS.get(u.name, {})]
+    plain = [str(u) for u in units if u not in special]
+    commands = []
+    if _msvc_style(cxx):
+        # cl / clang-cl: /LD builds a DLL; exports come from BITNET_EXPORT (__declspec(dllexport)).
+        # cl has no per-function target attributes: its x86 build keeps the reference kernels
+        # (src/compiler.h); clang-cl compiles the SIMD kernels like clang.
+        clang_cl = "clang" in Path(cxx).name.lower()
+        base = [cxx, "/nologo", "/std:c++17", "/O2", "/EHsc", "/MD", "/W3", f"/I{include}"]
+        base += ["/clang:-ffp-contract=off"] if clang_cl else ["/fp:precise"]  # no FMA contraction either way
+        objs = []
+        for unit in special:
+            obj = objects / (unit.stem + ".obj")
+            flags = [f"/clang:{f}" for f in UNIT_FLAGS[unit.name][arch]] if clang_cl else []
+            commands.append([*base, *flags, "/c", str(unit), f"/Fo{obj}"])
+            objs.append(str(obj))
+        commands.append([*base, "/LD", *plain, *objs, f"/Fo{objects}{os.sep}", f"/Fe{output}"])
+        return commands
+    cmd = [cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-math-errno",
+           "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{include}", *plain, "-o", output]
+    if arch == "x86_64":
+        cmd.insert(1, "-march=x86-64")  # baseline: SIMD kernels opt in per function
+    base = [a for a in cmd if a not in ("-shared", "-o", output) and a not in plain]
+    for unit in special:
+        obj = objects / (unit.stem + ".o")
+        commands.append([*base, *UNIT_FLAGS[unit.name][arch], "-c", str(unit), "-o", str(obj)])
+        cmd.insert(cmd.index("-o"), str(obj))
+    commands.append(cmd)
+    return commands
 
 
 def compile_library(output: Path) -> None:
@@ -151,16 +134,16 @@ def compile_library(output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=LIBRARY_NAME + ".", suffix=".tmp", dir=output.parent)
     os.close(fd)
-    units = [str(s) for s in sorted(SOURCE_DIR.glob("*.cc"))]
-    cmd = [cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-math-errno",
-           "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{include}", *units, "-o", tmp]
-    if platform.machine() in ("x86_64", "AMD64"):
-        cmd.insert(1, "-march=x86-64")  # baseline: SIMD kernels opt in per function
+    units = sorted(SOURCE_DIR.glob("*.cc"))
     _log(f"compiling {output.name} from {len(units)} sources with {cxx} ...")
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        raise BuildError(f"compiling the bitnet custom ops failed:\n{' '.join(cmd)}\n{result.stderr[-4000:]}")
+    with tempfile.TemporaryDirectory(prefix="objects.", dir=output.parent) as objects:
+        for cmd in compile_commands(cxx, include, units, tmp, Path(objects)):
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                os.unlink(tmp)
+                raise BuildError(f"compiling the bitnet custom ops failed:\n{' '.join(cmd)}\n"
+                                 f"{(result.stderr or result.stdout)[-4000:]}",
+                                 fix=f"see the compiler's message above; CXX={cxx} must be a C++17 compiler")
     os.replace(tmp, output)  # atomic: a concurrent reader sees the old or the new library
     _log(f"built {output}")
 
@@ -168,8 +151,21 @@ def compile_library(output: Path) -> None:
 @contextlib.contextmanager
 def _build_lock(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
+    with open(folder / ".lock", "a+") as lock:  # one build at a time across processes
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows
+            import msvcrt
+
+            lock.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                    continue
         yield
 
 

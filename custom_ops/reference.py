@@ -33,3 +33,22 @@ def bitlinear(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def matmul_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """y = x @ w^T for float32 x [..., K] and float16 w [N, K], computed in float64."""
     return (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T).astype(np.float32)
+
+
+
+def matmul_i8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """MatMulI8 (the 8-bit lm_head) for x [..., K], int8 w [N, K], S [1] or [N] (float32):
+    x in two int8 terms, xq/s = quantize_activations(x) and rq/r = quantize_activations of the
+    residual x - xq / s (float32), then y = ((xq @ w^T) / s + (rq @ w^T) / r) * S."""
+    x = np.asarray(x, dtype=np.float32)
+    xq, s = quantize_activations(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        residual = x - xq.astype(np.float32) / s
+    rq, r = quantize_activations(residual)
+    w64 = np.asarray(w, dtype=np.float64)
+
+    def dot(q):  # exact: |sums| < 2**31 << 2**53
+        return (q.reshape(-1, q.shape[-1]).astype(np.float64) @ w64.T).reshape(*q.shape[:-1], -1).astype(np.float32)
+
+    with np.errstate(invalid="ignore"):
+        return (dot(xq) / s + dot(rq) / r) * np.asarray(scale, dtype=np.float32).reshape(-1)

@@ -8,7 +8,7 @@ import sys
 
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
-from .variants import INT2_BLOCK_SIZE, VARIANT_NAMES
+from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES
 
 
 def _interrupt(signum, frame):
@@ -23,8 +23,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output model folder")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated: {','.join(VARIANT_NAMES)} (default: %(default)s)")
-    parser.add_argument("--lm-head", default="native", choices=["native", "int8"],
-                        help="lm_head precision: the checkpoint's (fp16/fp32) or int8 MatMulNBits")
+    parser.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEAD_CHOICES,
+                        help="auto (default): int8 for big heads, else native; int8: ternary reads one int8 "
+                             "table shared with the embedding (bitnet.MatMulI8), baselines MatMulNBits 8-bit; "
+                             "native/fp16: the checkpoint's precision (exact); nbits8: MatMulNBits 8-bit everywhere")
     parser.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                         help="MatMulNBits block size of the int2 baseline (default: %(default)s)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")

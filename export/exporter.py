@@ -14,7 +14,7 @@ from .graph import DecoderGraph, LayerWeights, Projection
 from .model_folder import (atomic_output_dir, check_output_dir, copy_tokenizer_files, model_config,
                            tokenizer_metadata, write_config)
 from .source import resolve_source
-from .variants import INT2_BLOCK_SIZE, VARIANT_NAMES, make_variant
+from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES, make_variant, resolve_lm_head
 
 DEFAULT_VARIANTS = ("ternary", "int2")
 FP16_MAX = 65504.0
@@ -70,19 +70,20 @@ def parse_variants(text: str | list | tuple) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, lm_head: str = "native",
+def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, lm_head: str = DEFAULT_LM_HEAD,
                       overwrite: bool = False, revision: str | None = None, int2_block_size: int = INT2_BLOCK_SIZE,
                       progress=print) -> str:
     """Export SOURCE (hub id or folder) to the model folder out_dir; return out_dir."""
     names = parse_variants(variants)
-    if lm_head not in ("native", "int8"):
-        raise ExportError(f"--lm-head must be native or int8, not {lm_head!r}")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise ExportError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}, not {lm_head!r}")
     started = time.time()
     folder = resolve_source(source, revision)
     check_output_dir(out_dir, folder, overwrite)  # before any work: never write over the source
     ckpt = open_checkpoint(folder)
     spec = ckpt.spec
     token_meta = tokenizer_metadata(folder, spec)
+    lm_head = resolve_lm_head(lm_head, spec.vocab_size, spec.hidden_size)
     try:
         variant_objs = [make_variant(n, lm_head, int2_block_size) for n in names]
     except ImportError as e:
@@ -109,7 +110,8 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
             w.close()
             progress(f"wrote {v.file_name} (+ {w.bytes_written / 2**20:.0f} MiB of weights)")
         copy_tokenizer_files(folder, tmp)
-        extra = {"lm_head": lm_head, "embedding_dtype": np.dtype(storage).name,
+        extra = {"lm_head": lm_head, "lm_head_kinds": {v.name: v.head_kind for v in variant_objs},
+                 "embedding_dtype": np.dtype(storage).name,
                  "int2_block_size": int2_block_size if "int2" in names else None}
         # Written last: a folder with bitnet_onnx.json is complete.
         config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)

@@ -21,10 +21,42 @@ import numpy as np
 from runtime.folder import CUSTOM_OP_DOMAIN, VARIANTS, variant_file
 
 from .graph import GraphBuilder, Projection
-from .lm_head_int8 import make_int8_head
+from .lm_head_int8 import make_int8_head, quantize_shared_table
 from .matmulnbits import make_matmulnbits
 
 CUSTOM_DOMAIN = CUSTOM_OP_DOMAIN
+
+# --lm-head: how each variant computes the head (export/README.md has the fidelity figures).
+#   int8: ternary -> our bitnet.MatMulI8 reading one int8 table that the embedding Gathers
+#       from too (tied); baselines -> stock MatMulNBits bits=8.
+#   native / fp16: the checkpoint's precision everywhere (ternary: fp16 MatMulF16 for 16-bit
+#       checkpoints, fp32 Gemm otherwise; baselines: fp32 Gemm). The exact head.
+#   nbits8: stock MatMulNBits bits=8 in every variant (the pre-MatMulI8 `int8`).
+#   auto (default): int8 when the head table is big enough to matter in a decode step
+#       (vocab x hidden >= AUTO_INT8_MIN_ELEMENTS: 2B4T's is 328M), else native (a few-MB head
+#       costs nothing to read, so small models keep exact logits).
+LM_HEAD_CHOICES = ("auto", "int8", "native", "fp16", "nbits8")
+DEFAULT_LM_HEAD = "auto"
+AUTO_INT8_MIN_ELEMENTS = 16 * 2**20  # a 32 MiB fp16 table
+
+
+def resolve_lm_head(choice: str, vocab_size: int, hidden_size: int) -> str:
+    """The head an export writes for a --lm-head choice: "int8", "native" or "nbits8"."""
+    if choice not in LM_HEAD_CHOICES:
+        raise ValueError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}, not {choice!r}")
+    if choice == "auto":
+        return "int8" if vocab_size * hidden_size >= AUTO_INT8_MIN_ELEMENTS else "native"
+    return "native" if choice == "fp16" else choice
+
+
+def head_kind(variant: str, choice: str) -> str:
+    """'i8' (bitnet.MatMulI8), 'nbits8' (MatMulNBits bits=8) or 'native' for a variant, given
+    a resolved choice (resolve_lm_head)."""
+    if choice not in ("int8", "native", "nbits8"):
+        raise ValueError(f"unresolved --lm-head choice {choice!r} (call resolve_lm_head first)")
+    if choice == "int8":
+        return "i8" if variant == "ternary" else "nbits8"
+    return choice
 
 
 def _multiplier(b: GraphBuilder, name: str, multiplier: np.ndarray) -> str:
@@ -40,19 +72,31 @@ class _Variant:
     extra_domains: tuple = ()
 
     def __init__(self, lm_head_precision: str = "native"):
-        self.lm_head_precision = lm_head_precision
+        self.lm_head_precision = lm_head_precision  # resolved: int8, native or nbits8
         self._head_weight = None  # initializer name of the lm_head table when stored as float
         self._head_is_f16 = False
+        self._i8_head = None      # (codes, row scales, column scales) initializer names for MatMulI8
+
+    @property
+    def head_kind(self) -> str:
+        return head_kind(self.name, self.lm_head_precision)
 
     # -- embedding / lm_head (shared by all variants unless overridden) -------------------
     def embedding(self, b: GraphBuilder, ids: str, embedding, lm_head, storage_dtype) -> str:
+        kind = self.head_kind
+        if kind == "i8" and lm_head is None:
+            return self._int8_table_embedding(b, ids, embedding)
         dtype = self.storage(storage_dtype)
         self._head_is_f16 = dtype == np.float16
         table = b.initializer("model.embed_tokens.weight", embedding.astype(dtype, copy=False))
         rows = b.op("Gather", [table, ids], name="model.embed_tokens", axis=0)
         if dtype != np.float32:
             rows = b.op("Cast", [rows], name="model.embed_tokens.cast", to=1)
-        if self.lm_head_precision == "int8":
+        if kind == "i8":
+            codes, rows_scale, cols_scale = quantize_shared_table(lm_head)
+            self._i8_head = (b.initializer("lm_head.weight_i8", codes), b.initializer("lm_head.row_scales", rows_scale),
+                             b.initializer("lm_head.col_scales", cols_scale))
+        elif kind == "nbits8":
             self._int8_head = make_int8_head("lm_head", embedding if lm_head is None else lm_head)
         elif lm_head is None:
             self._head_weight = table  # tied: the lm_head reads the embedding initializer itself
@@ -60,11 +104,26 @@ class _Variant:
             self._head_weight = b.initializer("lm_head.weight", lm_head.astype(dtype, copy=False))
         return rows
 
+    def _int8_table_embedding(self, b: GraphBuilder, ids: str, embedding) -> str:
+        """Tied int8 head: one int8 table [vocab, hidden] with row and column scales, read by
+        the embedding (row n = codes[n] * rows[n] * cols, with Gather, Cast, Mul) and by
+        MatMulI8 (lm_head)."""
+        codes, rows_scale, cols_scale = quantize_shared_table(embedding)
+        table = b.initializer("model.embed_tokens.weight_i8", codes)
+        row_table = b.initializer("model.embed_tokens.row_scales", rows_scale)
+        cols = b.initializer("model.embed_tokens.col_scales", cols_scale)
+        rows = b.op("Cast", [b.op("Gather", [table, ids], name="model.embed_tokens", axis=0)],
+                    name="model.embed_tokens.cast", to=1)
+        row_scales = b.op("Unsqueeze", [b.op("Gather", [row_table, ids], name="model.embed_tokens.row_scales", axis=0),
+                                        b.const("axes_last", [-1], np.int64)])
+        self._i8_head = (table, row_table, cols)
+        return b.op("Mul", [b.op("Mul", [rows, row_scales]), cols], name="model.embed_tokens.dequant")
+
     def storage(self, checkpoint_dtype):
         return np.float32
 
     def lm_head(self, b: GraphBuilder, x: str, out: str) -> None:
-        if self.lm_head_precision == "int8":
+        if self.head_kind == "nbits8":
             nodes, inits = self._int8_head(x, out)
             b.add_protos(nodes, inits)
             return
@@ -103,7 +162,12 @@ class TernaryVariant(_Variant):
         return b.op("BitLinear", [x, w, s], name=name, domain=CUSTOM_DOMAIN, K=int(k), N=int(n))
 
     def lm_head(self, b, x, out):
-        if self.lm_head_precision != "int8" and self._head_is_f16:
+        if self.head_kind == "i8":
+            codes, rows_scale, cols = self._i8_head
+            scaled = b.op("Mul", [x, cols], name="lm_head.col_scales")  # x . (codes * cols) = (x * cols) . codes
+            b.op("MatMulI8", [scaled, codes, rows_scale], name="lm_head", outputs=[out], domain=CUSTOM_DOMAIN)
+            return
+        if self.head_kind == "native" and self._head_is_f16:
             # fp16 table read as is (a stock Cast would be constant-folded into an fp32 copy).
             b.op("MatMulF16", [x, self._head_weight], name="lm_head", outputs=[out], domain=CUSTOM_DOMAIN)
             return

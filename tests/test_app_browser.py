@@ -114,7 +114,8 @@ def open_page(browser, errors, url, width=1400, height=1200, **kw):
     page = errors.watch(browser.new_page(viewport={"width": width, "height": height}, **kw))
     page.goto(url, wait_until="domcontentloaded")
     page.locator("#message textarea").wait_for(timeout=60_000)
-    page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
     return page
 
 
@@ -328,3 +329,32 @@ def test_dark_theme_follows_the_system(server, browser, errors):
     rgb = [int(x) for x in bg[bg.index("(") + 1:bg.index(")")].split(",")[:3]]
     assert sum(rgb) < 3 * 100, f"background {bg} is not dark"
     page.close()
+
+
+def test_conversation_survives_a_reload_and_clear_forgets_it(server, browser, errors):
+    """Issue 11.17: the conversation is kept in the browser's storage across a reload."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1200})
+    page = errors.watch(context.new_page())
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
+    send_and_wait(page, "Remember me", turns_before=0)
+    answer = page.locator("#chat-baseline [data-testid='bot']").last.inner_text()
+    page.wait_for_timeout(500)  # the copy is written after the turn
+    page.reload(wait_until="domcontentloaded")
+    page.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
+    assert "Remember me" in page.locator("#chat-ternary [data-testid='user']").last.inner_text()
+    assert page.locator("#chat-baseline [data-testid='bot']").last.inner_text() == answer
+    assert "TTFT" in page.locator("#stats-baseline").inner_text()
+    # and it continues that conversation
+    send_and_wait(page, "Still there?", turns_before=1)
+    page.click("#clear")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat-ternary [data-testid=\"user\"]').length === 0")
+    page.wait_for_timeout(500)
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
+    page.wait_for_timeout(1000)
+    assert user_turns(page) == 0
+    context.close()

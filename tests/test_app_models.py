@@ -302,3 +302,17 @@ def test_without_the_custom_op_the_page_serves_the_baselines_with_a_banner(cache
     assert "unavailable" in pane_messages(turns, "ternary")[-1]["content"]
     assert model_messages(turns)[-1]["content"] == answers["int2"]["text"]  # its answers are the history
     assert list(pg.api_models().values())[0].variant == "int2"
+
+
+def test_send_is_off_while_the_model_is_prepared():
+    """Issue 11.7: while the model is being prepared the page cannot send (the button says
+    why), and a /chat call gets a notice instead of an error."""
+    from playground.ui import build_demo
+
+    pg = Playground("org/model")
+    pg.state = "preparing"
+    demo = build_demo(pg)
+    send = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "send")
+    assert send.interactive is False and "Preparing" in send.value
+    with pytest.raises(Exception, match="still being prepared"):
+        next(pg.compare("hi", [], "", "int2", ChatSettings()))

@@ -1,4 +1,5 @@
-"""The bitnet custom ops against the numpy reference, for every kernel this CPU runs."""
+"""The bitnet custom ops against the numpy reference, for every kernel level (BITNET_KERNEL):
+the levels this CPU lacks are skipped with the missing features named (tests/kernel_levels.py)."""
 
 import os
 import subprocess
@@ -12,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import custom_ops
 from custom_ops import reference
-
-KERNELS = custom_ops.available_kernels()
+from tests.kernel_levels import AVAILABLE as KERNELS
+from tests.kernel_levels import KERNEL_PARAMS
 SHAPES_2B4T = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]  # (K, N)
 SMALL_SHAPES = [(48, 96), (80, 160), (33, 17), (16, 1)]  # odd multiples of the packing units, and not
 
@@ -67,7 +68,7 @@ class Layer:
         return y
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("k,n", SMALL_SHAPES)
 @pytest.mark.parametrize("m", [1, 2, 7, 64, 129])
 def test_small_shapes_match_reference(kernel, k, n, m):
@@ -81,14 +82,14 @@ def layer_2b4t(request):
     return Layer(*request.param, seed=1)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("m,threads", [(1, 1), (1, 2), (2, 2), (7, 1), (64, 2), (129, 2)])
 def test_2b4t_shapes_match_reference(layer_2b4t, kernel, m, threads):
     x = np.random.default_rng(m).standard_normal((m, layer_2b4t.k)).astype(np.float32)
     layer_2b4t.check(kernel, x, threads)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_batch_and_sequence_dims(kernel):
     layer = Layer(80, 96)
     x = np.random.default_rng(3).standard_normal((2, 3, 80)).astype(np.float32)
@@ -97,7 +98,7 @@ def test_batch_and_sequence_dims(kernel):
     assert empty.shape == (0, 5, 96)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_zero_tiny_huge_and_nonfinite_rows(kernel):
     layer = Layer(64, 32)
     x = np.random.default_rng(4).standard_normal((6, 64)).astype(np.float32)
@@ -207,7 +208,7 @@ def matmul_f16_model(w16):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(custom_ops.DOMAIN, 1)]).SerializeToString()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("m,k,n", [(1, 2560, 1000), (5, 37, 19), (17, 64, 7), (3, 8, 4)])
 def test_matmul_f16_matches_reference(kernel, m, k, n):
     rng = np.random.default_rng(m + k + n)
@@ -224,6 +225,230 @@ def test_matmul_f16_bad_shapes():
     w16 = np.ones((4, 8), np.float16)
     with pytest.raises(Exception, match="last dimension must equal W's K=8"):
         session(matmul_f16_model(w16), KERNELS[-1]).run(None, {"X": np.ones((1, 9), np.float32)})
+
+
+def test_matmul_f16_k_zero_gives_zeros():
+    w16 = np.ones((6, 0), np.float16)
+    for shape in [(3, 0), (2, 2, 0)]:
+        y = session(matmul_f16_model(w16), KERNELS[-1]).run(None, {"X": np.ones(shape, np.float32)})[0]
+        assert y.shape == shape[:-1] + (6,) and np.all(y == 0)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("k", [2560, 2563, 77, 5])  # whole 64-wide steps, and tails of 3, 13, 5
+def test_matmul_f16_gemv_tail_and_several_slices(kernel, k):
+    """Decode (M = 1) with N > 2 x 4096: the op splits the table into 4096-row slices."""
+    rng = np.random.default_rng(k)
+    n = 9000
+    w16 = rng.standard_normal((n, k)).astype(np.float16)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    y = session(matmul_f16_model(w16), kernel).run(None, {"X": x})[0]
+    expected = reference.matmul_f16(x, w16)
+    bound = k * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(w16.astype(np.float32)).T) + 1e-6
+    assert np.all(np.abs(y - expected) <= bound)
+
+
+def batch_invariance(run, k, rows=9):
+    """Rows 0..m-1 of a batch of m (m = 1..rows) equal the same rows computed one at a time."""
+    x = np.random.default_rng(k).standard_normal((rows, k)).astype(np.float32)
+    alone = np.concatenate([run(x[i:i + 1]) for i in range(rows)])
+    for m in range(1, rows + 1):
+        np.testing.assert_array_equal(run(x[:m]), alone[:m], err_msg=f"M={m}")
+    return alone
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("k", [2560, 100])
+def test_matmul_f16_is_batch_invariant(kernel, k):
+    """Each row's logits are summed in the same order whatever M is (continuous batching gives
+    a sequence the same tokens alone or in a batch)."""
+    w16 = np.random.default_rng(1).standard_normal((300, k)).astype(np.float16)
+    sess = session(matmul_f16_model(w16), kernel)
+    batch_invariance(lambda x: sess.run(None, {"X": x})[0], k)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_bitlinear_is_batch_invariant(kernel):
+    layer = Layer(2560, 640, seed=9)
+    sess = session(layer.model, kernel)
+    batch_invariance(lambda x: sess.run(None, {"X": x})[0], 2560)
+
+
+# ---- MatMulI8: the 8-bit lm_head -------------------------------------------------------------
+
+def matmul_i8_model(codes, scales):
+    node = helper.make_node("MatMulI8", ["X", "W", "S"], ["Y"], domain=custom_ops.DOMAIN, name="lm_head")
+    graph = helper.make_graph(
+        [node], "head", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(codes, "W"), numpy_helper.from_array(scales, "S")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(custom_ops.DOMAIN, 1)]).SerializeToString()
+
+
+def int8_table(rng, n, k, extremes=True):
+    codes = rng.integers(-128, 128, size=(n, k), dtype=np.int8)
+    if extremes and codes.size:
+        codes.flat[:: 7] = -128  # |w| = 128: the AVX2 sign trick's worst case
+        codes.flat[3:: 11] = 127
+    return codes, (rng.random(n) + 0.25).astype(np.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("m,k,n", [(1, 2560, 9000), (1, 2563, 4100), (3, 191, 77), (6, 64, 33), (17, 1, 5),
+                                   (130, 300, 300), (2, 127, 1)])
+def test_matmul_i8_matches_reference_bit_for_bit(kernel, m, k, n):
+    rng = np.random.default_rng(m * 7 + k + n)
+    codes, scales = int8_table(rng, n, k)
+    x = rng.standard_normal((m, k)).astype(np.float32) * 4
+    x[0, k // 2] = 30.0  # an outlier sets the row's scale
+    y = session(matmul_i8_model(codes, scales), kernel).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(y, reference.matmul_i8(x, codes, scales))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_matmul_i8_extremes_nonfinite_and_scalar_scale(kernel):
+    k, n = 200, 40
+    codes = np.full((n, k), -128, np.int8)
+    codes[1::2] = 127
+    scale = np.array([0.5], np.float32)
+    x = np.random.default_rng(2).standard_normal((6, k)).astype(np.float32)
+    x[0] = -1.0                 # every xq = -127 against every w = -128 / 127: the largest sums
+    x[1] = 0.0
+    x[2, 3] = np.inf
+    x[3, 9] = np.nan
+    x[4] *= 1e30
+    y = session(matmul_i8_model(codes, scale), kernel).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(y, reference.matmul_i8(x, codes, scale))
+    assert y[0, 0] == 127 * 128 * k * 0.5 / 127 and np.all(y[1] == 0)
+    assert np.all(np.isnan(y[2])) and np.all(np.isnan(y[3])) and np.all(np.isfinite(y[4]))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_matmul_i8_is_batch_invariant(kernel):
+    codes, scales = int8_table(np.random.default_rng(4), 700, 2560)
+    sess = session(matmul_i8_model(codes, scales), kernel)
+    batch_invariance(lambda x: sess.run(None, {"X": x})[0], 2560)
+
+
+def test_matmul_i8_shapes_and_errors():
+    codes, scales = int8_table(np.random.default_rng(5), 6, 8)
+    sess = session(matmul_i8_model(codes, scales), KERNELS[-1])
+    assert sess.run(None, {"X": np.ones((2, 3, 8), np.float32)})[0].shape == (2, 3, 6)
+    assert sess.run(None, {"X": np.ones((0, 8), np.float32)})[0].shape == (0, 6)
+    with pytest.raises(Exception, match="last dimension must equal W's K=8"):
+        sess.run(None, {"X": np.ones((1, 9), np.float32)})
+    bad_s = session(matmul_i8_model(codes, np.ones(4, np.float32)), KERNELS[-1])
+    with pytest.raises(Exception, match="S must hold 1 or N=6"):
+        bad_s.run(None, {"X": np.ones((1, 8), np.float32)})
+    empty_k = session(matmul_i8_model(np.zeros((6, 0), np.int8), scales), KERNELS[-1])
+    y = empty_k.run(None, {"X": np.ones((3, 0), np.float32)})[0]
+    assert y.shape == (3, 6) and np.all(y == 0)
+
+
+def test_quantize_head_table():
+    w = np.random.default_rng(6).standard_normal((50, 33)).astype(np.float32)
+    w[7] = 0.0
+    codes, scales = custom_ops.quantize_head_table(w)
+    assert codes.dtype == np.int8 and scales.dtype == np.float32 and scales[7] == 1.0
+    assert np.all(np.abs(codes).max(axis=1)[np.arange(50) != 7] == 127)
+    assert np.abs(codes * scales[:, None] - w).max() <= scales.max() / 2 * (1 + 1e-6)
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+
+F = custom_ops
+DISPATCH_TABLE = {
+    # CPU (features): level, BitLinear, MatMulF16, MatMulI8
+    "x86-64 baseline": (0, ("reference", "reference", "reference", "reference")),
+    "Haswell / Zen 1-3 (AVX2)": (F.FEATURE_AVX2, ("avx2", "avx2", "avx2", "avx2")),
+    "Alder Lake (AVX2 + AVX-VNNI)": (F.FEATURE_AVX2 | F.FEATURE_AVXVNNI, ("avxvnni", "avx2", "avx2", "avxvnni")),
+    "Skylake-SP (AVX-512 F/BW/VL, no VNNI)": (F.FEATURE_AVX2 | F.FEATURE_AVX512, ("avx512", "avx2", "avx512", "avx512bw")),
+    "Cascade Lake / Ice Lake / Zen 4 (AVX-512 VNNI)": (
+        F.FEATURE_AVX2 | F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI, ("avx512vnni", "avx512vnni", "avx512", "avx512vnni")),
+    "Sapphire Rapids (both VNNI)": (
+        F.FEATURE_AVX2 | F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI | F.FEATURE_AVXVNNI,
+        ("avx512vnni", "avx512vnni", "avx512", "avx512vnni")),
+    # features the SIMD kernels build on missing: nothing above the reference is usable
+    "AVX-512 bits without AVX2 (inconsistent)": (F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI, ("reference",) * 4),
+}
+
+
+@pytest.mark.parametrize("cpu", sorted(DISPATCH_TABLE))
+def test_dispatch_table(cpu):
+    features, expected = DISPATCH_TABLE[cpu]
+    table = custom_ops.kernel_table(features)
+    assert (table["level"], table["BitLinear"], table["MatMulF16"], table["MatMulI8"]) == expected
+
+
+def test_forced_levels_select_their_row_of_the_table():
+    for level in custom_ops.KERNELS:
+        assert custom_ops.kernel_table(custom_ops.LEVEL_FEATURES[level])["level"] == level
+        if level in KERNELS:
+            assert custom_ops.resolve_kernel(level) == level
+        else:  # forcing a level this CPU lacks is refused, naming the instructions
+            assert custom_ops.resolve_kernel(level) == "" and custom_ops.missing_features(level)
+    assert custom_ops.resolve_kernel("auto") == custom_ops.kernel_table(custom_ops.cpu_features())["level"]
+
+
+# ---- bit for bit at rounding ties ------------------------------------------------------------
+
+def constructed_ties(count=24, seed=0):
+    """Rows whose float32 x*s is exactly k + 0.5 while the exact product is not: a fused
+    multiply-add (or any rounding of the exact product) rounds those differently from numpy."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    while len(rows) < count:
+        amax = np.float32(rng.uniform(0.5, 4.0))
+        s = np.float32(127.0) / amax
+        k = int(rng.integers(-120, 120))
+        target = np.float32(k + 0.5)
+        x = np.float32(target / s)
+        found = None
+        for _ in range(64):  # walk x by ulps around the tie
+            for cand in (x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf))):
+                if np.float32(cand * s) == target and float(cand) * float(s) != float(target):
+                    found = cand
+            if found is not None:
+                break
+            x = np.nextafter(x, np.float32(np.inf) if np.float32(x * s) < target else np.float32(-np.inf))
+        if found is None:
+            continue
+        lead = int(rng.integers(0, 49))  # the tie after 0-48 other elements (vector and scalar paths)
+        row = rng.uniform(-1, 1, lead + 1 + int(rng.integers(0, 40))).astype(np.float32) * amax
+        row[lead] = found
+        row[-1 if lead != len(row) - 1 else 0] = amax  # sets s = 127 / amax
+        rows.append(row)
+    return rows
+
+
+def test_constructed_ties_are_real():
+    """Each row has a float32 tie whose exact product is not a tie, and a kernel rounding the
+    exact product (what an FMA-contracted `x * s + magic` does) would differ from numpy on
+    some of them: the test below could fail."""
+    fused_differs = 0
+    for row in constructed_ties():
+        s = np.float32(127.0) / np.abs(row).max()
+        prods = row * s
+        ties = (prods - np.floor(prods)) == np.float32(0.5)
+        exact = row.astype(np.float64) * np.float64(s)
+        assert np.any(ties & (exact != prods.astype(np.float64)))
+        fused_differs += int(np.any(np.round(exact) != np.round(prods)))
+    assert fused_differs >= 5
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_ties_round_like_numpy_in_every_op(kernel):
+    for i, row in enumerate(constructed_ties()):
+        k = len(row)
+        x = row[None, :]
+        w = ternary(np.random.default_rng(i), 33, k)
+        scale = np.ones(33, np.float32)
+        model = bitlinear_model(k, 33, custom_ops.pack_ternary(w), scale)
+        y = session(model, kernel, threads=1).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(y, reference.bitlinear(x, w, scale))
+        codes, scales = int8_table(np.random.default_rng(i), 20, k)
+        y8 = session(matmul_i8_model(codes, scales), kernel, threads=1).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(y8, reference.matmul_i8(x, codes, scales))
 
 
 # ---- the build -----------------------------------------------------------------------------

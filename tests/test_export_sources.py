@@ -108,7 +108,8 @@ def test_checkpoint_without_template_gets_the_2b4t_default(tmp_path):
 
 
 def test_int8_lm_head_effect_on_logits(tmp_path):
-    """--lm-head int8 (MatMulNBits bits=8, block 32, accuracy_level 4): measured, not exact.
+    """--lm-head int8 (ternary: bitnet.MatMulI8 on the shared int8 table; int2: MatMulNBits bits=8,
+    block 32, accuracy_level 4): measured, not exact.
 
     The bound is loose on purpose (it is a lossy option); the measured numbers are printed
     and reported in export/README.md.

@@ -1,5 +1,5 @@
 """Property-based fuzz of the BitLinear custom op against custom_ops.reference.bitlinear, for
-every kernel this CPU runs: random shapes (odd K and N, tiny and not so tiny), values from
+every kernel level (skipped with the missing CPU features where this CPU lacks them): random shapes (odd K and N, tiny and not so tiny), values from
 subnormal to float32 max, all-zero rows, rows with NaN or +-inf, per-tensor and per-channel
 scales. One single-node ONNX model per example, as tests/test_custom_ops.py builds them.
 The results must be equal bit for bit (NaN where the reference has NaN)."""
@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 import custom_ops
 from custom_ops import reference
 
-KERNELS = custom_ops.available_kernels()
+from tests.kernel_levels import KERNEL_PARAMS
 EXAMPLES = int(os.environ.get("BITNET_FUZZ_EXAMPLES", 150))
 F32 = np.finfo(np.float32)
 
@@ -93,7 +93,7 @@ def cases(draw):
     return x, w, scale, threads
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())

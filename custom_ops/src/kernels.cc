@@ -5,6 +5,7 @@
 // the float epilogue is the same two IEEE operations everywhere.
 
 #include "kernels.h"
+#include "kernels_arm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,7 +13,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if BITNET_X86_SIMD
 #define BITNET_X86 1
 #include <immintrin.h>
 #endif
@@ -29,9 +30,7 @@ static inline float round_half_even(float v) {
   return (v + magic) - magic;
 }
 
-#if BITNET_X86
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+BITNET_TARGET_CLONES("avx512f", "avx2", "default")
 void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                    int8_t* xq, int32_t* xsum, float* xscale) {
   for (int64_t m = m0; m < m1; ++m) {
@@ -154,6 +153,18 @@ static void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t 
 
 #define BITNET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
+constexpr int64_t kAvx2PrefetchBytes = 1024;  // ahead on the weight stream
+
+// y for one row of a group from its four int32 quarter accumulators (sum(c * x) per column).
+BITNET_AVX2 static void store_group_outputs_avx2(const BitLinearProblem& p, int64_t row, int64_t g, const __m256i (&acc)[4]) {
+  alignas(32) int32_t dots[kGroupCols];
+  for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[q]);
+  for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
+    const int64_t n = g * kGroupCols + c;
+    p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
+  }
+}
+
 template <int MR>
 BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
   const int64_t nblocks = p.Kp / kBlockK;
@@ -182,48 +193,111 @@ BITNET_AVX2 static void bitlinear_avx2_tile(const BitLinearProblem& p, int64_t m
       }
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    alignas(32) int32_t dots[kGroupCols];
-    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[m][q]);
-    const int64_t row = m0 + m;
-    for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
-      const int64_t n = g * kGroupCols + c;
-      p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
+  for (int m = 0; m < MR; ++m) store_group_outputs_avx2(p, m0 + m, g, acc[m]);
+}
+
+// Decode (one row): the codes are taken from each 32-byte vector with masks instead of
+// shifts where possible. The low nibble of a byte holds codes c0 + 4 c1, the high nibble
+// (one shift by 4) c2 + 4 c3, so `& 3` gives c0 (c2) and `& 12` gives 4 c1 (4 c3): vpmaddubsw
+// of those with the broadcast activations yields int16 sums at scale 1 and at scale 4, kept
+// in two int16 accumulators per quarter and widened to int32 every kAvx2Int16Blocks blocks.
+// Per 32 weight bytes: 1 shift, 4 and, 4 vpmaddubsw, 4 add = 13 vector ops (the shift-per-code
+// loop above needs 3 shifts, 4 and, 4 vpmaddubsw and 5 adds/widenings = 16).
+// Bounds (codes <= 2, -128 <= x <= 127): one vpmaddubsw lane is a sum of two products, at
+// most 2 * 2 * 128 = 512 in magnitude at scale 1 and 2048 at scale 4; two of each per block
+// and 8 blocks give at most 8192 and 32768 = |INT16_MIN| (the positive side stays at
+// 8 * 2 * 4 * 2 * 2 * 127 = 32512): exact int16 sums, never saturated or wrapped.
+constexpr int64_t kAvx2Int16Blocks = 8;
+
+BITNET_AVX2 static void bitlinear_avx2_row(const BitLinearProblem& p, int64_t m, int64_t g) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+  const int8_t* xr = p.xq + m * p.Kp;
+  const __m256i mask1 = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[4];  // int32 per quarter: columns 8q .. 8q+7 of the group
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < nblocks; b0 += kAvx2Int16Blocks) {
+    const int64_t b1 = std::min(b0 + kAvx2Int16Blocks, nblocks);
+    // One 64-byte half of the chunk's blocks at a time (the other half is then read from L1):
+    // 2 quarters x 2 int16 sums stay in registers next to the 4 broadcasts and 2 masks.
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo[2], hi[2];  // int16 sums at scale 1 and at scale 4
+      for (int q = 0; q < 2; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* half = wg + b * kBlockBytes + 64 * h;
+        _mm_prefetch(reinterpret_cast<const char*>(half + kAvx2PrefetchBytes), _MM_HINT_T0);
+        const __m256i x0 = _mm256_set1_epi32(load4(xr + b * kBlockK));
+        const __m256i x1 = _mm256_set1_epi32(load4(xr + b * kBlockK + 4));
+        const __m256i x2 = _mm256_set1_epi32(load4(xr + b * kBlockK + 8));
+        const __m256i x3 = _mm256_set1_epi32(load4(xr + b * kBlockK + 12));
+#pragma GCC unroll 2
+        for (int q = 0; q < 2; ++q) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half + q * 32));
+          const __m256i high = _mm256_srli_epi16(packed, 4);  // bits from the next byte land above bit 3
+          lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(_mm256_and_si256(packed, mask1), x0));
+          hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(_mm256_and_si256(packed, mask4), x1));
+          lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(_mm256_and_si256(high, mask1), x2));
+          hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(_mm256_and_si256(high, mask4), x3));
+        }
+      }
+      // Widen to int32; hi holds multiples of 4 (4 c1, 4 c3), so >> 2 divides exactly.
+      for (int q = 0; q < 2; ++q) {
+        const __m256i wide_lo = _mm256_madd_epi16(lo[q], ones);
+        const __m256i wide_hi = _mm256_srai_epi32(_mm256_madd_epi16(hi[q], ones), 2);
+        acc[2 * h + q] = _mm256_add_epi32(acc[2 * h + q], _mm256_add_epi32(wide_lo, wide_hi));
+      }
     }
   }
+  store_group_outputs_avx2(p, m, g, acc);
 }
 
 BITNET_AVX2 static void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     int64_t m = m0;
     for (; m + 2 <= m1; m += 2) bitlinear_avx2_tile<2>(p, m, g);
-    if (m < m1) bitlinear_avx2_tile<1>(p, m, g);
+    if (m < m1) bitlinear_avx2_row(p, m, g);
   }
 }
 
 // ---- BitLinear: AVX-512 VNNI ---------------------------------------------------------------
 // A 128-byte block -> 2 halves x 4 code vectors; each vpdpbusd multiplies 16 columns x 4 k
-// with the 4 activations broadcast. A tile is MR rows x one group (32 columns). With one row
-// (decode) each accumulator is split in two independent chains to hide vpdpbusd's latency.
+// with the 4 activations broadcast. A tile is MR >= 2 rows x one group (32 columns), sharing
+// each unpacked block between the rows; one row (decode) has a kernel of its own below.
 
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 constexpr int64_t kPrefetchBytes = 1024;  // ahead on the weight stream: the hardware
                                           // prefetcher alone leaves a core at half bandwidth
 
+// y for one row of a group from its two int32 half accumulators (sum(c * x) per column):
+// the same two IEEE operations as bitlinear_output, (dot / s) * S.
+BITNET_AVX512 static void store_group_outputs_vnni(const BitLinearProblem& p, int64_t row, int64_t g, const __m512i (&acc)[2]) {
+  const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
+  const __m512 xscale = _mm512_set1_ps(p.xscale[row]);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n0 = g * kGroupCols + h * kHalfCols;
+    if (n0 >= p.N) break;
+    const __m512i dot = _mm512_sub_epi32(acc[h], xsum);
+    const int64_t valid = std::min<int64_t>(kHalfCols, p.N - n0);
+    const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
+    const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), xscale), scale);
+    _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
+  }
+}
+
 template <int MR>
 BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
-  constexpr int SPLIT = MR >= 2 ? 1 : 2;
   const int64_t nblocks = p.Kp / kBlockK;
   const __m512i mask = _mm512_set1_epi8(3);
   const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
   const int8_t* xrow[MR];
   for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
 
-  __m512i acc[MR][2][SPLIT];
+  __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m)
-    for (int h = 0; h < 2; ++h)
-      for (int s = 0; s < SPLIT; ++s) acc[m][h][s] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) acc[m][h] = _mm512_setzero_si512();
 
   for (int64_t b = 0; b < nblocks; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
@@ -244,30 +318,72 @@ BITNET_AVX512 static void bitlinear_vnni_tile(const BitLinearProblem& p, int64_t
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) {
         const __m512i xb = _mm512_set1_epi32(load4(xr + 4 * i));
-        acc[m][0][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][0][i % SPLIT], c[0][i], xb);
-        acc[m][1][i % SPLIT] = _mm512_dpbusd_epi32(acc[m][1][i % SPLIT], c[1][i], xb);
+        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], c[0][i], xb);
+        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], c[1][i], xb);
       }
     }
   }
 
-  for (int m = 0; m < MR; ++m) {
-    const int64_t row = m0 + m;
-    const __m512i xsum = _mm512_set1_epi32(p.xsum[row]);
-    const __m512 xscale = _mm512_set1_ps(p.xscale[row]);
-    for (int h = 0; h < 2; ++h) {
-      __m512i dot = acc[m][h][0];
-      for (int s = 1; s < SPLIT; ++s) dot = _mm512_add_epi32(dot, acc[m][h][s]);
-      dot = _mm512_sub_epi32(dot, xsum);
-      const int64_t n0 = g * kGroupCols + h * kHalfCols;
-      if (n0 >= p.N) break;
-      const int64_t valid = std::min<int64_t>(kHalfCols, p.N - n0);
-      const __mmask16 keep = static_cast<__mmask16>((1u << valid) - 1u);
-      const __m512 scale = p.per_channel_scale ? _mm512_maskz_loadu_ps(keep, p.S + n0) : _mm512_set1_ps(p.S[0]);
-      // Same two IEEE operations as bitlinear_output: (dot / s) * S.
-      const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(dot), xscale), scale);
-      _mm512_mask_storeu_ps(p.y + row * p.N + n0, keep, y);
-    }
+  for (int m = 0; m < MR; ++m) store_group_outputs_vnni(p, m0 + m, g, acc[m]);
+}
+
+// Decode (one row): no shifts. `packed & (3 << 2i)` is 4^i c_i as an unsigned byte (0, 4^i or
+// 2 * 4^i <= 128), so vpdpbusd of it with the activations of code i sums 4^i c_i x into an
+// accumulator of its own (2 halves x 4 codes = 8 independent chains); at the end acc_i >> 2i
+// divides exactly. Per 64 weight bytes: 4 vpandd + 4 vpdpbusd (the shift loop above needs 3
+// more shifts, which compete with vpdpbusd for the same port). Bound: one vpdpbusd adds at
+// most 4 * 128 * 128 = 2^16 to acc_3, so chunks of kVnniRowChunk blocks keep it below 2^31.
+constexpr int64_t kVnniRowChunk = 16384;
+
+// vpdpbusd with the accumulator in any of the 32 registers. With the intrinsic, GCC 12 moved
+// the 8 accumulators of the loop below between zmm16-31 and zmm0-15 around every vpdpbusd
+// (16 register moves per 128-byte block, 44 instructions instead of 32).
+BITNET_AVX512 static inline __attribute__((always_inline)) __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+// The blocks [b0, b1) of one row and one group: the int32 sums sum(c * x) of its 32 columns.
+BITNET_AVX512 static inline __attribute__((always_inline)) void vnni_row_chunk(
+    const uint8_t* wg, const int8_t* xr, int64_t b0, int64_t b1, __m512i& dot0, __m512i& dot1) {
+  const __m512i m0 = _mm512_set1_epi8(3), m1 = _mm512_set1_epi8(12), m2 = _mm512_set1_epi8(48),
+                m3 = _mm512_set1_epi8(static_cast<char>(192));
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;  // half 0, codes 0-3
+  __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;                     // half 1
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* block = wg + b * kBlockBytes;
+    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64), _MM_HINT_T0);
+    const __m512i p0 = _mm512_loadu_si512(block), p1 = _mm512_loadu_si512(block + 64);
+    const int8_t* x = xr + b * kBlockK;
+    __m512i xb = _mm512_set1_epi32(load4(x));
+    a00 = dpbusd(a00, _mm512_and_si512(p0, m0), xb);
+    a10 = dpbusd(a10, _mm512_and_si512(p1, m0), xb);
+    xb = _mm512_set1_epi32(load4(x + 4));
+    a01 = dpbusd(a01, _mm512_and_si512(p0, m1), xb);
+    a11 = dpbusd(a11, _mm512_and_si512(p1, m1), xb);
+    xb = _mm512_set1_epi32(load4(x + 8));
+    a02 = dpbusd(a02, _mm512_and_si512(p0, m2), xb);
+    a12 = dpbusd(a12, _mm512_and_si512(p1, m2), xb);
+    xb = _mm512_set1_epi32(load4(x + 12));
+    a03 = dpbusd(a03, _mm512_and_si512(p0, m3), xb);
+    a13 = dpbusd(a13, _mm512_and_si512(p1, m3), xb);
   }
+  // acc_i holds 4^i sum(c_i x): exact arithmetic shifts undo the scale.
+  dot0 = _mm512_add_epi32(dot0, _mm512_add_epi32(_mm512_add_epi32(a00, _mm512_srai_epi32(a01, 2)),
+                                                 _mm512_add_epi32(_mm512_srai_epi32(a02, 4), _mm512_srai_epi32(a03, 6))));
+  dot1 = _mm512_add_epi32(dot1, _mm512_add_epi32(_mm512_add_epi32(a10, _mm512_srai_epi32(a11, 2)),
+                                                 _mm512_add_epi32(_mm512_srai_epi32(a12, 4), _mm512_srai_epi32(a13, 6))));
+}
+
+BITNET_AVX512 static void bitlinear_vnni_row(const BitLinearProblem& p, int64_t m, int64_t g) {
+  const int64_t nblocks = p.Kp / kBlockK;
+  const uint8_t* wg = p.w + g * nblocks * kBlockBytes;
+  const int8_t* xr = p.xq + m * p.Kp;
+  __m512i dot[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int64_t b0 = 0; b0 < nblocks; b0 += kVnniRowChunk)
+    vnni_row_chunk(wg, xr, b0, std::min(b0 + kVnniRowChunk, nblocks), dot[0], dot[1]);
+  store_group_outputs_vnni(p, m, g, dot);
 }
 
 BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
@@ -280,14 +396,19 @@ BITNET_AVX512 static void bitlinear_vnni(const BitLinearProblem& p, int64_t m0, 
       case 4: bitlinear_vnni_tile<4>(p, m, g); break;
       case 3: bitlinear_vnni_tile<3>(p, m, g); break;
       case 2: bitlinear_vnni_tile<2>(p, m, g); break;
-      case 1: bitlinear_vnni_tile<1>(p, m, g); break;
+      case 1: bitlinear_vnni_row(p, m, g); break;
       default: break;
     }
   }
 }
 
-// ---- MatMulF16: AVX2 + F16C + FMA ----------------------------------------------------------
-// Tile of MR rows x NR weight rows; each accumulator holds 8 partial sums along k.
+// ---- MatMulF16: AVX2 + F16C + FMA, and AVX-512 ------------------------------------------
+// Both walk the table one weight row at a time (the whole slice is one sequential stream;
+// interleaving rows halved the bandwidth), sharing each loaded row between up to MR rows of x.
+// Every output is summed in the same order whatever M is (four accumulators over 4-vector
+// steps, the same tail, the same reduction), so a row's logits do not depend on the batch.
+
+constexpr int64_t kF16PrefetchHalves = 1024;  // 2 KiB ahead on the weight stream
 
 BITNET_AVX2 static inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -296,185 +417,125 @@ BITNET_AVX2 static inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MR, int NR>
-BITNET_AVX2 static void matmul_f16_avx2_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
-  __m256 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
-  const int64_t kmain = p.K / 8 * 8;
-  for (int64_t k = 0; k < kmain; k += 8) {
-    __m256 w[NR];
-    for (int r = 0; r < NR; ++r)
-      w[r] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.w + (n0 + r) * p.K + k)));
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(p.x + (m0 + m) * p.K + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      float s = hsum256(acc[m][r]);
-      for (int64_t k = kmain; k < p.K; ++k)
-        s += p.x[(m0 + m) * p.K + k] * _cvtsh_ss(p.w[(n0 + r) * p.K + k]);
-      p.y[(m0 + m) * p.N + n0 + r] = s;
-    }
-  }
-}
-
-// ---- MatMulF16: AVX-512 --------------------------------------------------------------------
-
-// One 16-wide step of k for an MR x NR tile (lanes outside `keep` read nothing).
-template <int MR, int NR>
-BITNET_AVX512 static inline __attribute__((always_inline)) void matmul_f16_avx512_step(
-    __m512 (&acc)[MR][NR], const float* const (&xr)[MR], const uint16_t* const (&wr)[NR], int64_t k, __mmask16 keep) {
-  __m512 w[NR];
-#pragma GCC unroll 8
-  for (int r = 0; r < NR; ++r) w[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, wr[r] + k));
-#pragma GCC unroll 4
-  for (int m = 0; m < MR; ++m) {
-    const __m512 xv = _mm512_maskz_loadu_ps(keep, xr[m] + k);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_fmadd_ps(xv, w[r], acc[m][r]);
-  }
-}
-
-template <int MR, int NR>
-BITNET_AVX512 static void matmul_f16_avx512_tile(const MatMulF16Problem& p, int64_t m0, int64_t n0) {
+template <int MR>
+BITNET_AVX2 static void matmul_f16_avx2_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
   const int64_t K = p.K;
-  const uint16_t* wr[NR];
+  const uint16_t* w = p.w + n * K;
   const float* xr[MR];
-  for (int r = 0; r < NR; ++r) wr[r] = p.w + (n0 + r) * K;
   for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
-  __m512 acc[MR][NR];
+  __m256 acc[MR][4];
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {  // one 64-byte line of each weight row per iteration
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + 512), _MM_HINT_T0);
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, 0xffff);
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k + 16, 0xffff);
-  }
-  for (; k < K; k += 16)
-    matmul_f16_avx512_step<MR, NR>(acc, xr, wr, k, K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u));
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) p.y[(m0 + m) * p.N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-// Decode (one row of x): weight rows one after another, so the whole table is read as a
-// single sequential stream (8 interleaved row streams ran at half the bandwidth), with four
-// accumulators per row to hide the FMA latency.
-BITNET_AVX512 static void matmul_f16_avx512_gemv(const MatMulF16Problem& p, int64_t m, int64_t n0, int64_t n1) {
-  const int64_t K = p.K;
-  const float* x = p.x + m * K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* w = p.w + n * K;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + 1024 + 32), _MM_HINT_T0);
+  for (; k + 32 <= K; k += 32) {  // one 64-byte line of the weight row
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i)));
-        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * i), wv, acc[i]);
-      }
+    for (int i = 0; i < 4; ++i) {
+      const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) acc[m][i] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[m] + k + 8 * i), wv, acc[m][i]);
     }
-    for (; k < K; k += 16) {
-      const __mmask16 keep = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
-      const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, w + k));
-      acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, x + k), wv, acc[0]);
-    }
-    p.y[m * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  }
+  for (; k + 8 <= K; k += 8) {
+    const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[m] + k), wv, acc[m][0]);
+  }
+  for (int m = 0; m < MR; ++m) {
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
+    for (int64_t j = k; j < K; ++j) s += xr[m][j] * _cvtsh_ss(w[j]);  // no FMA: -ffp-contract=off
+    p.y[(m0 + m) * p.N + n] = s;
   }
 }
 
-// Walks [m0, m1) x [n0, n1) in MR x NR tiles with smaller tiles for the edges.
-template <int MR, int NR, void (*Tile)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*Row1)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*Col1)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*One)(const MatMulF16Problem&, int64_t, int64_t)>
-static inline void matmul_f16_tiles(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) {
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) Tile(p, m, n);
-    for (; n < n1; ++n) Col1(p, m, n);
+#define BITNET_AVX512F16 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+template <int MR>
+BITNET_AVX512F16 static void matmul_f16_avx512_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
+  const int64_t K = p.K;
+  const uint16_t* w = p.w + n * K;
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
+  __m512 acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {  // two 64-byte lines of the weight row
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves + 32), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) acc[m][i] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[m] + k + 16 * i), wv, acc[m][i]);
+    }
   }
-  for (; m < m1; ++m) {
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) Row1(p, m, n);
-    for (; n < n1; ++n) One(p, m, n);
+  for (; k < K; k += 16) {
+    const __mmask16 keep = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(keep, w + k));
+    for (int m = 0; m < MR; ++m) acc[m][0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(keep, xr[m] + k), wv, acc[m][0]);
+  }
+  for (int m = 0; m < MR; ++m)
+    p.y[(m0 + m) * p.N + n] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+}
+
+// Weight rows outermost: each is read once from memory, then from L1 for the next rows of x.
+template <void (*R4)(const MatMulF16Problem&, int64_t, int64_t), void (*R3)(const MatMulF16Problem&, int64_t, int64_t),
+          void (*R2)(const MatMulF16Problem&, int64_t, int64_t), void (*R1)(const MatMulF16Problem&, int64_t, int64_t)>
+static inline void matmul_f16_walk(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) R4(p, m, n);
+    switch (m1 - m) {
+      case 3: R3(p, m, n); break;
+      case 2: R2(p, m, n); break;
+      case 1: R1(p, m, n); break;
+      default: break;
+    }
   }
 }
 
 BITNET_AVX2 static void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_f16_tiles<2, 4, matmul_f16_avx2_tile<2, 4>, matmul_f16_avx2_tile<1, 4>, matmul_f16_avx2_tile<2, 1>,
-                   matmul_f16_avx2_tile<1, 1>>(p, m0, m1, n0, n1);
+  matmul_f16_walk<matmul_f16_avx2_rows<4>, matmul_f16_avx2_rows<3>, matmul_f16_avx2_rows<2>,
+                  matmul_f16_avx2_rows<1>>(p, m0, m1, n0, n1);
 }
 
-BITNET_AVX512 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 == 1) {
-    matmul_f16_avx512_gemv(p, m0, n0, n1);
-    return;
-  }
-  matmul_f16_tiles<4, 4, matmul_f16_avx512_tile<4, 4>, matmul_f16_avx512_tile<1, 4>, matmul_f16_avx512_tile<4, 1>,
-                   matmul_f16_avx512_tile<1, 1>>(p, m0, m1, n0, n1);
+BITNET_AVX512F16 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  matmul_f16_walk<matmul_f16_avx512_rows<4>, matmul_f16_avx512_rows<3>, matmul_f16_avx512_rows<2>,
+                  matmul_f16_avx512_rows<1>>(p, m0, m1, n0, n1);
 }
 
 #endif  // BITNET_X86
 
-// ---- Dispatch ------------------------------------------------------------------------------
+// ---- Kernel lists (dispatch.cc picks from them) -------------------------------------------
 
-static const KernelSet kReference = {"reference", bitlinear_reference, matmul_f16_reference};
+const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
+  static const KernelChoice<BitLinearKernel> list[] = {
 #if BITNET_X86
-static const KernelSet kAvx2 = {"avx2", bitlinear_avx2, matmul_f16_avx2};
-static const KernelSet kAvx512Vnni = {"avx512vnni", bitlinear_vnni, matmul_f16_avx512};
-
-static bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-static bool cpu_has_avx512vnni() {
-  __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-}
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_vnni},
+      {"avx2", kFeatAvx2, bitlinear_avx2},
 #endif
+#if defined(__aarch64__)
+      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
+      {"neon", kFeatNeon, bitlinear_neon},
+#endif
+      {"reference", 0, bitlinear_reference},
+  };
+  return list;
+}
 
-bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
-  const std::string name = (requested && *requested) ? requested : "auto";
-  if (name == "reference") {
-    *out = kReference;
-    return true;
-  }
+const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
+  static const KernelChoice<MatMulF16Kernel> list[] = {
 #if BITNET_X86
-  if (name == "auto") {
-    *out = cpu_has_avx512vnni() ? kAvx512Vnni : cpu_has_avx2() ? kAvx2 : kReference;
-    return true;
-  }
-  if (name == "avx2" || name == "avx512vnni") {
-    const bool vnni = name == "avx512vnni";
-    if (vnni ? !cpu_has_avx512vnni() : !cpu_has_avx2()) {
-      *error = "BITNET_KERNEL=" + name + " was requested but this CPU lacks the instructions (" +
-               (vnni ? "AVX-512 F/BW/VL/VNNI" : "AVX2/FMA/F16C") + ")";
-      return false;
-    }
-    *out = vnni ? kAvx512Vnni : kAvx2;
-    return true;
-  }
-#else
-  if (name == "auto") {
-    *out = kReference;
-    return true;
-  }
-  if (name == "avx2" || name == "avx512vnni") {
-    *error = "BITNET_KERNEL=" + name + " was requested but this library was built for a non-x86 CPU";
-    return false;
-  }
+      {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
+      {"avx2", kFeatAvx2, matmul_f16_avx2},
 #endif
-  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avx512vnni or auto";
-  return false;
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_f16_neon},
+#endif
+      {"reference", 0, matmul_f16_reference},
+  };
+  return list;
 }
 
 }  // namespace bitnet

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "compiler.h"
+
 namespace bitnet {
 
 // ---- BitLinear ---------------------------------------------------------------------------
@@ -60,17 +62,71 @@ struct MatMulF16Problem {
 };
 using MatMulF16Kernel = void (*)(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
-// ---- Dispatch ----------------------------------------------------------------------------
+// ---- MatMulI8: the 8-bit lm_head (head_kernels.cc) ----------------------------------------
+//
+// y[m, n] = ((xq[m] . w[n]) / s[m] + (rq[m] . w[n]) / r[m]) * S[n]: x in two int8 terms,
+// xq/s = quantize_rows(x) (BitLinear's quantization) and rq/r = quantize_rows(x - xq / s);
+// int8 weights [N, K] row-major (the table the embedding Gathers from), one float scale per
+// weight row. The int32 sums are exact, so every kernel and every M gives the same bits.
+struct MatMulI8Problem {
+  const int8_t* xq;      // [M, Kp] first term, zero padded past K
+  const int32_t* xsum;   // [M] sum of each row of xq
+  const float* xscale;   // [M] s = 127 / max|x|; NaN for rows with inf/NaN
+  const int8_t* rq;      // [M, Kp] second term: the residual x - xq / s, quantized
+  const int32_t* rsum;   // [M]
+  const float* rscale;   // [M]
+  const int8_t* w;       // [N, K]
+  const float* S;        // [1] or [N]
+  bool per_row_scale;    // S has N entries
+  float* y;              // [M, N]
+  int64_t M, N, K, Kp;
+};
+constexpr int64_t kI8PadK = 64;  // xq rows are padded to a multiple of this
+using MatMulI8Kernel = void (*)(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
-struct KernelSet {
-  const char* name;  // "reference", "avx2" or "avx512vnni"
-  BitLinearKernel bitlinear;
-  MatMulF16Kernel matmul_f16;
+// ---- Dispatch (dispatch.cc) --------------------------------------------------------------
+//
+// Each op lists its kernels best first with the CPU features each needs; the chosen kernel is
+// the first whose features the CPU (or the level forced with BITNET_KERNEL) has. Selection is
+// a pure function of a feature bitmask, so tests check the whole table on any machine.
+enum CpuFeature : uint32_t {
+  kFeatAvx2 = 1u << 0,        // AVX2 + FMA + F16C (Haswell, Zen 1 and later)
+  kFeatAvx512 = 1u << 1,      // AVX-512 F + BW + VL (Skylake-SP and later, Zen 4)
+  kFeatAvx512Vnni = 1u << 2,  // AVX-512 VNNI (Cascade Lake, Ice Lake, Zen 4)
+  kFeatAvxVnni = 1u << 3,     // AVX-VNNI, the 256-bit VEX form (Alder Lake, Sapphire Rapids)
+  kFeatNeon = 1u << 4,        // ARM64 Advanced SIMD (every ARMv8-A CPU)
+  kFeatDotProd = 1u << 5,     // ARM64 sdot/udot (ARMv8.2 FEAT_DotProd: Cortex-A55/A76+, Neoverse, Apple M1+)
 };
 
-// The kernel set named by BITNET_KERNEL (reference|avx2|avx512vnni|auto, default auto: the
-// best this CPU runs). Returns false with a message when the name is unknown or the CPU
-// lacks the instructions.
+template <typename Fn>
+struct KernelChoice {
+  const char* name;
+  uint32_t needs;  // CpuFeature bits
+  Fn fn;
+};
+
+// Each op's kernels, best first, ending with the reference (needs nothing). Defined next to
+// the kernels themselves (kernels.cc, head_kernels.cc).
+const KernelChoice<BitLinearKernel>* bitlinear_kernels();
+const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels();
+const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels();
+
+struct KernelSet {
+  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, neon or dotprod
+  BitLinearKernel bitlinear;
+  const char* bitlinear_name;
+  MatMulF16Kernel matmul_f16;
+  const char* matmul_f16_name;
+  MatMulI8Kernel matmul_i8;
+  const char* matmul_i8_name;
+};
+
+uint32_t cpu_features();                          // this CPU's CpuFeature bits
+KernelSet kernels_for_features(uint32_t features);  // pure: each op's best kernel for these features
+
+// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|neon|dotprod|auto,
+// default auto: the best this CPU runs). Returns false with a message when the name is
+// unknown or the CPU lacks the instructions (the message names them).
 bool select_kernels(const char* requested, KernelSet* out, std::string* error);
 
 }  // namespace bitnet

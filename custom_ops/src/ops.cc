@@ -4,6 +4,9 @@
 //   BitLinear(X float32 [..., K], W uint8 packed, S float32 [1] or [N]; attrs K, N)
 //     -> Y float32 [..., N] = (xq . w) / s * S, xq/s the per-row int8 quantization of X.
 //   MatMulF16(X float32 [..., K], W float16 [N, K]) -> Y float32 [..., N] = X @ W^T.
+//   MatMulI8(X float32 [..., K], W int8 [N, K], S float32 [1] or [N])
+//     -> Y float32 [..., N] = ((xq . w) / s + (rq . w) / r) * S, the 8-bit lm_head: xq/s as for
+//     BitLinear, rq/r the same quantization of the residual x - xq / s.
 //
 // Every error becomes an OrtStatus naming the node and the problem; nothing throws across
 // the C boundary.
@@ -12,8 +15,13 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
+#include <memory>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -21,6 +29,10 @@
 #include <vector>
 
 #include "kernels.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>  // madvise: the lm_head tables in 2 MiB pages
+#endif
 
 namespace {
 
@@ -49,6 +61,13 @@ void parallel_for(Ort::KernelContext& ctx, size_t items, void (*fn)(void*, size_
     return;
   }
   ctx.ParallelFor(fn, items, 0, data);
+}
+
+// Rows of a [..., K] tensor: the product of its leading dimensions (also when K == 0).
+int64_t leading_rows(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
 }
 
 // Reads the node's name and a required positive int attribute.
@@ -131,10 +150,115 @@ void bitlinear_item(void* data, size_t i) {
   w->kernel(p, r.m0, r.m1, r.c0, r.c1);
 }
 
+// ---- Weight holding ------------------------------------------------------------------------
+//
+// BITNET_WEIGHTS=owned: at kernel creation each BitLinear copies its constant W into a buffer of
+// its own, 2 MiB aligned and advised for transparent huge pages (one TLB entry per 2 MiB of the
+// weight stream instead of 512), then hints the kernel to reclaim the pages of ORT's copy
+// (MADV_PAGEOUT: clean pages of the memory-mapped external data leave the process; anonymous
+// memory without swap stays as it is; nothing is ever lost), so the weights are not held twice.
+// Default (unset or "ort"): the kernels read W where ONNX Runtime holds it.
+
+// Owned copies live in slabs of at least 64 MiB, 2 MiB aligned and huge-page advised, filled
+// one after another (64-byte aligned): one small matrix per 2 MiB huge page would waste most
+// of it. A slab is freed when the last kernel using it is destroyed.
+struct Slab {
+  uint8_t* base;
+  size_t size, used;
+  int users;
+};
+
+std::mutex slabs_mutex;
+Slab* open_slab = nullptr;     // the slab new copies go to
+size_t owned_weight_bytes = 0;  // bytes of W held in slabs now (for tests and tools)
+
+struct OwnedBuffer {
+  Slab* slab = nullptr;
+  uint8_t* data = nullptr;
+  size_t bytes = 0;
+  ~OwnedBuffer() {
+    std::lock_guard<std::mutex> lock(slabs_mutex);
+    owned_weight_bytes -= bytes;
+    if (--slab->users == 0) {
+      if (open_slab == slab) open_slab = nullptr;
+      std::free(slab->base);
+      delete slab;
+    }
+  }
+};
+
+bool owned_weights_requested() {
+  const char* v = std::getenv("BITNET_WEIGHTS");
+  return v && std::string(v) == "owned";
+}
+
+// A copy of `bytes` at `src` in a slab; nullptr when memory is short (the kernel then reads
+// ORT's copy).
+std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20, kSlab = size_t{64} << 20;
+  const size_t need = (bytes + 63) / 64 * 64;
+  auto buffer = std::make_unique<OwnedBuffer>();
+  {
+    std::lock_guard<std::mutex> lock(slabs_mutex);
+    if (open_slab == nullptr || open_slab->size - open_slab->used < need) {
+      const size_t size = std::max(kSlab, (need + kHuge - 1) / kHuge * kHuge);
+      void* mem = nullptr;
+      if (posix_memalign(&mem, kHuge, size) != 0) return nullptr;
+#ifdef MADV_HUGEPAGE
+      madvise(mem, size, MADV_HUGEPAGE);
+#endif
+      if (open_slab != nullptr && open_slab->users == 0) {  // cannot happen (a full slab has users)
+        std::free(open_slab->base);
+        delete open_slab;
+      }
+      open_slab = new Slab{static_cast<uint8_t*>(mem), size, 0, 0};
+    }
+    buffer->slab = open_slab;
+    buffer->data = open_slab->base + open_slab->used;
+    buffer->bytes = bytes;
+    owned_weight_bytes += bytes;
+    open_slab->used += need;
+    ++open_slab->users;
+  }
+  std::memcpy(buffer->data, src, bytes);
+#ifdef MADV_PAGEOUT
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(src) + page - 1) / page * page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(src) + bytes) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);  // a hint; errors ignored
+#endif
+  return buffer;
+}
+
 struct BitLinearKernelState {
   int64_t K, N;
   KernelSet kernels;
   std::string label;
+  std::unique_ptr<OwnedBuffer> owned_w;  // BITNET_WEIGHTS=owned: W copied at creation
+
+  OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
+    if (OrtStatus* st = read_positive_attr(api, info, label, "K", &K)) return st;
+    if (OrtStatus* st = read_positive_attr(api, info, label, "N", &N)) return st;
+    if (owned_weights_requested()) hold_weights(api, info);
+    return nullptr;
+  }
+
+  // Copies W when it is a constant of the expected size (anything else is left to Compute,
+  // which reads the input and reports a wrong size).
+  void hold_weights(const OrtApi& api, const OrtKernelInfo* info) {
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)) {
+      api.ReleaseStatus(st);
+      return;
+    }
+    if (!is_constant || value == nullptr) return;
+    const Ort::ConstValue w(value);
+    if (w.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return;
+    const int64_t count = w.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (count != bitnet::packed_bytes(N, K)) return;
+    owned_w = own_copy(w.GetTensorData<uint8_t>(), static_cast<size_t>(count));
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
@@ -177,7 +301,7 @@ struct BitLinearKernelState {
     p.xq = xq.data();
     p.xsum = xsum.data();
     p.xscale = xscale.data();
-    p.w = W.GetTensorData<uint8_t>();
+    p.w = owned_w ? owned_w->data : W.GetTensorData<uint8_t>();
     p.S = S.GetTensorData<float>();
     p.per_channel_scale = s_count == N && N != 1;
     p.y = Y.GetTensorMutableData<float>();
@@ -227,13 +351,15 @@ struct FloatOp : Ort::CustomOpBase<Op, State, true> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
-  // A new kernel state labelled with the node's name, for error messages.
-  OrtStatus* new_state(const OrtApi& api, const OrtKernelInfo* info, const char* op, std::unique_ptr<State>* state) const {
+  // A kernel state labelled with the node's name (for error messages), with its attributes.
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     std::string name;
     if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    *state = std::make_unique<State>();
-    (*state)->label = node_label(op, name);
-    (*state)->kernels = kernels;
+    auto state = std::make_unique<State>();
+    state->label = node_label(static_cast<const Op*>(this)->GetName(), name);
+    state->kernels = kernels;
+    if (OrtStatus* st = state->read_attributes(api, info)) return st;
+    *kernel = state.release();
     return nullptr;
   }
 
@@ -243,14 +369,48 @@ struct FloatOp : Ort::CustomOpBase<Op, State, true> {
 struct BitLinearOp : FloatOp<BitLinearOp, BitLinearKernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 3> {
   using FloatOp::FloatOp;
   const char* GetName() const { return "BitLinear"; }
+};
 
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    std::unique_ptr<BitLinearKernelState> state;
-    if (OrtStatus* st = new_state(api, info, "BitLinear", &state)) return st;
-    if (OrtStatus* st = read_positive_attr(api, info, state->label, "K", &state->K)) return st;
-    if (OrtStatus* st = read_positive_attr(api, info, state->label, "N", &state->N)) return st;
-    *kernel = state.release();
-    return nullptr;
+// ---- lm_head tables in 2 MiB pages ------------------------------------------------------------
+//
+// The head tables (656 MB fp16 / 328 MB int8 for 2B4T) are read front to back once per decode
+// step. ORT hands them to us in 4 KiB pages (its heap, or its mmap of the external data file),
+// and in 4 KiB pages the same kernel streamed ~1.8x slower than in 2 MiB pages inside ORT
+// (bench/bench_heads.py). So the first call asks the kernel to back the table's 2 MiB-aligned
+// interior with huge pages in place (MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+): no copy,
+// no second table in memory, contents unchanged. Best effort: where the kernel refuses (older
+// kernels, file systems without large folios) nothing changes. BITNET_HUGEPAGES=0 disables it.
+void advise_huge_pages(const void* data, size_t bytes) {
+#if defined(__linux__)
+  static const bool enabled = [] {
+    const char* env = std::getenv("BITNET_HUGEPAGES");
+    return !(env && std::string(env) == "0");
+  }();
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (!enabled || end <= begin) return;
+  void* start = reinterpret_cast<void*>(begin);
+  madvise(start, end - begin, MADV_HUGEPAGE);  // errors ignored: an optimization only
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+  madvise(start, end - begin, MADV_COLLAPSE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Advises each distinct table once per kernel state (the pointer is stable across runs).
+struct HugePageOnce {
+  std::mutex mutex;
+  const void* advised = nullptr;
+  void operator()(const void* data, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (data == advised) return;
+    advise_huge_pages(data, bytes);
+    advised = data;
   }
 };
 
@@ -272,6 +432,8 @@ void matmul_f16_item(void* data, size_t i) {
 struct MatMulF16KernelState {
   KernelSet kernels;
   std::string label;
+  HugePageOnce huge_pages;
+  OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
@@ -292,13 +454,14 @@ struct MatMulF16KernelState {
     std::vector<int64_t> y_shape = x_shape;
     y_shape.back() = N;
     Ort::UnownedValue Y = ctx.GetOutput(0, y_shape);
-    const int64_t M = K ? x_info.GetElementCount() / K : 0;
+    const int64_t M = leading_rows(x_shape);
     float* y = Y.GetTensorMutableData<float>();
     if (M == 0 || N == 0) return nullptr;
     if (K == 0) {
       std::fill(y, y + M * N, 0.0f);
       return nullptr;
     }
+    huge_pages(W.GetTensorData<Ort::Float16_t>(), static_cast<size_t>(N * K) * 2);
     bitnet::MatMulF16Problem p{X.GetTensorData<float>(),
                                reinterpret_cast<const uint16_t*>(W.GetTensorData<Ort::Float16_t>()), y, M, N, K};
     MatMulF16Work work{&p, kernels.matmul_f16, 16, M == 1 ? 4096 : 64, 0};
@@ -312,24 +475,123 @@ struct MatMulF16KernelState {
 struct MatMulF16Op : FloatOp<MatMulF16Op, MatMulF16KernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2> {
   using FloatOp::FloatOp;
   const char* GetName() const { return "MatMulF16"; }
+};
 
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    std::unique_ptr<MatMulF16KernelState> state;
-    if (OrtStatus* st = new_state(api, info, "MatMulF16", &state)) return st;
-    *kernel = state.release();
+// ---- MatMulI8: the 8-bit lm_head (kernels in head_kernels.cc) ------------------------------
+
+// |xq| <= 127 and |w| <= 128: the int32 dot product is exact up to this K.
+constexpr int64_t kMaxI8K = (int64_t{1} << 31) / (127 * 128);
+
+struct MatMulI8Work {
+  const bitnet::MatMulI8Problem* problem;
+  bitnet::MatMulI8Kernel kernel;
+  const float* x;
+  float* residual;  // [M, K]
+  int8_t *xq, *rq;
+  int32_t *xsum, *rsum;
+  float *xscale, *rscale;
+  int64_t rows_per_item, cols_per_item, row_items;
+};
+
+// Both int8 terms of rows [16 i, 16 i + 16): xq/s of x, then rq/r of x - xq / s (two IEEE
+// operations per element, as custom_ops/reference.py does them).
+void matmul_i8_quantize_item(void* data, size_t i) {
+  auto* w = static_cast<MatMulI8Work*>(data);
+  const auto& p = *w->problem;
+  const int64_t m0 = static_cast<int64_t>(i) * 16, m1 = std::min(m0 + 16, p.M);
+  bitnet::quantize_rows(w->x, p.K, p.Kp, m0, m1, w->xq, w->xsum, w->xscale);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = w->x + m * p.K;
+    const int8_t* q = w->xq + m * p.Kp;
+    float* r = w->residual + m * p.K;
+    const float s = w->xscale[m];
+    for (int64_t k = 0; k < p.K; ++k) r[k] = x[k] - static_cast<float>(q[k]) / s;
+  }
+  bitnet::quantize_rows(w->residual, p.K, p.Kp, m0, m1, w->rq, w->rsum, w->rscale);
+}
+
+void matmul_i8_item(void* data, size_t i) {
+  auto* w = static_cast<MatMulI8Work*>(data);
+  const auto& p = *w->problem;
+  const ItemRange r = item_range(i, w->row_items, w->rows_per_item, p.M, w->cols_per_item, p.N);
+  w->kernel(p, r.m0, r.m1, r.c0, r.c1);
+}
+
+struct MatMulI8KernelState {
+  KernelSet kernels;
+  std::string label;
+  HugePageOnce huge_pages;
+  OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue X = ctx.GetInput(0), W = ctx.GetInput(1), S = ctx.GetInput(2);
+    const std::vector<int64_t> x_shape = X.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> w_shape = W.GetTensorTypeAndShapeInfo().GetShape();
+    if (w_shape.size() != 2)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": W must be 2-D [N, K], got " + shape_string(w_shape));
+    const int64_t N = w_shape[0], K = w_shape[1];
+    if (x_shape.empty() || x_shape.back() != K)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": X has shape " + shape_string(x_shape) +
+                                                    " but its last dimension must equal W's K=" + std::to_string(K));
+    if (K > kMaxI8K)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": K=" + std::to_string(K) + " exceeds " +
+                                                    std::to_string(kMaxI8K) + " (the int32 sums could overflow)");
+    const int64_t s_count = S.GetTensorTypeAndShapeInfo().GetElementCount();
+    if (s_count != 1 && s_count != N)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": S must hold 1 or N=" + std::to_string(N) +
+                                                    " values, got " + std::to_string(s_count));
+    std::vector<int64_t> y_shape = x_shape;
+    y_shape.back() = N;
+    Ort::UnownedValue Y = ctx.GetOutput(0, y_shape);
+    const int64_t M = leading_rows(x_shape);
+    float* y = Y.GetTensorMutableData<float>();
+    if (M == 0 || N == 0) return nullptr;
+    if (K == 0) {
+      std::fill(y, y + M * N, 0.0f);
+      return nullptr;
+    }
+    huge_pages(W.GetTensorData<int8_t>(), static_cast<size_t>(N * K));
+    const int64_t Kp = bitnet::round_up(K, bitnet::kI8PadK);
+    std::vector<int8_t> xq(static_cast<size_t>(2 * M * Kp));
+    std::vector<int32_t> xsum(static_cast<size_t>(2 * M));
+    std::vector<float> xscale(static_cast<size_t>(2 * M)), residual(static_cast<size_t>(M * K));
+    bitnet::MatMulI8Problem p{xq.data(), xsum.data(), xscale.data(), xq.data() + M * Kp, xsum.data() + M,
+                              xscale.data() + M, W.GetTensorData<int8_t>(), S.GetTensorData<float>(),
+                              s_count == N && N != 1, y, M, N, K, Kp};
+    MatMulI8Work work{&p, kernels.matmul_i8, X.GetTensorData<float>(), residual.data(),
+                      xq.data(), xq.data() + M * Kp, xsum.data(), xsum.data() + M, xscale.data(), xscale.data() + M,
+                      16, M == 1 ? 4096 : 256, 0};
+    parallel_for(ctx, static_cast<size_t>((M + 15) / 16), matmul_i8_quantize_item, &work);
+    // Decode: slices of 4096 weight rows (few pool tasks, each one long sequential stream);
+    // more rows: blocks of 16 rows x 256 weight rows, so both stay in cache while paired.
+    work.row_items = (M + work.rows_per_item - 1) / work.rows_per_item;
+    const int64_t col_items = (N + work.cols_per_item - 1) / work.cols_per_item;
+    parallel_for(ctx, static_cast<size_t>(work.row_items * col_items), matmul_i8_item, &work);
     return nullptr;
   }
 };
 
-// One registration: a domain holding both ops, bound to the kernel set chosen at that time.
+struct MatMulI8Op : FloatOp<MatMulI8Op, MatMulI8KernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 3> {
+  using FloatOp::FloatOp;
+  const char* GetName() const { return "MatMulI8"; }
+};
+
+// One registration: a domain holding the ops, bound to the kernel set chosen at that time.
 // Sessions keep raw pointers to these, so they live until the process ends.
 struct Registration {
   BitLinearOp bitlinear;
   MatMulF16Op matmul_f16;
+  MatMulI8Op matmul_i8;
   Ort::CustomOpDomain domain{"bitnet"};
-  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k) {
+  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k) {
     domain.Add(&bitlinear);
     domain.Add(&matmul_f16);
+    domain.Add(&matmul_i8);
   }
 };
 
@@ -342,7 +604,7 @@ extern "C" {
 
 // Called by SessionOptions.register_custom_ops_library. The kernel set is chosen here, once
 // per registration, from BITNET_KERNEL and the CPU's features.
-__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+BITNET_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
@@ -369,10 +631,26 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 
 // For tools and tests (via ctypes): the kernel that BITNET_KERNEL=requested resolves to on
 // this CPU, or an empty string when it cannot be used.
-__attribute__((visibility("default"))) const char* bitnet_resolve_kernel(const char* requested) {
+BITNET_EXPORT const char* bitnet_resolve_kernel(const char* requested) {
   KernelSet kernels{};
   std::string error;
   return bitnet::select_kernels(requested, &kernels, &error) ? kernels.name : "";
+}
+
+// For tests and tools (via ctypes): bytes of BitLinear weights held in owned copies now
+// (BITNET_WEIGHTS=owned), 0 when every kernel reads ONNX Runtime's buffers.
+__attribute__((visibility("default"))) size_t bitnet_owned_weight_bytes() {
+  std::lock_guard<std::mutex> lock(slabs_mutex);
+  return owned_weight_bytes;
+}
+
+// For tests (via ctypes): this CPU's feature bits, and which kernel each op gets for a
+// feature bitmask ("level bitlinear matmul_f16 matmul_i8", written into out).
+BITNET_EXPORT uint32_t bitnet_cpu_features() { return bitnet::cpu_features(); }
+
+BITNET_EXPORT void bitnet_kernel_table(uint32_t features, char* out, size_t size) {
+  const KernelSet k = bitnet::kernels_for_features(features);
+  std::snprintf(out, size, "%s %s %s %s", k.name, k.bitlinear_name, k.matmul_f16_name, k.matmul_i8_name);
 }
 
 }  // extern "C"

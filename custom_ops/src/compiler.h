@@ -1,0 +1,25 @@
+// What the compiler offers, so the sources build with GCC and clang (Linux, macOS, clang-cl on
+// Windows) and with MSVC's cl: cl has no per-function target attributes, so its build keeps
+// the portable reference kernels on x86 (use clang-cl on Windows for the SIMD kernels).
+#pragma once
+
+// x86-64 SIMD kernels: compiled with per-function target attributes (GCC, clang, clang-cl).
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define BITNET_X86_SIMD 1
+#else
+#define BITNET_X86_SIMD 0
+#endif
+
+// target_clones needs ifunc, which only ELF platforms have (not macOS, not Windows).
+#if BITNET_X86_SIMD && defined(__ELF__) && !defined(__clang__)
+#define BITNET_TARGET_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))
+#else
+#define BITNET_TARGET_CLONES(...)
+#endif
+
+// The library's exported entry points (RegisterCustomOps and the ctypes queries).
+#if defined(_WIN32)
+#define BITNET_EXPORT __declspec(dllexport)
+#else
+#define BITNET_EXPORT __attribute__((visibility("default")))
+#endif

@@ -57,7 +57,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from export.external_data import ExternalDataWriter, save_model  # noqa: E402
+from export.graph import GraphBuilder, Projection  # noqa: E402
 from export.matmulnbits import make_matmulnbits, weight_bytes as nbits_weight_bytes  # noqa: E402
+from export.variants import Fp32Variant, NBitsVariant, TernaryVariant  # noqa: E402
+from runtime.session import open_session  # noqa: E402
 
 SHAPES = [(2560, 2560), (2560, 640), (2560, 6912), (6912, 2560)]
 SHAPE_NAMES = {(2560, 2560): "q/o_proj", (2560, 640): "k/v_proj", (2560, 6912): "gate/up_proj",
@@ -108,25 +112,6 @@ def cpu_flags() -> set[str]:
 
 # ---- graph building ------------------------------------------------------------------------
 
-def _quant_subgraph(prefix: str, x: str, k: int) -> tuple[list, list, str]:
-    """Per-row int8 fake quantization of x with stock ops, as the exported baselines do:
-    s = 127 / max(max|x|, 1e-5); xq = clip(round(x*s), -128, 127) / s."""
-    c = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.float32), f"{prefix}.{name}")  # noqa: E731
-    inits = [c("eps", 1e-5), c("q", 127.0), c("lo", -128.0), c("hi", 127.0)]
-    p = prefix
-    nodes = [
-        helper.make_node("Abs", [x], [f"{p}.abs"]),
-        helper.make_node("ReduceMax", [f"{p}.abs"], [f"{p}.amax"], axes=[-1], keepdims=1),
-        helper.make_node("Max", [f"{p}.amax", f"{p}.eps"], [f"{p}.amaxc"]),
-        helper.make_node("Div", [f"{p}.q", f"{p}.amaxc"], [f"{p}.s"]),
-        helper.make_node("Mul", [x, f"{p}.s"], [f"{p}.xs"]),
-        helper.make_node("Round", [f"{p}.xs"], [f"{p}.xr"]),
-        helper.make_node("Clip", [f"{p}.xr", f"{p}.lo", f"{p}.hi"], [f"{p}.xc"]),
-        helper.make_node("Div", [f"{p}.xc", f"{p}.s"], [f"{p}.xq"]),
-    ]
-    return nodes, inits, f"{p}.xq"
-
-
 def weight_copies(base: np.ndarray, copies: int):
     """Distinct ternary weights per copy (the base rolled along K): same statistics."""
     k = base.shape[1]
@@ -148,32 +133,27 @@ class Config:
     m128: bool = True          # run at M = 128 (the reference kernel is too slow for that)
 
 
-def node_for(cfg: Config, i: int, x: str, y: str, w: np.ndarray, scale: float, custom_ops):
-    """(nodes, initializers) for copy i of the configuration's layer."""
-    n, k = w.shape
-    nodes, inits = [], []
-    if cfg.quant:
-        qn, qi, x = _quant_subgraph(f"q{i}", x, k)
-        nodes += qn
-        inits += qi
+def variant_for(cfg: Config):
+    """The exporter's own variant object for a configuration: the benchmark's layers are built
+    by the code that builds the exported models (the "+Q" rows are the baselines' projections,
+    activation quantization included; the rows without it call the variant's stock matmul)."""
     if cfg.kind == "bitlinear":
-        packed = custom_ops.pack_ternary(w)
-        inits += [numpy_helper.from_array(np.ascontiguousarray(packed), f"W{i}"),
-                  numpy_helper.from_array(np.array([scale], np.float32), f"S{i}")]
-        nodes.append(helper.make_node("BitLinear", [x, f"W{i}", f"S{i}"], [y], domain=custom_ops.DOMAIN,
-                                      K=k, N=n, name=f"bl{i}"))
-    elif cfg.kind in ("int2", "int4"):
-        nn, ni = make_matmulnbits(f"mm{i}", x, y, w, 2 if cfg.kind == "int2" else 4, cfg.block,
-                                  4, scale)
-        nodes += nn
-        inits += ni
-    elif cfg.kind == "fp32":
-        wt = np.ascontiguousarray((w.astype(np.float32) * np.float32(scale)).T)
-        inits.append(numpy_helper.from_array(wt, f"W{i}"))
-        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [y]))
-    else:
-        raise ValueError(cfg.kind)
-    return nodes, inits
+        return TernaryVariant()
+    if cfg.kind in ("int2", "int4"):
+        return NBitsVariant(2 if cfg.kind == "int2" else 4, cfg.block, 4)
+    if cfg.kind == "fp32":
+        return Fp32Variant()
+    raise ValueError(cfg.kind)
+
+
+def add_layer(b: GraphBuilder, cfg: Config, i: int, w: np.ndarray, scale: float) -> str:
+    """Copy i of the configuration's layer on its own input X{i}; returns its output name.
+    (Own inputs, all bound to the same values: ORT cannot merge the copies' identical
+    quantization subgraphs, with the session options the engine uses.)"""
+    variant, x = variant_for(cfg), f"X{i}"
+    if cfg.kind == "bitlinear" or cfg.quant:
+        return variant.linear(b, f"layer{i}", x, Projection(w, np.full(w.shape[0], scale, np.float32)))
+    return variant.matmul(b, f"layer{i}", x, w)  # the stock op alone: y = x @ w^T
 
 
 def bytes_per_call(cfg: Config, n: int, k: int, custom_ops) -> int:
@@ -186,22 +166,28 @@ def bytes_per_call(cfg: Config, n: int, k: int, custom_ops) -> int:
     return n * k * 4
 
 
-def build_model(cfg: Config, base: np.ndarray, scale: float, custom_ops) -> bytes:
+def build_model(cfg: Config, base: np.ndarray, scale: float, folder: Path) -> Path:
+    """Writes the configuration's model to folder/model.onnx with its weights in
+    model.onnx.data, page aligned, as the exporter writes them: ONNX Runtime then holds the
+    weights the way it holds an exported model's (memory-mapped external data)."""
     n, k = base.shape
-    nodes, inits, outs = [], [], []
-    for i, w in enumerate(weight_copies(base, cfg.copies)):
-        nn, ni = node_for(cfg, i, "X", f"Y{i}", w, scale, custom_ops)
-        nodes += nn
-        inits += ni
-        outs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["M", n]))
-    graph = helper.make_graph(nodes, f"bench_{cfg.kind}", [helper.make_tensor_value_info(
-        "X", TensorProto.FLOAT, ["M", k])], outs, initializer=inits)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ExternalDataWriter(str(folder), "model.onnx.data")
+    b = GraphBuilder(writer)
+    outs = [add_layer(b, cfg, i, w, scale) for i, w in enumerate(weight_copies(base, cfg.copies))]
+    writer.close()
+    graph = helper.make_graph(
+        b.nodes, f"bench_{cfg.kind}",
+        [helper.make_tensor_value_info(f"X{i}", TensorProto.FLOAT, ["M", k]) for i in range(cfg.copies)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", n]) for o in outs], initializer=b.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
     if cfg.kind == "bitlinear":
-        opsets.append(helper.make_opsetid(custom_ops.DOMAIN, 1))
+        opsets.append(helper.make_opsetid(TernaryVariant.extra_domains[0], 1))
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
-    return model.SerializeToString()
+    path = folder / "model.onnx"
+    save_model(model, str(path))
+    return path
 
 
 @contextlib.contextmanager
@@ -219,22 +205,15 @@ def _env(name: str, value: str | None):
                 os.environ[name] = old
 
 
-def make_session(model: bytes, threads: int, cfg: Config, custom_ops) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.force_spinning_stop", "1")
+def make_session(model: Path, threads: int, cfg: Config) -> ort.InferenceSession:
+    """The session the engine would open (runtime.session.open_session), plus
+    session.force_spinning_stop: without it the idle pool threads of the other sessions in this
+    process keep spinning and steal the second core."""
+    config = {"session.force_spinning_stop": "1"}
     if cfg.lut:
-        so.add_session_config_entry(LUT_KEY, "1")
-    with _env("BITNET_KERNEL", cfg.kernel):
-        if cfg.kind == "bitlinear":
-            so.register_custom_ops_library(custom_ops.library_path())
-        # The C quantization subgraphs are identical: keep ORT from merging them into one.
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=["CommonSubexpressionElimination"])
+        config[LUT_KEY] = "1"
+    with _env("BITNET_KERNEL", cfg.kernel):  # read when the custom-op library is registered
+        return open_session(model, threads=threads, custom_ops=cfg.kind == "bitlinear", config=config)
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -246,7 +225,8 @@ class Runner:
         self.sess = sess
         self.binding = sess.io_binding()
         self.x = ort.OrtValue.ortvalue_from_numpy(x)
-        self.binding.bind_ortvalue_input("X", self.x)
+        for i in sess.get_inputs():
+            self.binding.bind_ortvalue_input(i.name, self.x)
         self.outs = []
         for o in sess.get_outputs():
             v = ort.OrtValue.ortvalue_from_shape_and_type([x.shape[0], n], np.float32)
@@ -263,6 +243,9 @@ class Runner:
 
 
 STREAM_BYTES = 256 << 20
+# Models are written here (weights as external data, as exported) and removed after each shape.
+WORK_DIR = Path(tempfile.mkdtemp(prefix="bench_ops_"))
+atexit.register(shutil.rmtree, WORK_DIR, True)
 STREAM_NAME = "stream read (ReduceSum)"
 
 
@@ -311,12 +294,13 @@ def lut_check(custom_ops=None) -> str:
     nodes, inits = make_matmulnbits("mm", "X", "Y", w, 2, 256, 0, 1.0)
     g = helper.make_graph(nodes, "lut", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])], initializer=inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
-                                                helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+    model = WORK_DIR / "lut_check.onnx"
+    save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
+                                                   helper.make_opsetid("com.microsoft", 1)]), str(model))
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     res = {}
     for lut in (False, True):
-        sess = make_session(model, 1, Config("", "int2", 256, lut=lut), None)
+        sess = make_session(model, 1, Config("", "int2", 256, lut=lut))
         r = Runner(sess, x, n)
         r.run()
         res[lut] = (min(r.run() for _ in range(5)), r.first_output().copy())
@@ -345,7 +329,7 @@ def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_
     sessions = {}
     for cfg in configs:
         t0 = time.perf_counter()
-        sessions[cfg.name] = make_session(models[cfg.name], threads, cfg, custom_ops)
+        sessions[cfg.name] = make_session(models[cfg.name], threads, cfg)
         log(f"    session {cfg.name:<22} C={cfg.copies:<4} {time.perf_counter() - t0:5.1f}s")
     results = []
     for m in ms:
@@ -360,11 +344,15 @@ def run_group(k, n, threads, ms, configs, models, custom_ops, rounds_m1, rounds_
             runners[sc.name] = stream.runner(threads)
         for r in runners.values():  # warm-up: allocations, thread pools, page faults
             r.run()
-        if reference is not None:  # every configuration computes about x @ (w * scale)^T
-            ref = x @ reference.T
+        if reference is not None:  # x @ (w * scale)^T; the stock ops alone compute x @ w^T
+            w_ref, scale = reference
+            unscaled = x @ w_ref.T
+            by_name = {c.name: c for c in active}
             for name, r in runners.items():
                 if name == STREAM_NAME:
                     continue
+                c = by_name[name]
+                ref = unscaled * np.float32(scale) if c.kind == "bitlinear" or c.quant else unscaled
                 err = float(np.abs(r.first_output() - ref).max() / max(np.abs(ref).max(), 1e-30))
                 if not err < 0.05:
                     log(f"WARNING: {name} at M={m} differs from x @ w^T: relative max error {err:.3g}")
@@ -485,26 +473,6 @@ def print_markdown(results, summary, header):
                   f"{ratio(fp, bl) if fp else float('nan'):.1f}x | {frac} |")
 
 
-class _BenchOps:
-    """custom_ops with a private copy of the library, taken once at start: a rebuild of the
-    library in the tree while the benchmark runs (sources edited) cannot change what it times."""
-
-    def __init__(self, mod):
-        self._mod = mod
-        self.DOMAIN = mod.DOMAIN
-        self.pack_ternary = mod.pack_ternary
-        self._dir = tempfile.mkdtemp(prefix="bench_ops_")
-        self._path = os.path.join(self._dir, "libbitnet_ops_bench.so")
-        shutil.copy2(mod.library_path(), self._path)
-        atexit.register(shutil.rmtree, self._dir, True)
-
-    def library_path(self) -> str:
-        return self._path
-
-    def available_kernels(self) -> list[str]:
-        return self._mod.available_kernels()
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 def _ints(s: str) -> list[int]:
@@ -547,8 +515,9 @@ def main(argv=None) -> int:
     custom_ops = None
     if not args.no_bitlinear:
         try:
-            import custom_ops as _co  # noqa: PLC0415
-            custom_ops = _BenchOps(_co)
+            import custom_ops  # noqa: PLC0415 - sessions register custom_ops.library_path() (open_session)
+
+            custom_ops.library_path()
         except Exception as e:  # noqa: BLE001 - report and go on with the stock rows
             log(f"BitLinear unavailable, stock rows only: {type(e).__name__}: {e}")
 
@@ -606,18 +575,21 @@ def main(argv=None) -> int:
             mkey = (c.kind, c.block, c.quant)
             if mkey not in cache_models:
                 t0 = time.perf_counter()
-                cache_models[mkey] = build_model(c, base, scale, custom_ops)
-                log(f"    model {c.name:<24} C={c.copies:<4} {len(cache_models[mkey]) >> 20} MiB "
-                    f"{time.perf_counter() - t0:5.1f}s")
+                folder = WORK_DIR / f"{k}x{n}-{c.kind}-b{c.block}-{'q' if c.quant else 'op'}"
+                cache_models[mkey] = build_model(c, base, scale, folder)
+                size = (folder / "model.onnx.data").stat().st_size
+                log(f"    model {c.name:<24} C={c.copies:<4} {size >> 20} MiB {time.perf_counter() - t0:5.1f}s")
             models[c.name] = cache_models[mkey]
         for t in args.threads:
             log(f"{k}->{n} threads={t}: measuring")
             group = run_group(k, n, t, args.m, configs, models, custom_ops, repeat, rounds_m128, log,
-                              reference=base.astype(np.float32) * np.float32(scale), stream=stream)
+                              reference=(base.astype(np.float32), scale), stream=stream)
             print_groups(group)
             results += group
         del models, cache_models
         gc.collect()
+        for folder in WORK_DIR.glob(f"{k}x{n}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     results.sort(key=lambda r: (SHAPES.index((r.k, r.n)) if (r.k, r.n) in SHAPES else 99, r.k, r.n,
                                 r.m, r.threads))

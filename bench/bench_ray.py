@@ -135,6 +135,21 @@ def load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -
             "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0}
 
 
+def disconnect_check(url: str, model: str) -> str:
+    from openai import OpenAI
+
+    from tests.ray_probe import disconnect_one  # the test's own check, against this server
+
+    job = disconnect_one(OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), model, url)["job"]
+    if job is None:
+        return "not reported"
+    if job["stopped_by"] == "client":
+        return f"cancelled ({job['new_tokens']} tokens, {job['tokens_after_cancel']} after)"
+    if job["finish_reason"] == "stop":
+        return f"had ended before the client left (stop, {job['new_tokens']} tokens)"
+    return f"NOT cancelled ({job['finish_reason']}, {job['new_tokens']} tokens)"
+
+
 def inside(args) -> int:
     if interfaces() != ["lo"]:
         print(f"refusing to run: interfaces besides loopback are visible ({', '.join(interfaces())})",
@@ -154,6 +169,8 @@ def inside(args) -> int:
         try:
             row = load(f"http://127.0.0.1:{port}", model, args.clients, args.requests_per_client,
                        args.max_tokens)
+            if "--ray" in extra:  # leave a stream mid-way: did the replica cancel the generation?
+                row["disconnect"] = disconnect_check(f"http://127.0.0.1:{port}", model)
         finally:
             stop_server(proc)
         row.update(config=name, replicas=replicas, threads=threads, startup_s=startup)
@@ -162,13 +179,14 @@ def inside(args) -> int:
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if args.markdown:
         print("\n| config | replicas x threads | clients | requests | errors | per replica | TTFT p50 s | "
-              "TTFT p95 s | completion tokens | wall s | aggregate tok/s |")
-        print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+              "TTFT p95 s | completion tokens | wall s | aggregate tok/s | client left mid-stream |")
+        print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
         for r in rows:
             split = " / ".join(str(v) for v in sorted(r["per_replica"].values(), reverse=True))
             print(f"| {r['config']} | {r['replicas']} x {r['threads']} | {args.clients} | {r['requests']} | "
                   f"{len(r['errors'])} | {split} | {r['ttft_p50_s']:.3f} | {r['ttft_p95_s']:.3f} | "
-                  f"{r['completion_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} |")
+                  f"{r['completion_tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                  f"{r.get('disconnect', '-')} |")
     return 1 if any(r["errors"] for r in rows) else 0
 
 

@@ -22,7 +22,7 @@ import platform
 import numpy as np
 
 from .build import BuildError, ensure_built
-from .status import Status, cpu_model, status
+from .operator_status import Status, cpu_model, status
 
 DOMAIN = "bitnet"
 # BITNET_KERNEL levels of this machine's architecture, weakest first, and the CPU features each

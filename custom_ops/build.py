@@ -73,7 +73,8 @@ def default_compiler(system: str) -> str:
     if system == "Darwin":
         return "clang++"  # Xcode's command line tools
     if system == "Windows":
-        return "cl" if shutil.which("cl") else "clang-cl"  # a Visual Studio developer prompt has cl
+        # clang-cl compiles the SIMD kernels; cl keeps the reference kernels (src/compiler.h)
+        return "clang-cl" if shutil.which("clang-cl") else "cl"
     return "g++"
 
 

@@ -104,6 +104,8 @@ def _finish_note(variant: str, answer: dict) -> str:
     state = answer.get("state")
     if state in ("waiting", "prefill", "streaming"):
         return ""
+    if state == "skipped":
+        return f"*({variant} engine unavailable on this machine)*"
     if answer.get("finish_reason") == "stop" and ran(answer):
         return "*(no text: the model ended its turn at once)*"
     return f"*({variant} not run: stopped before it started)*" if not ran(answer) \

@@ -9,10 +9,10 @@ export. A repo without bitnet_onnx.json at its root is a checkpoint: the caller 
 
 from __future__ import annotations
 
-import json
 import os
 
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES
+from runtime.errors import EngineError
+from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
 
 # What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
 FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
@@ -43,20 +43,24 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         return None  # the repo exists and has no bitnet_onnx.json: a checkpoint
     except RepositoryNotFoundError:
         return None  # let the checkpoint path say what is wrong with the id
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            config = json.load(f)
-        except ValueError as e:
-            raise HubFolderError(f"{repo_id}: {CONFIG_NAME} is not valid JSON ({e})") from None
-    listed = config.get("variants") or {}
+    except Exception as e:  # noqa: BLE001 - HTTP errors, network drops: one line for the banner
+        raise HubFolderError(_one_line(f"cannot fetch {CONFIG_NAME} of {repo_id}", e)) from None
+    try:  # the folder contract's own checks (format, version, required keys), one line each
+        config = read_config(os.path.dirname(config_path))
+    except EngineError as e:
+        raise HubFolderError(f"{repo_id}: {e}") from None
+    listed = config["variants"]
     wanted = list(listed) if variants is None else [v for v in variants if v in listed]
     if not wanted:
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
     model_files = [listed[v] for v in wanted]
     patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
-    folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
-                               local_files_only=offline)
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
+                                   local_files_only=offline)
+    except Exception as e:  # noqa: BLE001
+        raise HubFolderError(_one_line(f"cannot download {repo_id}", e)) from None
     # every variant's graph keeps its weights beside it in FILE.data (runtime/folder.py)
     needed = [p for f in model_files for p in (f, f + ".data")] + ["tokenizer.json"]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
@@ -66,10 +70,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     return folder
 
 
-def cached_exported_snapshot(repo_id: str, variants=None) -> str | None:
-    """exported_snapshot from the hub cache alone (no network); None when it is not there
-    complete (a partial snapshot is then fetched again, online)."""
-    try:
-        return exported_snapshot(repo_id, variants=variants, local_only=True)
-    except HubFolderError:
-        return None
+def _one_line(what: str, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{what}: {type(e).__name__}: {first}"
+

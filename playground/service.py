@@ -21,6 +21,7 @@ from runtime.cpus import available_threads
 from server.scheduler import Busy, Gate
 
 from .conversation import NO_BASELINE, TERNARY, model_messages, new_turn, turns_of
+from .hardware import custom_ops_status, hardware_line
 from .models import DEFAULT_MODEL, ResolvedModel, resolve_model
 
 log = logging.getLogger("bitnet-onnx.app")
@@ -118,7 +119,7 @@ class Playground:
     def _prepare(self) -> None:
         self.state = "preparing"
         try:
-            self.ops = _custom_ops_status()
+            self.ops = custom_ops_status()
             self.hardware = {"cpu": self.ops.cpu, "kernel": self.ops.kernel, "threads": self.threads,
                              "custom_ops": "ok" if self.ops.ok else self.ops.reason}
             self.progress(hardware_line(self.hardware))
@@ -218,9 +219,11 @@ class Playground:
     def api_models(self):
         """For the OpenAI-compatible API (server.create_api takes a callable): {model id: the
         ternary engine} once ready, None while the model is being prepared."""
-        if self.state != "ready" or TERNARY not in self.engines:
+        if self.state != "ready" or not self.engines:
             return None
-        return {self.resolved.model_id: self.engines[TERNARY]}
+        # the ternary engine; where the custom op cannot run, the baseline the page serves
+        engine = self.engines.get(TERNARY) or next(iter(self.engines.values()))
+        return {self.resolved.model_id: engine}
 
     # -- status ----------------------------------------------------------------------------------
     def banner_markdown(self) -> str:
@@ -241,9 +244,6 @@ class Playground:
                          f"Fix: {self.ops.fix}. The stock baselines still run.")
         if r.notice:
             lines.append(f"⚠️ {r.notice}")
-        if r.untrained:
-            lines.append("⚠️ **This is an untrained stand-in with random weights: its answers are "
-                         "noise.** The speeds are measured for real.")
         if int(cfg.get("hidden_size") or 0) and int(cfg.get("hidden_size")) < 1024:
             lines.append("At this model size the timings mostly show per-token overheads; the "
                          "ternary kernels pay off on large models such as 2B4T.")
@@ -259,7 +259,6 @@ class Playground:
             "requested": self.model_spec,
             "folder": r.folder if r else None,
             "fallback": bool(r and r.fallback),
-            "untrained": bool(r and r.untrained),
             "notice": r.notice if r else "",
             "variants": self.variants_available(),
             "baselines": self.baselines() if self.state == "ready" else [],
@@ -346,7 +345,8 @@ class Playground:
         gen_settings = settings.to_runtime(turn["seed"], self.time_limit_s)
         prompt = history + [{"role": "user", "content": message}]
         cancel = self._register(session)
-        self._active += 1
+        with self._cancels_lock:
+            self._active += 1
         try:
             yield turns, False
             for variant in turn["answers"]:
@@ -364,7 +364,8 @@ class Playground:
                 yield from self._run_in_slot(engine, answer, prompt, gen_settings, cancel, turns)
             yield turns, True
         finally:
-            self._active -= 1
+            with self._cancels_lock:
+                self._active -= 1
             self._unregister(session, cancel)
             for a in turn["answers"].values():  # closed mid-run: nothing is left "streaming"
                 if a["state"] not in ("done", "stopped", "skipped"):
@@ -418,55 +419,3 @@ class Playground:
             if answer["finish_reason"] is None:  # closed mid-run (request cancelled)
                 cancel.set()
             stream.close()
-
-
-def hardware_line(hw: dict) -> str:
-    """CPU model, the kernel the custom-op dispatch chose, threads: one line for the page."""
-    if not hw:
-        return ""
-    threads = hw.get("threads")
-    kernel = hw.get("kernel") or "not reported"
-    if hw.get("custom_ops") not in (None, "ok"):
-        kernel = "unavailable"
-    return (f"{hw.get('cpu') or 'unknown CPU'} · BitLinear kernel: {kernel} · {threads} "
-            f"thread{'' if threads == 1 else 's'} per engine")
-
-
-class _OpsStatus:
-    """custom_ops.status() as documented (.ok .reason .fix .kernel .cpu), for a custom_ops
-    without it: loads the library to find out."""
-
-    def __init__(self, ok, reason="", fix="", kernel=None, cpu=""):
-        self.ok, self.reason, self.fix, self.kernel, self.cpu = ok, reason, fix, kernel, cpu
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "Hardware")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def _custom_ops_status():
-    try:
-        import custom_ops
-    except ImportError as e:
-        return _OpsStatus(False, f"the custom_ops package cannot be imported ({e})",
-                          "run from the repository root", None, _cpu_model())
-    status = getattr(custom_ops, "status", None)
-    if status is not None:
-        return status()
-    try:
-        custom_ops.library_path()
-        return _OpsStatus(True, "", "", None, _cpu_model())
-    except Exception as e:  # noqa: BLE001 - BuildError: no compiler, no headers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return _OpsStatus(False, f"the custom-op library cannot be built: {first}",
-                          "install a C++ compiler and ONNX Runtime's headers (python -m custom_ops build)",
-                          None, _cpu_model())

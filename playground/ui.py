@@ -162,6 +162,8 @@ def build_demo(pg: Playground) -> gr.Blocks:
                           interactive=False, elem_id="raw-stats", show_label=False)
         # The conversation itself: the one value every view above is rendered from (JSON text).
         conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
+        # ... and its copy in the browser's storage: a reload brings the conversation back
+        saved = gr.BrowserState("[]", storage_key="bitnet-onnx-conversation")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
         settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
@@ -245,18 +247,20 @@ def build_demo(pg: Playground) -> gr.Blocks:
 
         common = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
         chat_inputs = [msg, conversation] + settings_inputs
+        def unlock_and_save(conv):
+            return unlock(), conv
+
+        after = dict(fn=unlock_and_save, inputs=[conversation], outputs=[send, saved], queue=False,
+                     api_visibility="private")
         send.click(lock, None, send, queue=False, api_visibility="private") \
-            .then(chat_fn, chat_inputs, api_name="chat", **common) \
-            .then(unlock, None, send, queue=False, api_visibility="private")
+            .then(chat_fn, chat_inputs, api_name="chat", **common).then(**after)
         msg.submit(lock, None, send, queue=False, api_visibility="private") \
-            .then(chat_fn, chat_inputs, api_visibility="private", **common) \
-            .then(unlock, None, send, queue=False, api_visibility="private")
+            .then(chat_fn, chat_inputs, api_visibility="private", **common).then(**after)
         retry.click(lock, None, send, queue=False, api_visibility="private") \
-            .then(retry_fn, [conversation] + settings_inputs, api_name="retry", **common) \
-            .then(unlock, None, send, queue=False, api_visibility="private")
-        edit.click(edit_fn, [conversation], outputs, queue=False, api_name="edit")
+            .then(retry_fn, [conversation] + settings_inputs, api_name="retry", **common).then(**after)
+        edit.click(edit_fn, [conversation], outputs, queue=False, api_name="edit").then(**after)
         stop.click(stop_fn, None, None, queue=False, api_name="stop")
-        clear.click(clear_fn, None, views + [conversation], queue=False, api_name="clear")
+        clear.click(clear_fn, None, views + [conversation], queue=False, api_name="clear").then(**after)
 
         baseline.change(baseline_title, [baseline], [title_b], queue=False,
                         api_visibility="private", show_progress="hidden")
@@ -304,15 +308,21 @@ def build_demo(pg: Playground) -> gr.Blocks:
         timer.tick(tick, refresh_inputs, refresh_outputs, queue=False,
                    api_visibility="private", show_progress="hidden")
 
-        def on_load(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_,
-                    request: gr.Request):
+        def on_load(current, conv, stored, system_, max_new_, temperature_, top_p_, top_k_, rep_,
+                    seed_, request: gr.Request):
+            """?prompt= fills the box; a shared link's conversation shows as it was, else the
+            one this browser kept (a reload), with their settings."""
             prompt = ""
             if request is not None:
                 prompt = request.query_params.get("prompt", "") or ""
-            return (prompt[:20000] if prompt else gr.skip(),) + refresh(
-                current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
+            if not turns_of(conv) and turns_of(stored):
+                conv = stored
+            return ((prompt[:20000] if prompt else gr.skip(),)
+                    + refresh(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
+                    + render(conv, pg) + (dumps(conv),))
 
-        demo.load(on_load, refresh_inputs, [msg] + refresh_outputs, queue=False,
+        demo.load(on_load, [baseline, conversation, saved] + [c for _, c in setting_fields],
+                  [msg] + refresh_outputs + views + [conversation], queue=False,
                   api_visibility="private", show_progress="hidden")
 
         def status() -> dict:

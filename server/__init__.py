@@ -1,10 +1,8 @@
 """The HTTP side of the playground: an OpenAI-compatible API (/v1) in the same process as the
 Gradio page, with limits, a bounded queue for the one CPU, and cancel on disconnect.
 
-    from server import create_api
-    api = create_api({"bitnet-b1.58-2B-4T": engine})
-    app = gr.mount_gradio_app(api, demo, path="/")
-    uvicorn.run(app, host=host, port=port)
+    from server import attach_api
+    attach_api(demo, {"bitnet-b1.58-2B-4T": engine})   # after demo.launch(prevent_thread_lock=True)
 
 See docs/SERVING.md for the limits, environment variables and measured behaviour.
 """

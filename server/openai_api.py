@@ -1,9 +1,11 @@
-"""An OpenAI-compatible HTTP API over runtime engines, as a FastAPI app Gradio mounts onto.
+"""An OpenAI-compatible HTTP API over runtime engines: routes, streaming, the CPU gate.
 
-    from server import create_api
-    api = create_api({"bitnet-b1.58-2B-4T": engine})          # or a provider, see ModelRegistry
-    app = gr.mount_gradio_app(api, demo, path="/")            # page at /, API at /v1
-    uvicorn.run(app, host="0.0.0.0", port=7860)
+    from server import attach_api, create_api
+    attach_api(demo, {"bitnet-b1.58-2B-4T": engine})   # beside a launched Gradio page (app.py)
+    uvicorn.run(create_api({"bitnet-b1.58-2B-4T": engine}), port=8000)   # or alone
+
+Requests are parsed by server/requests.py (pydantic models), models found by
+server/models.py (ModelRegistry), errors shaped by server/errors.py.
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not),
 GET /v1/health (open even with a key: queue state only). Every error is JSON in OpenAI's shape
@@ -29,31 +31,10 @@ from fastapi import Request
 from .errors import ApiError, bad
 from .limits import API_KEY_ENV, Limits
 from .models import ModelRegistry
+from .requests import ChatRequest, parse_chat_request
 from .scheduler import Busy, Gate, Job, JobRecord
 
 log = logging.getLogger("bitnet.api")
-
-ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Request fields we accept but that change nothing (OpenAI clients send some of them).
-IGNORED_OK = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
-              "reasoning_effort", "modalities", "audio", "web_search_options", "safety_identifier",
-              "prompt_cache_key", "verbosity", "function_call", "functions"}
-
-
-# -- request parsing -------------------------------------------------------------------------
-@dataclass
-class ChatRequest:
-    model: str
-    messages: list[dict]
-    stream: bool = False
-    include_usage: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
 
 
 def _reject_constant(name: str):
@@ -73,142 +54,6 @@ def parse_json(body: bytes):
         raise bad("the JSON is nested too deeply", code="invalid_json") from None
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-
-
-def _type_name(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "integer", float: "number"}.get(type(v), type(v).__name__)
-
-
-def _number(body, name, lo, hi, default=None, integer=False, lo_open=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok:
-        kind = "an integer" if integer else "a number"
-        raise bad(f"{name} must be {kind}, got {_type_name(v)}", name, "invalid_type")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise bad(f"{name} must be finite", name)
-    if (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
-        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
-        raise bad(f"{name} must be in {rng}, got {v}", name)
-    return v
-
-
-def _text_content(content, i: int, role: str) -> str:
-    where = f"messages[{i}].content"
-    if content is None:
-        if role == "assistant":
-            return ""
-        raise bad(f"{where} must be a string or an array of text parts, got null", where, "invalid_type")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                raise bad(f"{where}[{j}] must be an object like {{\"type\": \"text\", \"text\": ...}}, "
-                          f"got {_type_name(part)}", where, "invalid_type")
-            if part.get("type") != "text":
-                raise bad(f"{where}[{j}]: only text parts are supported (type 'text'), got type "
-                          f"{str(part.get('type'))[:40]!r}", where, "unsupported_content")
-            if not isinstance(part.get("text"), str):
-                raise bad(f"{where}[{j}].text must be a string", where, "invalid_type")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad(f"{where} must be a string or an array of text parts, got {_type_name(content)}",
-              where, "invalid_type")
-
-
-def parse_chat_request(body, limits: Limits) -> ChatRequest:
-    """Check a decoded JSON body; raise ApiError (4xx) naming the first problem."""
-    if not isinstance(body, dict):
-        raise bad(f"the request body must be a JSON object, got {_type_name(body)}", code="invalid_type")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model is required and must be a non-empty string (see GET /v1/models)", "model",
-                  "invalid_type" if "model" in body else "missing_field")
-    msgs = body.get("messages")
-    if msgs is None:
-        raise bad("messages is required: an array of {\"role\", \"content\"} objects", "messages", "missing_field")
-    if not isinstance(msgs, list):
-        raise bad(f"messages must be an array, got {_type_name(msgs)}", "messages", "invalid_type")
-    if not msgs:
-        raise bad("messages must not be empty", "messages")
-    if len(msgs) > limits.max_messages:
-        raise bad(f"too many messages: {len(msgs)} (the limit is {limits.max_messages})", "messages",
-                  "too_many_messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object, got {_type_name(m)}", f"messages[{i}]", "invalid_type")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLE_MAP:
-            raise bad(f"messages[{i}].role must be one of system, developer, user, assistant; got "
-                      f"{str(role)[:40]!r}", f"messages[{i}].role",
-                      "unsupported_role" if isinstance(role, str) else "invalid_type")
-        if m.get("tool_calls"):
-            raise bad(f"messages[{i}]: tool calls are not supported", f"messages[{i}].tool_calls", "unsupported")
-        messages.append({"role": ROLE_MAP[role], "content": _text_content(m.get("content"), i, role)})
-
-    for name in ("tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias"):
-        if body.get(name) not in (None, False, [], {}, "none"):
-            raise bad(f"{name} is not supported by this server", name, "unsupported")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("response_format: only {\"type\": \"text\"} is supported", "response_format", "unsupported")
-    n = _number(body, "n", 1, None, 1, integer=True)
-    if n != 1:
-        raise bad("n must be 1 (one choice per request)", "n", "unsupported")
-    for name in ("frequency_penalty", "presence_penalty"):
-        _number(body, name, -2.0, 2.0)  # accepted and ignored (use repetition_penalty)
-
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad(f"stream must be a boolean, got {_type_name(stream)}", "stream", "invalid_type")
-    opts = body.get("stream_options")
-    include_usage = False
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise bad(f"stream_options must be an object, got {_type_name(opts)}", "stream_options", "invalid_type")
-        include_usage = opts.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise bad("stream_options.include_usage must be a boolean", "stream_options", "invalid_type")
-
-    max_tokens = _number(body, "max_completion_tokens", 1, None, None, integer=True)
-    mt = _number(body, "max_tokens", 1, None, None, integer=True)
-    if mt is not None:
-        max_tokens = mt if max_tokens is None else min(mt, max_tokens)
-
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
-    top_k = _number(body, "top_k", 0, None, 0, integer=True)
-    rep = _number(body, "repetition_penalty", 0.0, 10.0, 1.0, lo_open=True)
-    seed = body.get("seed")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise bad(f"seed must be an integer, got {_type_name(seed)}", "seed", "invalid_type")
-        seed = seed % (1 << 64)  # any integer, as OpenAI accepts; numpy wants it non-negative
-
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad("stop must be a string or an array of strings", "stop", "invalid_type")
-    if len(stop) > limits.max_stop:
-        raise bad(f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
-    if any(len(s) > limits.max_stop_chars for s in stop):
-        raise bad(f"a stop string may have at most {limits.max_stop_chars} characters", "stop")
-
-    return ChatRequest(model=model, messages=messages, stream=stream, include_usage=include_usage,
-                       max_tokens=max_tokens, temperature=temperature,
-                       top_p=max(float(top_p), 1e-9), top_k=int(top_k),
-                       repetition_penalty=float(rep), seed=seed, stop=stop)
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -382,7 +227,7 @@ def build_router(state: ApiState):
                 raise ApiError(503, f"the server is busy: waited {limits.queue_timeout_s:g} s for the CPU; "
                                     f"retry after {retry} s", "server_error", code="queue_timeout",
                                headers={"Retry-After": str(retry)})
-            job = Job(ticket, engine, req.messages, settings, asyncio.get_running_loop(), record,
+            job = Job(ticket, engine, req.chat, settings, asyncio.get_running_loop(), record,
                       limits.generation_timeout_s)
             for key in [k for k, j in list(state.jobs.items()) if j.finished.is_set()]:
                 state.jobs.pop(key, None)
@@ -436,7 +281,7 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
     from runtime import GenerationSettings, PromptTooLongError
 
     try:
-        prompt = engine.prompt_ids(messages=req.messages)
+        prompt = engine.prompt_ids(messages=req.chat)
     except PromptTooLongError as e:
         # the API's own remedy (an HTTP client has no settings.truncate)
         raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
@@ -448,7 +293,7 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
         raise bad(f"the messages cannot be used: {e}", "messages") from None
     context = int(engine.context_length)
     cap = min(limits.max_tokens_cap or context, context)
-    wanted = req.max_tokens if req.max_tokens is not None else limits.default_max_tokens
+    wanted = req.wanted_tokens if req.wanted_tokens is not None else limits.default_max_tokens
     max_new = max(1, min(wanted, cap, context - len(prompt)))
     temperature = limits.default_temperature if req.temperature is None else req.temperature
     if temperature < MIN_TEMPERATURE:
@@ -456,9 +301,9 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
         # then draws from NaNs (found by the API fuzz; reported to the runtime)
         temperature = 0.0
     settings = GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),
-                                  top_k=req.top_k, top_p=req.top_p,
-                                  repetition_penalty=req.repetition_penalty, seed=req.seed,
-                                  stop=list(req.stop))
+                                  top_k=req.top_k or 0, top_p=max(float(req.top_p if req.top_p is not None else 1.0), 1e-9),
+                                  repetition_penalty=float(req.repetition_penalty or 1.0),
+                                  seed=req.seed, stop=req.stop_list)
     try:
         settings.validate()
     except ValueError as e:
@@ -466,7 +311,7 @@ def _settings_for(engine, req: ChatRequest, limits: Limits):
     return settings
 
 
-FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
+FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "length"}
 
 
 def _extras(event, record: JobRecord, meta: dict) -> dict:

@@ -43,7 +43,7 @@ class JobRecord:
     model: str = ""
     state: str = "queued"  # queued | running | done | error | abandoned (client left / queue
     # timeout) | refused (checked after admission, e.g. prompt too long)
-    finish_reason: str | None = None  # engine's: stop | length | cancelled
+    finish_reason: str | None = None  # engine's: stop | length | time | cancelled
     stopped_by: str | None = None  # None | "client" (disconnect) | "timeout" | "shutdown"
     new_tokens: int = 0
     tokens_at_cancel: int | None = None  # new tokens when the cancel flag was set
@@ -259,16 +259,21 @@ class Job:
             self.stop("shutdown")
 
     def _run(self) -> None:
+        import dataclasses
+
         started = time.monotonic()
-        timer = threading.Timer(self.timeout_s, self.stop, args=("timeout",))
-        timer.daemon = True
-        timer.start()
+        # the one time limit is the engine's (finish reason "time", checked between tokens)
+        settings = self.settings
+        if self.timeout_s and settings.max_time_s is None:
+            settings = dataclasses.replace(settings, max_time_s=self.timeout_s)
         try:
-            for event in self.engine.stream(messages=self.messages, settings=self.settings,
+            for event in self.engine.stream(messages=self.messages, settings=settings,
                                             cancel=self.cancel):
                 self.record.new_tokens = event.stats.new_tokens
                 if event.done:
                     self.record.finish_reason = event.finish_reason
+                    if event.finish_reason == "time" and self.record.stopped_by is None:
+                        self.record.stopped_by = "timeout"
                 self._put(event)
             self.record.state = "done"
         except BaseException as e:  # reported to the client as a JSON error, never a bare 500
@@ -276,7 +281,6 @@ class Job:
             self.record.error = f"{type(e).__name__}: {e}"
             self._put(e)
         finally:
-            timer.cancel()
             self.record.run_s = time.monotonic() - started
             self.ticket.release()
             self.finished.set()

@@ -74,7 +74,9 @@ def disconnect_one(client, model: str, base_url: str) -> dict:
     max_tokens = 400
     raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "Speak at length of the sea."}],
-        stream=True, max_tokens=max_tokens, temperature=0.8, seed=7)
+        # temperature 2 / seed 7: the demo model writes all 400 tokens (no early end of turn), so
+        # even at full speed the generation is still running when the client leaves
+        stream=True, max_tokens=max_tokens, temperature=2.0, seed=7)
     # the completion id (Ray's proxy adds its own x-request-id next to ours in the headers)
     replica, request_id = raw.headers.get(REPLICA_HEADER), None
     stream = raw.parse()

@@ -242,6 +242,32 @@ def test_bad_request_gets_a_clear_4xx(served, case):
     assert err["code"] == code and isinstance(err["message"], str) and len(err["message"]) > 10
 
 
+def test_too_long_names_the_apis_own_remedy(served):
+    """Issue 11.13: an HTTP client has no settings.truncate; the error says what to shorten."""
+    r = post(served[0], ok_body(messages=[{"role": "user", "content": "w5 " * 300}]))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "messages"
+    assert "truncate" not in err["message"] and "fewer or shorter messages" in err["message"]
+    assert "tokens" in err["message"] and "context holds" in err["message"]
+
+
+def test_any_name_reaches_the_one_model_and_documented_names_resolve(engine):
+    """Issue 11.12: one model served: any name is that model (the answer names the real id);
+    several: the id's last part in any case resolves, unknown names are 404."""
+    api = create_api({"microsoft/bitnet-b1.58-2B-4T": engine}, api_key=None)
+    with ServerThread(api) as url:
+        r = post(url, ok_body(model="gpt-4o"))
+        assert r.status_code == 200 and r.json()["model"] == "microsoft/bitnet-b1.58-2B-4T"
+        ids = [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
+        assert ids == ["microsoft/bitnet-b1.58-2B-4T"]
+        assert httpx.get(url + "/v1/models/bitnet-b1.58-2B-4T", timeout=10).json()["id"] == ids[0]
+    api = create_api({"microsoft/bitnet-b1.58-2B-4T": engine, "other": engine}, api_key=None)
+    with ServerThread(api) as url:
+        r = post(url, ok_body(model="BITNET-b1.58-2b-4t"))
+        assert r.status_code == 200 and r.json()["model"] == "microsoft/bitnet-b1.58-2B-4T"
+        assert post(url, ok_body(model="gpt-4o")).status_code == 404
+
+
 @pytest.mark.parametrize("raw,code", [(b"{not json", "invalid_json"), (b"", "invalid_json"),
                                       (b'{"model": NaN}', "invalid_json"), (b"\xff\xfe{}", "invalid_json"),
                                       (b"[" * 100000 + b"]" * 100000, "body_too_large"),

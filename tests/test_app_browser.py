@@ -1,8 +1,7 @@
 """The playground in a real browser: Debian's chromium, headless, driven by Playwright.
 
 The app starts as a fresh install does with no network: default model, hub unreachable,
-nothing cached, so it serves the labelled fallback (the shipped demo model, or the random
-stand-in where none ships). The tests open the page with ?prompt=, send a message holding
+nothing cached, so it serves the labelled fallback, the shipped Shakespeare demo model. The tests open the page with ?prompt=, send a message holding
 <script>, an onerror image and a markdown image pointing at a local "tracking pixel" server,
 see both panes fill and the stats, the verdict and both charts appear, check the markup is
 shown as text and never ran and no image was fetched, reopen the conversation from a shared
@@ -60,7 +59,7 @@ def browser():
 
 def test_fresh_offline_start_serves_a_labelled_fallback(server):
     status = server.status
-    assert status["fallback"]  # the demo model when it ships, else the random stand-in
+    assert status["fallback"] and status["model_id"] == "shakespeare-bitnet"  # a readable API id
     assert "Cannot reach the Hugging Face hub" in status["notice"]
     log = server.log_text()
     assert log.count("Cannot reach the Hugging Face hub") == 1
@@ -115,7 +114,8 @@ def open_page(browser, errors, url, width=1400, height=1200, **kw):
     page = errors.watch(browser.new_page(viewport={"width": width, "height": height}, **kw))
     page.goto(url, wait_until="domcontentloaded")
     page.locator("#message textarea").wait_for(timeout=60_000)
-    page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
     return page
 
 
@@ -188,10 +188,7 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
     banner = page.locator("#banner").inner_text()
     assert "Cannot reach the Hugging Face hub" in banner
     assert "BitLinear kernel" in banner and "thread" in banner  # the hardware line
-    if server.status["untrained"]:
-        assert "untrained stand-in" in banner and "tiny random" in banner
-    else:
-        assert "Shakespeare demo model" in banner
+    assert "Shakespeare demo model" in banner
     # Max new tokens is bounded by the live model's context
     context = server.status["context_length"]
     open_settings(page)
@@ -332,3 +329,32 @@ def test_dark_theme_follows_the_system(server, browser, errors):
     rgb = [int(x) for x in bg[bg.index("(") + 1:bg.index(")")].split(",")[:3]]
     assert sum(rgb) < 3 * 100, f"background {bg} is not dark"
     page.close()
+
+
+def test_conversation_survives_a_reload_and_clear_forgets_it(server, browser, errors):
+    """Issue 11.17: the conversation is kept in the browser's storage across a reload."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1200})
+    page = errors.watch(context.new_page())
+    page.goto(server.url, wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
+    send_and_wait(page, "Remember me", turns_before=0)
+    answer = page.locator("#chat-baseline [data-testid='bot']").last.inner_text()
+    page.wait_for_timeout(500)  # the copy is written after the turn
+    page.reload(wait_until="domcontentloaded")
+    page.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
+    assert "Remember me" in page.locator("#chat-ternary [data-testid='user']").last.inner_text()
+    assert page.locator("#chat-baseline [data-testid='bot']").last.inner_text() == answer
+    assert "TTFT" in page.locator("#stats-baseline").inner_text()
+    # and it continues that conversation
+    send_and_wait(page, "Still there?", turns_before=1)
+    page.click("#clear")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat-ternary [data-testid=\"user\"]').length === 0")
+    page.wait_for_timeout(500)
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function("() => document.querySelector('#send') && !document.querySelector('#send').disabled",
+                           timeout=60_000)
+    page.wait_for_timeout(1000)
+    assert user_turns(page) == 0
+    context.close()

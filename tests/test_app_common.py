@@ -21,12 +21,12 @@ TINY_CONTEXT = 8192
 
 
 def make_tiny_model(base: Path, context: int = TINY_CONTEXT) -> str:
-    """The app's own stand-in checkpoint (random weights, byte-level tokenizer: one printable
+    """A random stand-in checkpoint (tests/stand_in.py: random weights, byte-level tokenizer: one printable
     byte per generated token, so token counts are checkable from the text), exported with our
     exporter in every variant. tests/checkpoints.py's tiny models need torch and a word-level
     tokenizer whose unknown words map to the end-of-text id, so they end their turn at once."""
     from export import export_checkpoint
-    from playground.models import write_stand_in_checkpoint
+    from tests.stand_in import write_stand_in_checkpoint
 
     # never ends its turn by itself: the stop and cancel tests need answers that run on
     ckpt = write_stand_in_checkpoint(base / "ckpt", seed=3, context=context, end_of_turn_scale=0.0)

@@ -1,5 +1,5 @@
-"""Which model the playground serves (cache, export once, offline fallback) and the pure
-helpers of the page (history flattening, escaping, summary), without a server."""
+"""Which model the playground serves (cache, export once, offline fallback to the demo model)
+and the playground service in-process (gate, stop, time limit), without a server."""
 
 from __future__ import annotations
 
@@ -11,15 +11,23 @@ import pytest
 import server
 from playground import models
 from playground.service import ChatSettings, Playground
+from tests.stand_in import write_stand_in_checkpoint
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
+    """An empty model cache and hub cache, offline, and a small demo checkpoint (a random
+    stand-in, quicker to export than the shipped one) as the demo model."""
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("BITNET_DEMO_MODEL", "none")  # the stand-in, whatever ships in models/
+    demo = write_stand_in_checkpoint(tmp_path / "shakespeare-bitnet", seed=5)
+    monkeypatch.setenv("BITNET_DEMO_MODEL", str(demo))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
     return tmp_path / "cache"
+
+
+def no_hub(spec):
+    pytest.fail("the hub was asked")
 
 
 def test_cache_location(monkeypatch, tmp_path):
@@ -30,10 +38,11 @@ def test_cache_location(monkeypatch, tmp_path):
     assert models.model_cache_dir() == tmp_path / "c"
 
 
-def test_offline_without_cache_falls_back_to_a_labelled_stand_in(cache, capsys):
+def test_offline_without_cache_falls_back_to_the_labelled_demo_model(cache):
     lines = []
-    r = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
-    assert r.fallback and r.untrained and r.requested == models.DEFAULT_MODEL
+    # the real fetch: snapshot_download with HF_HUB_OFFLINE=1 and an empty hub cache
+    r = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append)
+    assert r.fallback and r.requested == models.DEFAULT_MODEL and "Shakespeare demo model" in r.name
     assert models.is_exported(r.folder) and r.folder.startswith(str(cache))
     # one plain line says what happened
     notice = [line for line in lines if "Cannot reach the Hugging Face hub" in line]
@@ -41,26 +50,43 @@ def test_offline_without_cache_falls_back_to_a_labelled_stand_in(cache, capsys):
     with open(os.path.join(r.folder, "bitnet_onnx.json")) as f:
         cfg = json.load(f)
     assert set(cfg["variants"]) == {"ternary", "int2", "int4", "fp32"}
-    # the banner names the live model and says it is an untrained stand-in
-    pg = Playground(models.DEFAULT_MODEL, threads=1,
-                    resolver=lambda spec, variants, progress: r)
+    pg = Playground(models.DEFAULT_MODEL, threads=1, resolver=lambda spec, variants, progress: r)
     pg.start(background=False)
     assert pg.state == "ready", pg.error
     banner = pg.banner_markdown()
-    assert "tiny random" in banner and "untrained stand-in" in banner
-    assert "Cannot reach the Hugging Face hub" in banner
-    assert list(pg.api_models()) == [models.STAND_IN_NAME]  # an id for the API, not the banner text
-    # a second start reuses the stand-in (no new export)
+    assert "Shakespeare demo model" in banner and "Cannot reach the Hugging Face hub" in banner
+    assert "BitLinear kernel" in banner  # the hardware line
+    assert list(pg.api_models()) == ["shakespeare-bitnet"]  # readable: the checkpoint's folder name
+    # a second start reuses the export (no new export)
     mtime = os.path.getmtime(os.path.join(r.folder, "bitnet_onnx.json"))
-    again = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
+    again = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append)
     assert again.folder == r.folder
     assert os.path.getmtime(os.path.join(r.folder, "bitnet_onnx.json")) == mtime
 
 
+def test_no_demo_model_is_one_clear_error(cache, monkeypatch):
+    monkeypatch.setenv("BITNET_DEMO_MODEL", "none")
+    with pytest.raises(RuntimeError, match="no model to serve: the demo model is unavailable"):
+        models.resolve_model(models.DEFAULT_MODEL, progress=lambda m: None)
+
+
+def test_the_hub_copy_is_exported_once(cache, tmp_path):
+    """snapshot_download's folder (download or hub cache) is exported; the config names the hub id."""
+    ckpt = write_stand_in_checkpoint(tmp_path / "hub-copy", seed=4)
+    asked = []
+    r = models.resolve_model("org/model", progress=lambda m: None,
+                             fetch=lambda spec: asked.append(spec) or str(ckpt))
+    assert asked == ["org/model"] and not r.fallback and r.model_id == "org/model"
+    assert models.read_config(r.folder)["source"] == "org/model"
+    again = models.resolve_model("org/model", progress=lambda m: None, fetch=no_hub)
+    assert again.folder == r.folder
+
+
 def test_cached_export_is_reused_and_checkpoint_folders_are_exported_once(cache, tmp_path):
-    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=1)
+    ckpt = write_stand_in_checkpoint(tmp_path / "ckpt", seed=1)
     lines = []
-    first = models.resolve_model(str(ckpt), progress=lines.append, check_hub=lambda: pytest.fail("no hub"))
+    first = models.resolve_model(str(ckpt), progress=lines.append, fetch=no_hub)
+    assert first.model_id == "ckpt"  # the checkpoint's folder name, not the cache copy's
     assert not first.fallback and models.is_exported(first.folder)
     assert any("exporting" in line for line in lines)
     lines.clear()
@@ -73,8 +99,7 @@ def test_cached_export_is_reused_and_checkpoint_folders_are_exported_once(cache,
     # a hub id whose export is cached needs no hub
     hub_out = cache / "someorg--somemodel"
     os.rename(first.folder, hub_out)
-    cached = models.resolve_model("someorg/somemodel", progress=lines.append,
-                                  check_hub=lambda: pytest.fail("no hub"))
+    cached = models.resolve_model("someorg/somemodel", progress=lines.append, fetch=no_hub)
     assert cached.folder == str(hub_out) and not cached.fallback
     assert cached.model_id == "someorg/somemodel"
 
@@ -120,8 +145,7 @@ def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, mon
     """In-process: the ternary engine answers, then the baseline; a run longer than the time
     limit is cut between tokens (the baseline still runs), and the page says so."""
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
-    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, context=8192,
-                                            end_of_turn_scale=0.0)
+    ckpt = write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, context=8192, end_of_turn_scale=0.0)
     resolved = models.resolve_model(str(ckpt), progress=lambda m: None)
     pg = Playground(str(ckpt), threads=1, resolver=lambda spec, variants, progress: resolved,
                     time_limit_s=0.3)
@@ -147,21 +171,17 @@ def test_compare_runs_one_engine_after_the_other_with_a_time_limit(tmp_path, mon
     assert pg.status()["active_generations"] == 0
 
 
-def test_demo_model_is_the_offline_fallback_when_it_ships(cache, tmp_path, monkeypatch):
-    demo = models.write_stand_in_checkpoint(tmp_path / "demo-ckpt", seed=5)  # any checkpoint
-    monkeypatch.setenv("BITNET_DEMO_MODEL", str(demo))
+def test_demo_model_served_as_demo_and_a_broken_one_said_in_one_line(cache, tmp_path, monkeypatch):
     lines = []
-    r = models.resolve_model(models.DEFAULT_MODEL, progress=lines.append, check_hub=lambda: False)
-    assert r.fallback and not r.untrained and "Shakespeare demo model" in r.name
-    assert models.is_exported(r.folder)
-    assert models.resolve_model("demo", progress=lines.append).folder == r.folder
-    assert not models.resolve_model("demo", progress=lines.append).fallback
-    # a broken demo folder falls back to the stand-in, with one line saying why
+    r = models.resolve_model("demo", progress=lines.append)
+    assert not r.fallback and "Shakespeare demo model" in r.name and models.is_exported(r.folder)
+    demo = tmp_path / "shakespeare-bitnet"
     (demo / "config.json").write_text("{not json")
     os.utime(demo / "config.json", (2e9, 2e9))  # newer than the cached export
     lines.clear()
-    broken = models.resolve_model("demo", progress=lines.append)
-    assert broken.untrained and any("cannot be used" in line for line in lines)
+    with pytest.raises(RuntimeError, match="demo model is unavailable"):
+        models.resolve_model("demo", progress=lines.append)
+    assert sum("cannot be used" in line for line in lines) == 1
 
 
 def test_download_progress_reaches_the_log(tmp_path):
@@ -176,11 +196,6 @@ def test_download_progress_reaches_the_log(tmp_path):
     assert any(line.startswith("downloading: ") for line in lines)
 
 
-def test_hub_probe_is_off_when_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models.hub_reachable() is False
-
-
 def test_default_threads_respect_the_cpu_quota():
     from runtime.cpus import available_threads
 
@@ -189,18 +204,13 @@ def test_default_threads_respect_the_cpu_quota():
     assert Playground("x/y").threads == n and Playground("x/y", threads=3).threads == 3
 
 
-def test_failed_download_falls_back_with_the_reason(cache, monkeypatch):
-    from export import ExportError
+def test_failed_download_falls_back_with_the_reason(cache):
+    def failing(spec):
+        raise models.HubUnavailable(f"Could not download {spec} (404 Not Found)")
 
-    def failing_export(source, out, variants, progress):
-        raise ExportError("could not download org/missing from the hub: 404 Not Found")
-
-    monkeypatch.setattr(models, "_export", failing_export)
-    monkeypatch.setattr(models, "demo_model", lambda progress, requested: models.ResolvedModel(
-        "/nowhere", models.STAND_IN_LABEL, requested, fallback=True, untrained=True))
     lines = []
-    r = models.resolve_model("org/missing", progress=lines.append, check_hub=lambda: True)
-    assert r.fallback and "Could not download and export org/missing" in r.notice
+    r = models.resolve_model("org/missing", progress=lines.append, fetch=failing)
+    assert r.fallback and "Could not download org/missing" in r.notice
     assert "404 Not Found" in r.notice and sum("Could not download" in line for line in lines) == 1
 
 
@@ -208,7 +218,7 @@ def test_page_waits_for_the_shared_cpu_gate_and_stop_gives_up_the_place(tmp_path
     import threading
 
     monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "cache"))
-    ckpt = models.write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, end_of_turn_scale=0.0)
+    ckpt = write_stand_in_checkpoint(tmp_path / "ckpt", seed=2, end_of_turn_scale=0.0)
     resolved = models.resolve_model(str(ckpt), progress=lambda m: None)
     pg = Playground(str(ckpt), threads=1, resolver=lambda spec, variants, progress: resolved)
     pg.start(background=False)
@@ -247,3 +257,62 @@ def test_page_waits_for_the_shared_cpu_gate_and_stop_gives_up_the_place(tmp_path
     assert turns[-1]["answers"]["int2"]["stats"]["new_tokens"] == 4
     one_message = len(pg.engines["ternary"].prompt_ids(messages=[{"role": "user", "content": "Hi"}]))
     assert turns[-1]["answers"]["ternary"]["stats"]["prompt_tokens"] == one_message
+
+
+class OpsStatusDouble:
+    """custom_ops.status() as the brief documents it (.ok .reason .fix .kernel .cpu)."""
+
+    def __init__(self, ok, reason="", fix="", kernel=None, cpu="Test CPU 9000"):
+        self.ok, self.reason, self.fix, self.kernel, self.cpu = ok, reason, fix, kernel, cpu
+
+
+def test_hardware_line_from_custom_ops_status(cache, monkeypatch):
+    import custom_ops
+
+    monkeypatch.setattr(custom_ops, "status", lambda: OpsStatusDouble(True, kernel="avx512vnni"),
+                        raising=False)
+    r = models.resolve_model("demo", progress=lambda m: None)
+    pg = Playground("demo", threads=1, resolver=lambda spec, variants, progress: r)
+    pg.start(background=False)
+    assert pg.state == "ready", pg.error
+    assert "Test CPU 9000 · BitLinear kernel: avx512vnni · 1 thread per engine" in pg.banner_markdown()
+    assert pg.status()["hardware"] == {"cpu": "Test CPU 9000", "kernel": "avx512vnni", "threads": 1,
+                                       "custom_ops": "ok"}
+    assert "Test CPU 9000" in " ".join(pg.log_lines)  # and in the start-up log
+
+
+def test_without_the_custom_op_the_page_serves_the_baselines_with_a_banner(cache, monkeypatch):
+    import custom_ops
+
+    from playground.conversation import model_messages, pane_messages
+
+    monkeypatch.setattr(custom_ops, "status", lambda: OpsStatusDouble(
+        False, reason="no C++ compiler found", fix="apt-get install g++"), raising=False)
+    r = models.resolve_model("demo", progress=lambda m: None)
+    pg = Playground("demo", threads=1, resolver=lambda spec, variants, progress: r)
+    pg.start(background=False)
+    assert pg.state == "ready", pg.error
+    assert "ternary" not in pg.engines and "int2" in pg.engines
+    banner = pg.banner_markdown()
+    assert "ternary engine is unavailable" in banner and "no C++ compiler found" in banner
+    assert "apt-get install g++" in banner and "BitLinear kernel: unavailable" in banner
+    turns, _ = list(pg.compare("Hi", [], "", "int2", ChatSettings(max_new_tokens=4, seed=1)))[-1]
+    answers = turns[-1]["answers"]
+    assert answers["ternary"]["state"] == "skipped" and answers["int2"]["stats"]["new_tokens"] >= 1
+    assert "unavailable" in pane_messages(turns, "ternary")[-1]["content"]
+    assert model_messages(turns)[-1]["content"] == answers["int2"]["text"]  # its answers are the history
+    assert list(pg.api_models().values())[0].variant == "int2"
+
+
+def test_send_is_off_while_the_model_is_prepared():
+    """Issue 11.7: while the model is being prepared the page cannot send (the button says
+    why), and a /chat call gets a notice instead of an error."""
+    from playground.ui import build_demo
+
+    pg = Playground("org/model")
+    pg.state = "preparing"
+    demo = build_demo(pg)
+    send = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "send")
+    assert send.interactive is False and "Preparing" in send.value
+    with pytest.raises(Exception, match="still being prepared"):
+        next(pg.compare("hi", [], "", "int2", ChatSettings()))

@@ -8,6 +8,7 @@ cover several column groups, a partial last group (N not a multiple of 32), K no
 of the 16-value block, and K long enough to use many blocks per int16 chunk.
 """
 
+import ctypes
 import os
 
 import numpy as np
@@ -83,3 +84,25 @@ def test_decode_rows_with_one_thread_and_two_agree(kernel):
     two = bitlinear_session(w, scale, kernel, threads=2).run(None, {"X": x})[0]
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(one, reference.bitlinear(x, w, scale))
+
+
+def test_owned_weights_compute_the_same(monkeypatch):
+    """BITNET_WEIGHTS=owned: each kernel reads its own huge-page copy of W made at session
+    creation; the results are the same bits, for decode rows and batches."""
+    w, scale = layer(2560, 640, seed=11)
+    x = np.random.default_rng(12).standard_normal((9, 2560)).astype(np.float32)
+    held = ctypes.CDLL(custom_ops.library_path()).bitnet_owned_weight_bytes  # the library ORT loaded
+    held.restype = ctypes.c_size_t
+    before = held()
+    monkeypatch.setenv("BITNET_WEIGHTS", "owned")
+    owned = bitlinear_session(w, scale, "auto")
+    assert held() - before == custom_ops.pack_ternary(w).nbytes  # this kernel holds a copy
+    monkeypatch.delenv("BITNET_WEIGHTS")
+    plain = bitlinear_session(w, scale, "auto")
+    assert held() - before == custom_ops.pack_ternary(w).nbytes  # the default holds none
+    for m in (1, 2, 9):
+        y = owned.run(None, {"X": x[:m]})[0]
+        np.testing.assert_array_equal(y, plain.run(None, {"X": x[:m]})[0])
+        np.testing.assert_array_equal(y, reference.bitlinear(x[:m], w, scale))
+    del owned
+    assert held() == before  # released with its session

@@ -98,8 +98,13 @@ def test_broken_config_is_one_clear_error(tmp_path, demo_export, offline):
     shutil.copytree(demo_export, broken)
     (broken / CONFIG_NAME).write_text("{not json")
     put_in_hub_cache(tmp_path / "hub", "someone/broken", str(broken))
-    with pytest.raises(HubFolderError, match="not valid JSON"):
+    with pytest.raises(HubFolderError, match="someone/broken: .*bitnet_onnx.json cannot be read") as e:
         exported_snapshot("someone/broken", cache_dir=str(tmp_path / "hub"))
+    assert "\n" not in str(e.value)
+    (broken / CONFIG_NAME).write_text(json.dumps({"format": "something-else", "variants": {}}))
+    put_in_hub_cache(tmp_path / "hub2", "someone/broken", str(broken))
+    with pytest.raises(HubFolderError, match="format is 'something-else'"):
+        exported_snapshot("someone/broken", cache_dir=str(tmp_path / "hub2"))
 
 
 # -- the model card ----------------------------------------------------------------------------
@@ -159,7 +164,7 @@ RESOLVE = """
 import json, os, sys
 from playground import models
 lines = []
-r = models.resolve_model(sys.argv[1], progress=lines.append, check_hub=lambda: False)
+r = models.resolve_model(sys.argv[1], progress=lines.append)
 print(json.dumps({"folder": r.folder, "fallback": r.fallback, "model_id": r.model_id, "lines": lines}))
 """
 
@@ -167,7 +172,7 @@ print(json.dumps({"folder": r.folder, "fallback": r.fallback, "model_id": r.mode
 def resolve_in_fresh_process(tmp_path, spec: str) -> dict:
     """resolve_model in a new interpreter: huggingface_hub reads HF_HOME when imported."""
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1",
-               BITNET_ONNX_CACHE=str(tmp_path / "export-cache"), BITNET_DEMO_MODEL="none")
+               BITNET_ONNX_CACHE=str(tmp_path / "export-cache"))
     r = subprocess.run([sys.executable, "-c", RESOLVE, spec], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -181,14 +186,15 @@ def test_model_flag_uses_a_cached_exported_repo_without_exporting(tmp_path, demo
     assert not got["fallback"] and got["model_id"] == "someone/shakespeare-onnx"
     assert not (tmp_path / "export-cache").exists() or not any((tmp_path / "export-cache").iterdir()), \
         "an exported repo must not be exported again"
-    assert any("exported folder in the hub cache" in line for line in got["lines"])
+    assert any("is an exported folder: using it" in line for line in got["lines"])
 
 
 def test_model_flag_with_an_incomplete_cached_export_falls_back_with_a_reason(tmp_path, demo_export):
     put_in_hub_cache(tmp_path / "hf" / "hub", "someone/partial", demo_export, skip=("model.onnx.data",))
     got = resolve_in_fresh_process(tmp_path, "someone/partial")
-    assert got["fallback"]  # offline, nothing usable: the stand-in, with the usual one-line notice
-    assert any("Cannot reach the Hugging Face hub" in line for line in got["lines"])
+    assert got["fallback"]  # offline, nothing usable: the demo model, with a one-line reason
+    notice = [line for line in got["lines"] if "Could not use someone/partial" in line]
+    assert len(notice) == 1 and "lacks model.onnx.data" in notice[0], got["lines"]
 
 
 def test_online_exported_repo_is_used_as_is(monkeypatch, tmp_path, demo_export):
@@ -199,14 +205,45 @@ def test_online_exported_repo_is_used_as_is(monkeypatch, tmp_path, demo_export):
     calls = []
 
     def fake_snapshot(repo_id, variants=None, **kw):
-        calls.append((repo_id, kw.get("local_only", False)))
-        return None if kw.get("local_only") else demo_export
+        calls.append(repo_id)
+        return demo_export
 
     def no_export(*a, **k):
-        raise AssertionError("an exported repo must not be exported")
+        raise AssertionError("an exported repo must not be fetched as a checkpoint or exported")
 
     monkeypatch.setattr(hub, "exported_snapshot", fake_snapshot)
     monkeypatch.setattr(models, "_export", no_export)
-    r = models.resolve_model("someone/online-onnx", progress=lambda m: None, check_hub=lambda: True)
-    assert r.folder == demo_export and not r.fallback
-    assert calls == [("someone/online-onnx", True), ("someone/online-onnx", False)]
+    r = models.resolve_model("someone/online-onnx", progress=lambda m: None, fetch=no_export)
+    assert r.folder == demo_export and not r.fallback and r.model_id == "someone/online-onnx"
+    assert calls == ["someone/online-onnx"]
+
+
+def test_hub_failures_are_one_line(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def broken_download(*a, **k):
+        raise OSError("connection reset by peer\nsecond line")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", broken_download)
+    with pytest.raises(HubFolderError) as e:
+        exported_snapshot("someone/flaky", cache_dir=str(tmp_path))
+    assert str(e.value) == ("cannot fetch bitnet_onnx.json of someone/flaky: OSError: "
+                            "connection reset by peer")
+
+
+def test_online_hub_failure_falls_back_with_the_reason(monkeypatch, tmp_path):
+    from playground import hub, models
+
+    monkeypatch.setenv("BITNET_ONNX_CACHE", str(tmp_path / "export-cache"))
+
+    def failing(repo_id, variants=None, **kw):
+        raise HubFolderError(f"cannot download {repo_id}: OSError: connection reset")
+
+    monkeypatch.setattr(hub, "exported_snapshot", failing)
+    monkeypatch.setattr(models, "demo_model", lambda progress, requested: models.ResolvedModel(
+        "/nowhere", models.DEMO_NAME, requested, fallback=True))
+    lines = []
+    r = models.resolve_model("someone/flaky-onnx", progress=lines.append)
+    assert r.fallback and "Could not use someone/flaky-onnx (cannot download" in r.notice
+    assert "\n" not in r.notice

@@ -36,16 +36,22 @@ void bitlinear_neon_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
   const uint8x16_t mask = vdupq_n_u8(3);
   const int8_t* xrow[MR];
   for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
+  // Every loop over acc is unrolled, so the accumulators live in registers (a loop left rolled
+  // makes GCC keep a copy of the array on the stack, stored on every iteration).
   int32x4_t acc[MR][8];
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) acc[m][v] = vdupq_n_s32(0);
   for (int64_t b = 0; b < nblocks; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
     __builtin_prefetch(block + kArmPrefetchBytes);
     __builtin_prefetch(block + kArmPrefetchBytes + 64);
-    int8x8_t xb[MR][4];  // the four activations of code i, repeated
+    int8x16_t xb[MR][4];  // the four activations of code i, repeated
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) xb[m][i] = vreinterpret_s8_s32(vdup_n_s32(load4(xrow[m] + b * kBlockK + 4 * i)));
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) xb[m][i] = vreinterpretq_s8_s32(vdupq_n_s32(load4(xrow[m] + b * kBlockK + 4 * i)));
 #pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) {
       const uint8x16_t packed = vld1q_u8(block + 16 * v);
@@ -55,20 +61,23 @@ void bitlinear_neon_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
       const int8x16_t c3 = vreinterpretq_s8_u8(vshrq_n_u8(packed, 6));
 #pragma GCC unroll 4
       for (int m = 0; m < MR; ++m) {
-        int16x8_t lo = vmull_s8(vget_low_s8(c0), xb[m][0]);  // columns 4v, 4v+1
-        lo = vmlal_s8(lo, vget_low_s8(c1), xb[m][1]);
-        lo = vmlal_s8(lo, vget_low_s8(c2), xb[m][2]);
-        lo = vmlal_s8(lo, vget_low_s8(c3), xb[m][3]);
-        int16x8_t hi = vmull_s8(vget_high_s8(c0), xb[m][0]);  // columns 4v+2, 4v+3
-        hi = vmlal_s8(hi, vget_high_s8(c1), xb[m][1]);
-        hi = vmlal_s8(hi, vget_high_s8(c2), xb[m][2]);
-        hi = vmlal_s8(hi, vget_high_s8(c3), xb[m][3]);
+        // low halves: columns 4v, 4v+1 (smull/smlal); high halves: 4v+2, 4v+3 (smull2/smlal2)
+        int16x8_t lo = vmull_s8(vget_low_s8(c0), vget_low_s8(xb[m][0]));
+        lo = vmlal_s8(lo, vget_low_s8(c1), vget_low_s8(xb[m][1]));
+        lo = vmlal_s8(lo, vget_low_s8(c2), vget_low_s8(xb[m][2]));
+        lo = vmlal_s8(lo, vget_low_s8(c3), vget_low_s8(xb[m][3]));
+        int16x8_t hi = vmull_high_s8(c0, xb[m][0]);
+        hi = vmlal_high_s8(hi, c1, xb[m][1]);
+        hi = vmlal_high_s8(hi, c2, xb[m][2]);
+        hi = vmlal_high_s8(hi, c3, xb[m][3]);
         acc[m][v] = vpadalq_s16(acc[m][v], vpaddq_s16(lo, hi));
       }
     }
   }
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
     int32_t sums[kGroupCols];
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) vst1q_s32(sums + 4 * v, acc[m][v]);
     bitlinear_store_group(p, m0 + m, g, sums);
   }
@@ -86,8 +95,10 @@ void matmul_f16_neon_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
   const uint16_t* w = p.w + n * K;
   const float* xr[MR];
   for (int m = 0; m < MR; ++m) xr[m] = p.x + (m0 + m) * K;
-  float32x4_t acc[MR][4];
+  float32x4_t acc[MR][4];  // every loop over it unrolled: registers, not stack (see above)
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) acc[m][i] = vdupq_n_f32(0.0f);
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
@@ -103,8 +114,10 @@ void matmul_f16_neon_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
   }
   for (; k + 4 <= K; k += 4) {
     const float32x4_t wv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k)));
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) acc[m][0] = vfmaq_f32(acc[m][0], vld1q_f32(xr[m] + k), wv);
   }
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
     const float32x4_t a = vaddq_f32(vaddq_f32(acc[m][0], acc[m][1]), vaddq_f32(acc[m][2], acc[m][3]));
     float s = vaddvq_f32(a);

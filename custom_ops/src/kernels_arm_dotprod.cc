@@ -29,14 +29,19 @@ void bitlinear_dotprod_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
   const uint8x16_t mask = vdupq_n_u8(3);
   const int8_t* xrow[MR];
   for (int m = 0; m < MR; ++m) xrow[m] = p.xq + (m0 + m) * p.Kp;
+  // Every loop over acc is unrolled, so the accumulators live in registers (a loop left rolled
+  // makes GCC keep a copy of the array on the stack, stored on every iteration).
   int32x4_t acc[MR][8];
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) acc[m][v] = vdupq_n_s32(0);
   for (int64_t b = 0; b < nblocks; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
     __builtin_prefetch(block + kDotPrefetchBytes);
     __builtin_prefetch(block + kDotPrefetchBytes + 64);
     int8x16_t xv[MR];
+#pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) xv[m] = vld1q_s8(xrow[m] + b * kBlockK);
 #pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) {
@@ -54,8 +59,10 @@ void bitlinear_dotprod_tile(const BitLinearProblem& p, int64_t m0, int64_t g) {
       }
     }
   }
+#pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) {
     int32_t sums[kGroupCols];
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) vst1q_s32(sums + 4 * v, acc[m][v]);
     bitlinear_store_group(p, m0 + m, g, sums);
   }

@@ -169,13 +169,16 @@ struct Slab {
 };
 
 std::mutex slabs_mutex;
-Slab* open_slab = nullptr;  // the slab new copies go to
+Slab* open_slab = nullptr;     // the slab new copies go to
+size_t owned_weight_bytes = 0;  // bytes of W held in slabs now (for tests and tools)
 
 struct OwnedBuffer {
   Slab* slab = nullptr;
   uint8_t* data = nullptr;
+  size_t bytes = 0;
   ~OwnedBuffer() {
     std::lock_guard<std::mutex> lock(slabs_mutex);
+    owned_weight_bytes -= bytes;
     if (--slab->users == 0) {
       if (open_slab == slab) open_slab = nullptr;
       std::free(slab->base);
@@ -212,6 +215,8 @@ std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
     }
     buffer->slab = open_slab;
     buffer->data = open_slab->base + open_slab->used;
+    buffer->bytes = bytes;
+    owned_weight_bytes += bytes;
     open_slab->used += need;
     ++open_slab->users;
   }
@@ -630,6 +635,13 @@ BITNET_EXPORT const char* bitnet_resolve_kernel(const char* requested) {
   KernelSet kernels{};
   std::string error;
   return bitnet::select_kernels(requested, &kernels, &error) ? kernels.name : "";
+}
+
+// For tests and tools (via ctypes): bytes of BitLinear weights held in owned copies now
+// (BITNET_WEIGHTS=owned), 0 when every kernel reads ONNX Runtime's buffers.
+__attribute__((visibility("default"))) size_t bitnet_owned_weight_bytes() {
+  std::lock_guard<std::mutex> lock(slabs_mutex);
+  return owned_weight_bytes;
 }
 
 // For tests (via ctypes): this CPU's feature bits, and which kernel each op gets for a

@@ -35,22 +35,41 @@ def _one_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+# ARM Ltd (implementer 0x41) CPU parts, for /proc/cpuinfo on ARM64 Linux, which names no model.
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse N1", "0xd0d": "Cortex-A77", "0xd40": "Neoverse V1", "0xd41": "Cortex-A78",
+             "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710", "0xd48": "Cortex-X2",
+             "0xd49": "Neoverse N2", "0xd4f": "Neoverse V2", "0xd80": "Cortex-A520", "0xd81": "Cortex-A720",
+             "0xd8e": "Neoverse N3", "0xd84": "Neoverse V3"}
+
+
+def cpu_from_cpuinfo(text: str) -> str | None:
+    """The CPU model in /proc/cpuinfo's text (None when it names none)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    for key in ("model name", "Model", "Hardware", "cpu model", "cpu"):  # x86, boards, others
+        if fields.get(key):
+            return fields[key]
+    part = fields.get("CPU part", "").lower()
+    if fields.get("CPU implementer", "").lower() == "0x41" and part in ARM_PARTS:
+        return f"ARM {ARM_PARTS[part]}"
+    if "CPU implementer" in fields:
+        return f"ARM64 CPU (implementer {fields['CPU implementer']}, part {fields.get('CPU part', '?')})"
+    return None
+
+
 def cpu_model() -> str:
     """The CPU model: /proc/cpuinfo on Linux, sysctl on macOS, the platform string elsewhere."""
     try:
         if os.path.exists("/proc/cpuinfo"):
-            fields = {}
             with open("/proc/cpuinfo", errors="replace") as f:
-                for line in f:
-                    key, sep, value = line.partition(":")
-                    if sep and key.strip() not in fields:
-                        fields[key.strip()] = value.strip()
-            # x86: "model name"; ARM kernels often give only "CPU implementer"/"CPU part".
-            for key in ("model name", "Model", "Hardware", "cpu model", "cpu"):
-                if fields.get(key):
-                    return fields[key]
-            if "CPU implementer" in fields:
-                return f"{platform.machine()} (implementer {fields['CPU implementer']}, part {fields.get('CPU part', '?')})"
+                found = cpu_from_cpuinfo(f.read())
+            if found:
+                return found
         if platform.system() == "Darwin":
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
                                  text=True, timeout=5)

@@ -87,17 +87,18 @@ def test_decode_rows_with_one_thread_and_two_agree(kernel):
 
 
 def test_owned_weights_compute_the_same(monkeypatch):
-    """BITNET_WEIGHTS=owned: each kernel reads its own huge-page copy of W made at session
-    creation; the results are the same bits, for decode rows and batches."""
+    """By default each kernel reads its own huge-page copy of W made at session creation;
+    BITNET_WEIGHTS=ort reads ORT's buffer. The results are the same bits, for decode rows and
+    batches, and the copy goes with its session."""
     w, scale = layer(2560, 640, seed=11)
     x = np.random.default_rng(12).standard_normal((9, 2560)).astype(np.float32)
     held = ctypes.CDLL(custom_ops.library_path()).bitnet_owned_weight_bytes  # the library ORT loaded
     held.restype = ctypes.c_size_t
     before = held()
-    monkeypatch.setenv("BITNET_WEIGHTS", "owned")
+    monkeypatch.delenv("BITNET_WEIGHTS", raising=False)
     owned = bitlinear_session(w, scale, "auto")
     assert held() - before == custom_ops.pack_ternary(w).nbytes  # this kernel holds a copy
-    monkeypatch.delenv("BITNET_WEIGHTS")
+    monkeypatch.setenv("BITNET_WEIGHTS", "ort")
     plain = bitlinear_session(w, scale, "auto")
     assert held() - before == custom_ops.pack_ternary(w).nbytes  # the default holds none
     for m in (1, 2, 9):

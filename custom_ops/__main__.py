@@ -27,6 +27,8 @@ def main(argv=None) -> int:
             print(ensure_built(force=args.force))
     except (BuildError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if e.fix:
+            print(f"fix: {e.fix}", file=sys.stderr)
         return 1
     return 0
 

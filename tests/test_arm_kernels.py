@@ -89,3 +89,20 @@ def test_library_cross_compiles_for_arm64(tmp_path):
                              capture_output=True, text=True).stdout
     for name in ("RegisterCustomOps", "bitnet_resolve_kernel", "bitnet_cpu_features", "bitnet_kernel_table"):
         assert f" T {name}" in symbols
+
+
+def test_dotprod_unit_exports_only_its_kernel(tmp_path):
+    """The unit built for ARMv8.2 + dotprod defines one global symbol and no weak (COMDAT) ones, so
+    the linker can never pick an ARMv8.2 copy of a shared inline function for code that runs on
+    CPUs without the extension."""
+    unit = build.SOURCE_DIR / "kernels_arm_dotprod.cc"
+    commands = build.compile_commands(CROSS_CXX, build.SOURCE_DIR, [unit], str(tmp_path / "unused.so"), tmp_path, "aarch64")
+    compile_aarch64(commands[:1])
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-C", "--defined-only", str(tmp_path / "kernels_arm_dotprod.o")],
+                             capture_output=True, text=True).stdout.splitlines()
+    kinds = {line.split()[1]: [] for line in symbols}
+    for line in symbols:
+        kinds[line.split()[1]].append(line)
+    assert [line.split(" ", 2)[2] for line in kinds.get("T", [])] == \
+        ["bitnet::bitlinear_dotprod(bitnet::BitLinearProblem const&, long, long, long, long)"]
+    assert not any(kind in kinds for kind in ("W", "V", "u")), symbols

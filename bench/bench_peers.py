@@ -128,6 +128,7 @@ def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
 
 def prepare_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Writes the unpacked checkpoint llama.cpp's converter reads (see the module docstring)."""
+    from bench.make_2b4t_checkpoint import safetensors_prefix
     from export.ternary import unpack_rows
 
     target = out / "model.safetensors"
@@ -177,18 +178,10 @@ def prepare_checkpoint(checkpoint: Path, out: Path) -> Path:
         # the 2B4T BitLinear divides by weight_scale: the float weight is t / weight_scale
         return _f32_to_bf16(unpack_rows(packed).astype(np.float32) * np.float32(1.0 / scale)).tobytes()
 
-    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for out_name, dtype, shape, _ in plan:
-        nbytes = int(np.prod(shape)) * itemsize[dtype]
-        header[out_name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((-len(blob)) % 8)
-    log(f"writing the unpacked checkpoint {target} ({offset / 1e9:.1f} GB)")
+    prefix, data_bytes = safetensors_prefix([(out_name, dtype, shape) for out_name, dtype, shape, _ in plan])
+    log(f"writing the unpacked checkpoint {target} ({data_bytes / 1e9:.1f} GB)")
     with open(str(target) + ".partial", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(prefix)
         for _, _, _, src in plan:
             f.write(tensor_bytes(src))
     config = json.loads((checkpoint / "config.json").read_text())

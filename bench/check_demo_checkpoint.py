@@ -1,6 +1,6 @@
 """Does packing the local training output reproduce the shipped demo checkpoint, tensor for tensor?
 
-    python -m demo train                       # writes build/demo/ternary/checkpoint.pt (~1 h)
+    python -m demo train                       # writes build/demo/ternary/checkpoint.pt (~17 min, 1 thread)
     python bench/check_demo_checkpoint.py      # then: exit 0 when every tensor is equal
 
 Not a test: it needs the git-ignored training output, which a clean clone does not have.

@@ -106,18 +106,24 @@ def generate(kind: str, shape, rng: np.random.Generator, out):
         raise ValueError(kind)
 
 
-def write_safetensors(path: str, plan, rng) -> None:
-    itemsize = {"BF16": 2, "U8": 1}
+def safetensors_prefix(tensors) -> tuple[bytes, int]:
+    """The start of a safetensors file holding `tensors` ((name, dtype, shape) in file order):
+    the 8-byte header length and the JSON header; and the data bytes that must follow."""
+    itemsize = {"BF16": 2, "F16": 2, "F32": 4, "U8": 1}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape, _ in plan:
+    for name, dtype, shape in tensors:
         nbytes = int(np.prod(shape)) * itemsize[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
+def write_safetensors(path: str, plan, rng) -> None:
+    prefix, _ = safetensors_prefix([(name, dtype, shape) for name, dtype, shape, _ in plan])
     with open(path + ".partial", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(prefix)
         for i, (name, _, shape, kind) in enumerate(plan):
             generate(kind, shape, rng, f)
             if name.endswith("ffn_sub_norm.weight"):

@@ -24,8 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated: {','.join(VARIANT_NAMES)} (default: %(default)s)")
     parser.add_argument("--lm-head", default=DEFAULT_LM_HEAD, choices=LM_HEAD_CHOICES,
-                        help="auto (default): int8 for big heads, else native; int8: ternary reads one int8 "
-                             "table shared with the embedding (bitnet.MatMulI8), baselines MatMulNBits 8-bit; "
+                        help="auto (default): int8 for heads of >= 2^24 weights (vocab x hidden), else native; "
+                             "int8: ternary reads one int8 table shared with the embedding (bitnet.MatMulI8), "
+                             "baselines MatMulNBits 8-bit; "
                              "native/fp16: the checkpoint's precision (exact); nbits8: MatMulNBits 8-bit everywhere")
     parser.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                         help="MatMulNBits block size of the int2 baseline (default: %(default)s)")

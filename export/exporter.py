@@ -62,6 +62,14 @@ def _embedding_storage(ckpt: Checkpoint, tables: list[np.ndarray]):
     return np.float32
 
 
+def embedding_dtype(variant, storage, tied: bool) -> str:
+    """The dtype of the table a variant's embedding Gathers from: "int8" when a tied int8 head
+    shares its quantized table with the embedding, else the variant's float storage."""
+    if tied and variant.head_kind == "i8":
+        return "int8"
+    return np.dtype(variant.storage(storage)).name
+
+
 def parse_variants(text: str | list | tuple) -> list[str]:
     names = [v.strip() for v in text.split(",")] if isinstance(text, str) else list(text)
     unknown = [v for v in names if v not in VARIANT_NAMES]
@@ -95,6 +103,7 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
         embedding = ckpt.embedding()
         head = None if spec.tie_word_embeddings else ckpt.lm_head()
         storage = _embedding_storage(ckpt, [embedding] + ([] if head is None else [head]))
+        embedding_dtypes = {v.name: embedding_dtype(v, storage, head is None) for v in variant_objs}
         for g in graphs:
             g.embed(embedding, head, storage)
         del embedding, head
@@ -111,7 +120,9 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
             progress(f"wrote {v.file_name} (+ {w.bytes_written / 2**20:.0f} MiB of weights)")
         copy_tokenizer_files(folder, tmp)
         extra = {"lm_head": lm_head, "lm_head_kinds": {v.name: v.head_kind for v in variant_objs},
-                 "embedding_dtype": np.dtype(storage).name,
+                 # the first variant's (ternary when exported: model.onnx), then each variant's
+                 "embedding_dtype": embedding_dtypes[variant_objs[0].name],
+                 "embedding_dtypes": embedding_dtypes,
                  "int2_block_size": int2_block_size if "int2" in names else None}
         config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)
         from .genai_config import write_genai_files  # here: `python -m export.genai_config` stays clean

@@ -1,13 +1,18 @@
 """The model folder contract: the one module that knows how an exported folder looks.
 
-    DIR/bitnet_onnx.json            the config (written last: a folder with it is complete)
+    DIR/bitnet_onnx.json            the config, format_version 2 (written last: a folder with
+                                    it is complete)
     DIR/model.onnx (+ .data)        ternary variant (needs the custom-op library)
     DIR/model.int2.onnx (+ .data)   stock-ORT baselines
     DIR/model.int4.onnx (+ .data)
     DIR/model.fp32.onnx (+ .data)
     DIR/tokenizer.json ...          the checkpoint's tokenizer files
+    DIR/genai_config.json           for onnxruntime-genai (export/genai_config.py), with a copy
+    DIR/libbitnet_ops.so            of the custom-op library when the ternary variant is there
+    DIR/README.md                   the model card (export/model_card.py)
 
-and the ONNX graph's input/output names. The exporter writes through it, the runtime, the
+and the ONNX graph's input/output names (inputs `input_ids`, `attention_mask`,
+`past_key_values.{i}.key|value`, `num_logits_to_keep`; outputs `logits`, `present.{i}.key|value`). The exporter writes through it, the runtime, the
 playground, the server, the benchmarks and the tests read through it (docs/ARCHITECTURE.md).
 """
 

@@ -8,9 +8,13 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+
+import httpx
 
 _MODELS: dict = {}
 _LOCK = threading.Lock()
@@ -138,3 +142,34 @@ def wait_until(predicate, timeout: float = 5.0, step: float = 0.01) -> bool:
             return True
         time.sleep(step)
     return predicate()
+
+
+@contextlib.contextmanager
+def server_subprocess(args, env_overrides=None, cwd=None, start_timeout: float = 90):
+    """`python -m server ARGS --port P` in a subprocess (no API key, no Gradio analytics), waited
+    for until /v1/health answers; yields (url, proc) and stops it at the end."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", **(env_overrides or {}))
+    env.pop("BITNET_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "server", *args, "--port", str(port)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {proc.stdout.read()[-2000:]}")
+        time.sleep(0.2)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

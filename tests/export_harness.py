@@ -18,6 +18,17 @@ from runtime.session import open_session
 ALL_POSITIONS = np.zeros([1], np.int64)  # num_logits_to_keep = 0: logits for every position
 
 
+def export_tiny_case(base, name: str, case, variants):
+    """Write the tiny checkpoint of a test case `(fmt, tied, extra)` under base (seeded by the
+    case's name) and export `variants` of it; returns (checkpoint folder, exported folder)."""
+    from export import export_checkpoint
+    from tests.checkpoints import write_tiny_checkpoint
+
+    fmt, tied, extra = case
+    ckpt = write_tiny_checkpoint(base / "ckpt", fmt=fmt, tied=tied, seed=len(name), **extra)
+    return ckpt, export_checkpoint(str(ckpt), str(base / "onnx"), variants, progress=lambda m: None)
+
+
 def load_config(folder) -> dict:
     return read_config(folder)
 

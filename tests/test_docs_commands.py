@@ -17,13 +17,11 @@ import shlex
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.api_support import free_port, tiny_model_dir
+from tests.api_support import server_subprocess, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -128,30 +126,8 @@ def test_test_and_install_commands_name_real_files():
 @pytest.fixture(scope="module")
 def api_server():
     """`python -m server` on the tiny model (one model: it answers to the docs' model name)."""
-    port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    env.pop("BITNET_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "server", tiny_model_dir(), "--port", str(port),
-                             "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stdout.read()[-2000:]}")
-        time.sleep(0.2)
-    yield url, proc
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with server_subprocess([tiny_model_dir(), "--threads", "1"], cwd=ROOT) as (url, proc):
+        yield url, proc
 
 
 def with_url(text: str, url: str) -> str:

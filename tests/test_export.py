@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export import export_checkpoint
 from runtime.folder import FORMAT_VERSION, VARIANTS
-from tests.checkpoints import load_reference, write_tiny_checkpoint
-from tests.export_harness import (GrowingCache, SharedBuffer, greedy, load_config, make_session,
-                                  reference_greedy, reference_logits)
+from tests.checkpoints import load_reference
+from tests.export_harness import (GrowingCache, SharedBuffer, export_tiny_case, greedy, load_config,
+                                  make_session, reference_greedy, reference_logits)
 
 ALL_VARIANTS = VARIANTS
 RELATIVE_TOLERANCE = {"ternary": 2e-3, "int2": 2e-3, "fp32": 2e-3, "int4": 2e-2}
@@ -53,10 +52,8 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
-    fmt, tied, extra = CASES[request.param]
-    base = tmp_path_factory.mktemp(request.param)
-    ckpt = write_tiny_checkpoint(base / "ckpt", fmt=fmt, tied=tied, seed=len(request.param), **extra)
-    out = export_checkpoint(str(ckpt), str(base / "onnx"), ALL_VARIANTS, progress=lambda m: None)
+    ckpt, out = export_tiny_case(tmp_path_factory.mktemp(request.param), request.param,
+                                 CASES[request.param], ALL_VARIANTS)
     model = load_reference(ckpt)
     tokens = reference_greedy(model, PROMPT, 32)
     return {

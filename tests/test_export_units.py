@@ -76,3 +76,24 @@ def test_embedding_outside_fp16_range_stays_fp32(tmp_path):
     assert json.loads((tmp_path / "m" / CONFIG_NAME).read_text())["embedding_dtype"] == "float32"
     model = onnx.load(f"{out}/model.onnx", load_external_data=False)
     assert [n.op_type for n in model.graph.node if n.name == "lm_head"] == ["Gemm"]
+
+
+def test_embedding_dtype_names_the_table_each_variant_gathers_from(tmp_path):
+    """A tied int8 head shares its int8 table with the ternary embedding: the config says int8
+    there (not the checkpoint's float16), and float32 for the baselines, as the graphs hold."""
+    import onnx
+
+    from export import export_checkpoint
+    from tests.checkpoints import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", fmt="bitlinear", tied=True)
+    out = export_checkpoint(str(ckpt), str(tmp_path / "m"), ["ternary", "int2"], lm_head="int8",
+                            progress=lambda m: None)
+    cfg = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    assert cfg["embedding_dtypes"] == {"ternary": "int8", "int2": "float32"}
+    assert cfg["embedding_dtype"] == "int8"
+    for variant, file_name in cfg["variants"].items():
+        model = onnx.load(f"{out}/{file_name}", load_external_data=False)
+        gather = next(n for n in model.graph.node if n.name == "model.embed_tokens")
+        table = next(t for t in model.graph.initializer if t.name == gather.input[0])
+        assert onnx.helper.tensor_dtype_to_np_dtype(table.data_type).name == cfg["embedding_dtypes"][variant]

@@ -29,7 +29,7 @@ from export.genai_config import GENAI_CONFIG_NAME
 from runtime import Engine, GenerationSettings
 from runtime.folder import read_config, variant_file
 from tests.checkpoints import load_reference, write_tiny_checkpoint
-from tests.export_harness import reference_greedy, reference_logits
+from tests.export_harness import export_tiny_case, reference_greedy, reference_logits
 from tests.test_export import RELATIVE_TOLERANCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,10 +88,8 @@ TINY_CASES = {
 
 @pytest.fixture(scope="module", params=sorted(TINY_CASES))
 def tiny(request, tmp_path_factory):
-    fmt, tied, extra = TINY_CASES[request.param]
-    base = tmp_path_factory.mktemp(request.param)
-    ckpt = write_tiny_checkpoint(base / "ckpt", fmt=fmt, tied=tied, seed=len(request.param), **extra)
-    out = export_checkpoint(str(ckpt), str(base / "onnx"), VARIANTS, progress=lambda m: None)
+    ckpt, out = export_tiny_case(tmp_path_factory.mktemp(request.param), request.param,
+                                 TINY_CASES[request.param], VARIANTS)
     return {"out": Path(out), "cfg": read_config(out),
             "reference": reference_greedy(load_reference(ckpt), TINY_PROMPT, NEW_TOKENS)}
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -23,7 +21,7 @@ import psutil
 import pytest
 
 from bench.loadgen import run_load, summarize
-from tests.api_support import free_port, tiny_model_dir
+from tests.api_support import server_subprocess, tiny_model_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = int(os.environ.get("BITNET_LOAD_CLIENTS", 16))
@@ -36,32 +34,11 @@ RSS_BOUND_MB = 40  # RSS after the run may exceed RSS after warm-up by at most t
 
 @pytest.fixture(scope="module")
 def server_process():
-    folder = tiny_model_dir()
-    port = free_port()
-    env = dict(os.environ, BITNET_API_QUEUE_SIZE=str(QUEUE_SIZE), BITNET_API_QUEUE_TIMEOUT_S="20",
-               BITNET_API_CONCURRENCY="1", OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
-    env.pop("BITNET_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "server", folder, "--name", "tiny", "--port", str(port),
-                             "--threads", "1", "--page"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {proc.stdout.read()[-2000:]}")
-        time.sleep(0.2)
-    yield url, proc
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    env = dict(BITNET_API_QUEUE_SIZE=str(QUEUE_SIZE), BITNET_API_QUEUE_TIMEOUT_S="20",
+               BITNET_API_CONCURRENCY="1", OMP_NUM_THREADS="1")
+    with server_subprocess([tiny_model_dir(), "--name", "tiny", "--threads", "1", "--page"], env, cwd=ROOT) \
+            as (url, proc):
+        yield url, proc
 
 
 def rss_mb(proc) -> float:

@@ -390,6 +390,22 @@ def test_forced_levels_select_their_row_of_the_table():
     assert custom_ops.resolve_kernel("auto") == custom_ops.kernel_table(custom_ops.cpu_features())["level"]
 
 
+def test_levels_the_cpu_lacks_are_skipped_naming_the_features(monkeypatch):
+    """What an AVX2-only machine's test summary shows (checked here on any CPU)."""
+    import tests.kernel_levels as levels
+
+    monkeypatch.setattr(custom_ops, "cpu_features", lambda: custom_ops.FEATURE_AVX2)
+    assert custom_ops.missing_features("avx512vnni") == ["AVX-512 F/BW/VL", "AVX-512 VNNI"]
+    assert custom_ops.missing_features("avxvnni") == ["AVX-VNNI"]
+    monkeypatch.setattr(levels, "AVAILABLE", ["reference", "avx2"])
+    marks = {p.values[0]: p.marks[0] for p in levels.kernel_params()}
+    assert marks["reference"].args == (False,) and marks["avx2"].args == (False,)
+    for level in ("avxvnni", "avx512", "avx512vnni"):
+        assert marks[level].args == (True,)
+        assert marks[level].kwargs["reason"].startswith(f"kernel {level} not proved here: this CPU lacks")
+    assert "AVX-512 VNNI" in marks["avx512vnni"].kwargs["reason"]
+
+
 # ---- bit for bit at rounding ties ------------------------------------------------------------
 
 def constructed_ties(count=24, seed=0):

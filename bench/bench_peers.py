@@ -1,6 +1,6 @@
 """Peer benchmark: our engine against llama.cpp's ternary types on the same checkpoint, one run.
 
-    python bench/bench_peers.py CHECKPOINT --ours DIR[=LABEL] [--ours DIR2=LABEL2 ...]
+    python bench/bench_peers.py CHECKPOINT --ours DIR[@VARIANT][=LABEL] [--ours DIR2=LABEL2 ...]
         [--work bench/out/peers] [--threads 1,2] [--rounds 3] [--markdown-out FILE]
 
 CHECKPOINT is a BitNet b1.58 checkpoint folder in the 2B4T format (bench/make_2b4t_checkpoint.py
@@ -245,8 +245,8 @@ def time_llama(binaries: Path, model: Path, threads: int, prompt: int, new: int)
     return result
 
 
-def time_ours(model_dir: Path, threads: int, prompt: int, new: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(REPO / "bench" / "bench_e2e.py"), str(model_dir), "--worker", "ternary",
+def time_ours(model_dir: Path, variant: str, threads: int, prompt: int, new: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(REPO / "bench" / "bench_e2e.py"), str(model_dir), "--worker", variant,
            "--worker-threads", str(threads), "--prompt-tokens", str(prompt), "--new-tokens", str(new)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -286,7 +286,7 @@ def median(values):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--ours", action="append", default=[], metavar="DIR[=LABEL]",
+    p.add_argument("--ours", action="append", default=[], metavar="DIR[@VARIANT][=LABEL]",
                    help="an exported model folder to time (repeatable)")
     p.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "peers")
     p.add_argument("--threads", default="1,2")
@@ -307,10 +307,13 @@ def main(argv=None) -> int:
     if args.prepare_only:
         return 0
 
-    ours = {}
+    ours = {}  # row name -> (folder, variant); @VARIANT times a stock baseline of the same folder
     for spec in args.ours:
-        folder, _, label = spec.partition("=")
-        ours[f"bitnet-onnx ternary ({label or Path(folder).name})"] = Path(folder)
+        where, _, label = spec.partition("=")
+        folder, _, variant = where.partition("@")
+        variant = variant or "ternary"
+        engine = "bitnet-onnx ternary" if variant == "ternary" else f"stock ORT {variant}"
+        ours[f"{engine} ({label or Path(folder).name})"] = (Path(folder), variant)
     engines = list(ours) + list(ggufs)
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -327,7 +330,7 @@ def main(argv=None) -> int:
             order = engines[r % len(engines):] + engines[:r % len(engines)]  # rotate who goes first
             for name in order:
                 if name in ours:
-                    res = time_ours(ours[name], t, args.prompt_tokens, args.new_tokens, args.timeout)
+                    res = time_ours(*ours[name], t, args.prompt_tokens, args.new_tokens, args.timeout)
                 else:
                     res = time_llama(binaries, ggufs[name], t, args.prompt_tokens, args.new_tokens)
                 log(f"round {r + 1} threads {t} {name}: {res.get('error') or '%.2f prefill, %.2f decode tok/s' % (res.get('prefill_tokens_per_s', 0), res.get('decode_tokens_per_s', 0))}")

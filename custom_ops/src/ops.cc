@@ -15,8 +15,13 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
-#include <sys/mman.h>
-#include <unistd.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>  // madvise: owned weights and the lm_head tables in 2 MiB pages
+#include <unistd.h>    // sysconf
+#endif
+#if defined(_WIN32)
+#include <malloc.h>  // _aligned_malloc: Windows has no posix_memalign
+#endif
 
 #include <algorithm>
 #include <cstdio>
@@ -29,10 +34,6 @@
 #include <vector>
 
 #include "kernels.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>  // madvise: the lm_head tables in 2 MiB pages
-#endif
 
 namespace {
 
@@ -161,6 +162,15 @@ void bitlinear_item(void* data, size_t i) {
 // token than reading ORT's 4 KiB-page mapping, peak RSS +11 MB (bench/README.md).
 // BITNET_WEIGHTS=ort: the kernels read W where ONNX Runtime holds it.
 
+// Frees what own_copy allocated (posix_memalign, or _aligned_malloc on Windows).
+inline void free_aligned(void* p) {
+#if defined(_WIN32)
+  _aligned_free(p);
+#else
+  std::free(p);
+#endif
+}
+
 // Owned copies live in slabs of at least 64 MiB, 2 MiB aligned and huge-page advised, filled
 // one after another (64-byte aligned): one small matrix per 2 MiB huge page would waste most
 // of it. A slab is freed when the last kernel using it is destroyed.
@@ -183,7 +193,7 @@ struct OwnedBuffer {
     owned_weight_bytes -= bytes;
     if (--slab->users == 0) {
       if (open_slab == slab) open_slab = nullptr;
-      std::free(slab->base);
+      free_aligned(slab->base);
       delete slab;
     }
   }
@@ -205,12 +215,17 @@ std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
     if (open_slab == nullptr || open_slab->size - open_slab->used < need) {
       const size_t size = std::max(kSlab, (need + kHuge - 1) / kHuge * kHuge);
       void* mem = nullptr;
+#if defined(_WIN32)
+      mem = _aligned_malloc(size, kHuge);
+      if (mem == nullptr) return nullptr;
+#else
       if (posix_memalign(&mem, kHuge, size) != 0) return nullptr;
+#endif
 #ifdef MADV_HUGEPAGE
       madvise(mem, size, MADV_HUGEPAGE);
 #endif
       if (open_slab != nullptr && open_slab->users == 0) {  // cannot happen (a full slab has users)
-        std::free(open_slab->base);
+        free_aligned(open_slab->base);
         delete open_slab;
       }
       open_slab = new Slab{static_cast<uint8_t*>(mem), size, 0, 0};

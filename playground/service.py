@@ -411,7 +411,7 @@ class Playground:
         except Busy as e:
             raise CpuBusy(f"The server is busy ({e}); try again in a moment.") from None
         try:
-            if not ticket.holding and not gate._try_take(ticket):
+            if not ticket.try_take():
                 answer["state"] = "gate"
                 yield turns, False
             if not ticket.wait(self.gate_timeout_s, abandon=cancel):

@@ -2,14 +2,15 @@
 ONNX Runtime baseline, side by side.
 
     python app.py [--model ID|DIR|demo] [--host 0.0.0.0] [--port 7860] [--share] [--threads N]
-                  [--no-api]
+                  [--no-api] [--batch SLOTS]
 
 Default model: microsoft/bitnet-b1.58-2B-4T, downloaded and exported once into the cache
 (BITNET_ONNX_CACHE, else $HF_HOME/bitnet-onnx, else ~/.cache/bitnet-onnx). Without the hub and
 without a cached copy it says so and serves a fallback model, with a banner on the page.
 The page is served at once; the model is prepared in the background and the page shows the
 progress. The same server answers the OpenAI-compatible API at /v1 (server/), sharing one CPU
-gate with the page. Hugging Face Spaces runs this file as is (docs/SPACES.md).
+gate with the page; the ternary engine decodes up to --batch SLOTS streams (page and API
+together) in one step (docs/BATCHING.md), the baselines run one at a time. Hugging Face Spaces runs this file as is (docs/SPACES.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import sys
 
 from playground.models import DEFAULT_MODEL
+from runtime.batcher import DEFAULT_SLOTS
 from playground.service import DEFAULT_QUEUE_SIZE, Playground
 from playground.ui import build_demo, launch_kwargs
 from server import Gate, Limits, attach_api
@@ -45,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not serve the OpenAI-compatible API (/v1) next to the page")
     p.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
                    help="requests that may wait in the queue (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=DEFAULT_SLOTS, metavar="SLOTS",
+                   help="ternary streams (page and API) decoded together in one step (default: "
+                        "%(default)s; 0: one generation at a time through the plain engine)")
     args = p.parse_args(argv)
+    if args.batch < 0:
+        p.error("--batch must be >= 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args
@@ -53,20 +60,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def create_playground(args: argparse.Namespace, limits: Limits | None = None) -> Playground:
     """The playground, holding the one CPU gate that page and API share (the API's limits:
-    a page turn waits in the same FIFO queue as API requests)."""
-    limits = limits or Limits.from_env()
+    a page turn waits in the same FIFO queue as API requests; with batching the gate admits
+    as many generations as the batcher has slots)."""
+    batch = getattr(args, "batch", DEFAULT_SLOTS)
+    limits = limits or serving_limits(batch)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    pg = Playground(model=args.model, threads=args.threads, variants=variants,
+    pg = Playground(model=args.model, threads=args.threads, variants=variants, batch=batch,
                     gate=Gate(limits.concurrency, limits.queue_size, limits.history))
     pg.gate_timeout_s = limits.queue_timeout_s
     return pg
 
 
+def serving_limits(batch: int) -> Limits:
+    """The API's limits (BITNET_API_*); with batching its concurrency is the batcher's slots."""
+    return Limits.from_env(concurrency=batch) if batch else Limits.from_env()
+
+
 def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
     """The queued Blocks. Gradio's queue only bounds how many requests are in flight; the
-    one-at-a-time order on the CPU is the gate's (so Stop can withdraw a waiting turn)."""
+    order on the CPU is the gate's (so Stop can withdraw a waiting turn): as many turns at
+    once as the ternary batcher has slots, one at a time without batching."""
     demo = build_demo(pg)
-    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    demo.queue(default_concurrency_limit=max(1, getattr(pg, "batch", 0)), max_size=queue_size)
     return demo
 
 
@@ -76,7 +91,7 @@ def main(argv=None) -> int:
     if os.environ.get("SPACE_ID"):
         args.host = "0.0.0.0"  # a Space routes to the container's port 7860
         args.share = False  # ignored on Spaces anyway
-    limits = Limits.from_env()
+    limits = serving_limits(args.batch)
     pg = create_playground(args, limits)
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)

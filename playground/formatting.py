@@ -60,6 +60,8 @@ def stats_markdown(variant: str, answer: dict | None, context: int | None = None
         f"decode **{s['decode_tokens_per_s']:.1f} tok/s**" if n > 1 else "decode –",
         f"tokens **{s.get('prompt_tokens', 0)}** in + **{n}** out",
     ]
+    if s.get("max_batch_size"):  # ran through the batcher: the streams it shared steps with
+        parts.append(f"batch **{s['max_batch_size']}** (mean {s.get('batch_size', 0):.1f})")
     if context:
         used = s.get("prompt_tokens", 0) + n
         parts.append(f"context {used}/{context} ({100 * used / int(context):.0f}%)")

@@ -1,8 +1,11 @@
 """The playground's back end: prepares the model, holds the engines, runs compare-mode turns.
 
 No generation logic lives here: `runtime.Engine.stream` does that. This module decides which
-engines run, in what order (ternary first, then the baseline, each holding the one CPU slot of
-the gate shared with the HTTP API, so neither is timed while something else holds the cores),
+engines run, in what order (ternary first, then the baseline, one after the other, so the
+turn never times the two engines against each other on shared cores). The ternary engine is a
+runtime.batcher.BatchedEngine: page visitors and API clients share its decode steps (the gate
+shared with the HTTP API admits `batch` of them at once); the baselines are plain Engines that
+run one visitor at a time (a second, one-slot gate),
 and writes their answers into the conversation (playground/conversation.py), which the page
 renders (playground/formatting.py).
 """
@@ -17,6 +20,7 @@ import threading
 import time
 from collections import deque
 
+from runtime.batcher import DEFAULT_SLOTS
 from runtime.cpus import available_threads
 from server.scheduler import Busy, Gate
 
@@ -76,7 +80,7 @@ class Playground:
 
     def __init__(self, model: str | None = DEFAULT_MODEL, threads: int | None = None,
                  variants=None, resolver=resolve_model, time_limit_s: float = TIME_LIMIT_S,
-                 gate: Gate | None = None):
+                 gate: Gate | None = None, batch: int = DEFAULT_SLOTS):
         self.model_spec = model or DEFAULT_MODEL
         self.threads = threads or available_threads()
         self.variants_requested = variants
@@ -85,7 +89,10 @@ class Playground:
         # The one admission layer of page and API: each engine run holds one slot, FIFO with
         # the API's requests (app.py passes the gate it shares with server/). A turn waiting
         # here is withdrawn at once by Stop.
-        self.gate = gate or Gate(concurrency=1, queue_size=DEFAULT_QUEUE_SIZE)
+        self.batch = max(0, int(batch))  # ternary streams decoded together (0: a plain Engine)
+        self.gate = gate or Gate(concurrency=max(1, self.batch), queue_size=DEFAULT_QUEUE_SIZE)
+        # The baselines are not batched: one baseline run at a time, whoever asks.
+        self.baseline_gate = Gate(concurrency=1, queue_size=DEFAULT_QUEUE_SIZE)
         self.gate_timeout_s = 120.0
         self.state = "starting"  # starting | preparing | ready | failed
         self.error = ""
@@ -201,6 +208,10 @@ class Playground:
             folder = self.resolved.folder if self.resolved else None
             eng = Engine(folder, variant=variant, threads=self.threads)
             self._warm_up(eng)
+            if variant == TERNARY and self.batch:
+                from runtime.batcher import BatchedEngine
+
+                eng = BatchedEngine(eng, slots=self.batch)
             self.engines[variant] = eng
             return eng
 
@@ -238,7 +249,7 @@ class Playground:
         cfg = self.config
         lines = [f"**Live model: {r.name}** · variants {', '.join(self.variants_available())} · "
                  f"context {cfg.get('context_length', '?')} tokens · {hardware_line(self.hardware)}"
-                 " · one engine at a time"]
+                 f" · {self.serving_line()}"]
         if not self.ternary_ok:
             lines.append(f"⚠️ **The ternary engine is unavailable on this machine:** {self.ops.reason}. "
                          f"Fix: {self.ops.fix}. The stock baselines still run.")
@@ -248,6 +259,13 @@ class Playground:
             lines.append("At this model size the timings mostly show per-token overheads; the "
                          "ternary kernels pay off on large models such as 2B4T.")
         return "\n\n".join(lines)
+
+    def serving_line(self) -> str:
+        """How visitors share the CPU (one short line on the page)."""
+        if self.batch and self.ternary_ok:
+            return (f"the ternary engine serves everyone in one batch (up to {self.batch} streams "
+                    "per decode step, page and API); the baselines run one visitor at a time")
+        return "one engine at a time"
 
     def status(self) -> dict:
         r = self.resolved
@@ -268,6 +286,7 @@ class Playground:
             "active_generations": self._active,
             "engine_active_generations": {v: e.active_generations for v, e in list(self.engines.items())},
             "gate": self.gate.snapshot(),
+            "batch": self.batch,
             "log": list(self.log_lines)[-20:],
         }
 
@@ -372,13 +391,27 @@ class Playground:
                     a.update(state="stopped", finish_reason=a["finish_reason"] or "cancelled")
 
     def _run_in_slot(self, engine, answer, prompt, gen_settings, cancel, turns):
-        """Wait for the CPU slot (Stop gives up the place at once), then stream the answer."""
+        """Wait for the CPU slot (Stop gives up the place at once), then stream the answer.
+        A baseline first waits for the baselines' own one-slot gate (they are not batched)."""
+        if self.batch and engine is not self.engines.get(TERNARY):
+            yield from self._hold(self.baseline_gate, answer, cancel, turns,
+                                  lambda: self._run_in_shared_slot(engine, answer, prompt, gen_settings,
+                                                                   cancel, turns))
+        else:
+            yield from self._run_in_shared_slot(engine, answer, prompt, gen_settings, cancel, turns)
+
+    def _run_in_shared_slot(self, engine, answer, prompt, gen_settings, cancel, turns):
+        yield from self._hold(self.gate, answer, cancel, turns,
+                              lambda: self._stream(engine, answer, prompt, gen_settings, cancel, turns))
+
+    def _hold(self, gate, answer, cancel, turns, body):
+        """Run the generator `body()` holding a slot of `gate`; Stop withdraws a waiting turn."""
         try:
-            ticket = self.gate.admit()
+            ticket = gate.admit()
         except Busy as e:
             raise CpuBusy(f"The server is busy ({e}); try again in a moment.") from None
         try:
-            if not self.gate.idle() and not ticket.holding:
+            if not ticket.try_take():
                 answer["state"] = "gate"
                 yield turns, False
             if not ticket.wait(self.gate_timeout_s, abandon=cancel):
@@ -387,7 +420,7 @@ class Playground:
                     return
                 raise CpuBusy(f"Waited {self.gate_timeout_s:.0f} s for the CPU (API requests "
                               "ahead); try again in a moment.")
-            yield from self._stream(engine, answer, prompt, gen_settings, cancel, turns)
+            yield from body()
         finally:
             ticket.release()
 

@@ -1,7 +1,7 @@
 """Serve the API alone (plus, with --page, a minimal Gradio page mounted at /):
 
     python -m server MODEL_DIR [--variant ternary] [--name ID] [--host 127.0.0.1] [--port 8000]
-                               [--batch SLOTS]
+                               [--batch SLOTS (default 4; 0: one request at a time)]
     python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--autoscale MIN:MAX]
         (the same API on Ray Serve, one engine per replica: server/ray_serve.py)
 
@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from runtime.batcher import DEFAULT_SLOTS
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n\n")[0])
@@ -25,9 +27,10 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--page", action="store_true", help="mount a minimal Gradio page at /")
-    p.add_argument("--batch", type=int, default=0, metavar="SLOTS",
+    p.add_argument("--batch", type=int, default=DEFAULT_SLOTS, metavar="SLOTS",
                    help="decode up to SLOTS requests together in one step (continuous batching, "
-                        "docs/BATCHING.md); also the API's concurrency (default: off, one at a time)")
+                        "docs/BATCHING.md); also the API's concurrency (default: %(default)s; "
+                        "0: one request at a time through the plain engine)")
     # Ray Serve: one engine per replica (server/ray_serve.py; pip install -r requirements-ray.txt)
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve (RAY_ADDRESS: an existing cluster)")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default: %(default)s)")
@@ -52,7 +55,10 @@ def main(argv=None) -> int:
         limits = Limits.from_env()
     except (EngineError, ValueError, KeyError) as e:
         p.exit(2, f"python -m server: error: {e}\n")
-    if args.batch:  # one shared decode step; the gate admits as many requests as there are slots
+    if args.batch and args.variant != "ternary":
+        print(f"python -m server: the {args.variant} baseline serves one request at a time "
+              "(batching is for the ternary engine)", file=sys.stderr)
+    elif args.batch:  # one shared decode step; the gate admits as many requests as there are slots
         from runtime.batcher import BatchedEngine
 
         engine = BatchedEngine(engine, slots=args.batch)

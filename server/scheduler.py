@@ -75,6 +75,10 @@ class Ticket:
         ticket is released)."""
         return self.gate._wait(self, timeout, abandon)
 
+    def try_take(self) -> bool:
+        """Take a free slot now if this ticket is first in line (True), without waiting."""
+        return self.gate._try_take(self)
+
     async def wait_async(self, timeout: float, disconnected=None, poll_s: float = 0.2) -> bool:
         """Wait without blocking the event loop (woken when a slot frees); `disconnected` is an
         async callable polled every `poll_s` (a client that left gives up its place)."""

@@ -30,6 +30,13 @@ def server(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server_one_at_a_time(model_dir, tmp_path_factory):
+    """`python app.py --batch 0`: the old path, one generation at a time on the CPU."""
+    with AppServer(model_dir, tmp_path_factory.mktemp("app-run-b0"), extra_args=["--batch", "0"]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def engine(model_dir):
     """An engine in the test process, to count the tokens the app should report."""
     from runtime import Engine
@@ -277,12 +284,13 @@ def test_stop_stops_the_decode_loop(server):
     assert not any(status["engine_active_generations"].values())
 
 
-def test_stop_withdraws_a_queued_turn_at_once(server):
+def test_stop_withdraws_a_queued_turn_at_once(server_one_at_a_time):
     """Issue 11.6: a page turn waiting for the CPU (an API request holds it) leaves at once on
     Stop; it never runs later."""
     import threading
     import urllib.request
 
+    server = server_one_at_a_time  # one slot: the page's turn queues behind the API request
     base = server.url.rstrip("/")
     done = {}
 
@@ -335,9 +343,23 @@ def test_cancelled_request_frees_the_engine(server):
     assert raw_of(out)["engines"]["ternary"]["finish_reason"] in ("stop", "length")
 
 
-def test_openai_api_beside_the_page_shares_the_cpu(server):
-    """app.py serves the OpenAI-compatible API (server/) on the same port; an API request that
-    arrives while the page generates waits for the CPU instead of running alongside."""
+def test_openai_api_beside_the_page_shares_the_cpu(server_one_at_a_time):
+    """With --batch 0, app.py serves the OpenAI-compatible API (server/) on the same port; an
+    API request that arrives while the page generates waits for the CPU instead of running
+    alongside."""
+    _page_turn_then_api_call(server_one_at_a_time, batched=False)
+
+
+def test_openai_api_and_the_page_share_the_ternary_batch(server):
+    """By default the page's ternary engine is the API's BatchedEngine: an API request that
+    arrives while the page's ternary answer streams joins its decode steps (batch 2, no wait
+    for the whole answer), and both report the batch they ran in; the page shows "batch N"."""
+    status = server.client().predict(api_name="/status")
+    assert status["batch"] == 4 and status["gate"]["concurrency"] == 4, status
+    _page_turn_then_api_call(server, batched=True)
+
+
+def _page_turn_then_api_call(server, batched: bool):
     import threading
     import urllib.request
 
@@ -364,9 +386,20 @@ def test_openai_api_beside_the_page_shares_the_cpu(server):
     final = job.result(timeout=120)
     caller.join(timeout=120)
     assert result["usage"]["completion_tokens"] >= 1
-    # it waited for the page's ternary run (seconds), it did not share the cores with it
-    assert result["bitnet"]["queue_wait_s"] > 0.3, result["bitnet"]
-    assert raw_of(final)["engines"]["ternary"]["stats"]["new_tokens"] > 100
+    ternary = raw_of(final)["engines"]["ternary"]["stats"]
+    assert ternary["new_tokens"] > 100
+    if not batched:
+        # it waited for the page's ternary run (seconds), it did not share the cores with it
+        assert result["bitnet"]["queue_wait_s"] > 0.3, result["bitnet"]
+        assert "max_batch_size" not in ternary
+        return
+    # it ran in the page's batch: no wait for the page's answer, two streams per step
+    assert result["bitnet"]["max_batch_size"] == 2, result["bitnet"]
+    assert result["bitnet"]["queue_wait_s"] < 0.3, result["bitnet"]
+    assert ternary["max_batch_size"] == 2 and 1 <= ternary["batch_size"] < 2, ternary
+    assert "batch **2**" in final[STATS_T]
+    # the baseline is a plain engine, after the ternary answer: no batch stats
+    assert "max_batch_size" not in raw_of(final)["engines"]["int2"]["stats"]
 
 
 def test_start_up_prints_urls_and_the_apps_share_flag(server):

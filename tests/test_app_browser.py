@@ -224,6 +224,9 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
         assert "TTFT" in text and "decode" in text and "tok/s" in text and "weights" in text
         assert "context" in text  # the context meter
     assert "int2" in page.locator("#stats-baseline").inner_text()
+    # the ternary answer ran through the batcher (alone: batch 1); the baseline is not batched
+    assert "batch 1" in page.locator("#stats-ternary").inner_text()
+    assert "batch" not in page.locator("#stats-baseline").inner_text()
     # each answer keeps its own stats line, with the seed used
     assert "seed" in page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
     raw = json.loads(page.locator("#raw-stats").evaluate("e => e.innerText") or "{}") \

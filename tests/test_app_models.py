@@ -316,3 +316,39 @@ def test_send_is_off_while_the_model_is_prepared():
     assert send.interactive is False and "Preparing" in send.value
     with pytest.raises(Exception, match="still being prepared"):
         next(pg.compare("hi", [], "", "int2", ChatSettings()))
+
+
+@pytest.mark.parametrize("batch", [2, 0])
+def test_page_ternary_runs_through_the_batcher_and_baselines_stay_plain(cache, batch):
+    """batch > 0: the page's ternary engine is a BatchedEngine (the object the API serves too),
+    its answer equals the plain engine's, token for token, and reports the batch it ran in;
+    the baseline stays a plain Engine behind a one-slot gate of its own. batch 0: plain engines,
+    the same answers, no batch stats."""
+    from runtime import Engine, GenerationSettings
+    from runtime.batcher import BatchedEngine
+
+    r = models.resolve_model("demo", progress=lambda m: None)
+    pg = Playground("demo", threads=1, batch=batch, resolver=lambda spec, variants, progress: r)
+    pg.start(background=False)
+    assert pg.state == "ready", pg.error
+    ternary = pg.engines["ternary"]
+    assert isinstance(ternary, BatchedEngine) == bool(batch)
+    assert next(iter(pg.api_models().values())) is ternary  # page and API: one batch
+    assert pg.gate.concurrency == max(batch, 1) and pg.baseline_gate.concurrency == 1
+    assert ("one batch" in pg.banner_markdown()) == bool(batch)
+    turns, _ = list(pg.compare("Hi", [], "", "int2", ChatSettings(max_new_tokens=12, temperature=0),
+                               session="s"))[-1]
+    answers = turns[-1]["answers"]
+    plain = Engine(r.folder, "ternary", threads=1)
+    prompt = [{"role": "user", "content": "Hi"}]
+    expected = plain.generate(messages=prompt, settings=GenerationSettings(max_new_tokens=12, temperature=0,
+                                                                           truncate=True)).text
+    assert answers["ternary"]["text"] == expected
+    assert isinstance(pg.engines["int2"], Engine)
+    assert "max_batch_size" not in answers["int2"]["stats"]
+    if batch:
+        s = answers["ternary"]["stats"]
+        assert s["new_tokens"] < 2 or s["max_batch_size"] == 1, s  # it ran alone
+    else:
+        assert "max_batch_size" not in answers["ternary"]["stats"]
+    assert pg.gate.idle() and pg.baseline_gate.idle()

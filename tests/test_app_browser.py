@@ -156,6 +156,9 @@ def set_number(page, elem_id, value):
     box.fill(str(value))
     box.press("Enter")
     box.blur()
+    # Gradio commits a number box to its store after the blur's event round; a click in the
+    # same millisecond (no person types that fast) would still send the old value.
+    page.wait_for_timeout(250)
 
 
 def share_link(page) -> str:

@@ -124,6 +124,7 @@ def open_settings(page):
     if not page.locator("#seed input").count():
         page.locator("#settings").get_by_text("Settings").first.click()
         page.locator("#seed input").wait_for(timeout=10_000)
+        page.wait_for_timeout(1000)  # the freshly mounted inputs settle before a test types into them
 
 
 def user_turns(page, pane="#chat-ternary"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 
 import httpx
@@ -27,6 +28,7 @@ from tests.api_support import ServerThread, tiny_model_dir, wait_until
 MODEL = "tiny"
 SLOTS = 8
 PROMPT = [{"role": "user", "content": "hello there"}]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -116,31 +118,13 @@ def test_python_m_server_batch_under_sixteen_clients(tmp_path):
     for a few seconds get zero errors and no broken stream; concurrent answers report that
     they ran in a batch (bitnet.max_batch_size > 1) and equal the plain engine's."""
     import concurrent.futures
-    import os
-    import subprocess
-    import sys
 
-    from tests.api_support import free_port
+    from tests.api_support import server_subprocess
 
-    folder, port = tiny_model_dir(), free_port()
-    env = dict(os.environ, BITNET_API_QUEUE_SIZE="8", BITNET_API_QUEUE_TIMEOUT_S="20", OMP_NUM_THREADS="1",
-               GRADIO_ANALYTICS_ENABLED="False")
-    env.pop("BITNET_API_KEY", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "server", folder, "--name", MODEL, "--port", str(port),
-                             "--threads", "1", "--page", "--batch", "8"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
-            time.sleep(0.2)
+    folder = tiny_model_dir()
+    env = {"BITNET_API_QUEUE_SIZE": "8", "BITNET_API_QUEUE_TIMEOUT_S": "20", "OMP_NUM_THREADS": "1"}
+    with server_subprocess([folder, "--name", MODEL, "--threads", "1", "--page", "--batch", "8"],
+                           env_overrides=env, cwd=ROOT) as (url, _proc):
         assert httpx.get(url + "/v1/health", timeout=5).json()["concurrency"] == 8
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -155,48 +139,16 @@ def test_python_m_server_batch_under_sixteen_clients(tmp_path):
         assert report["errors"] == 0 and report["broken_streams"] == 0, report
         assert report["completed"] >= 16, report
         assert wait_until(lambda: httpx.get(url + "/v1/health", timeout=5).json()["running"] == 0, 10)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextlib.contextmanager
 def _server_process(*args):
     """`python -m server TINY --name tiny ...args` on a free loopback port; yields its URL."""
-    import os
-    import subprocess
-    import sys
+    from tests.api_support import server_subprocess
 
-    from tests.api_support import free_port
-
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
-    env.pop("BITNET_API_KEY", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-m", "server", tiny_model_dir(), "--name", MODEL, "--port", str(port),
-                             "--threads", "1", *args], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
-            time.sleep(0.2)
+    with server_subprocess([tiny_model_dir(), "--name", MODEL, "--threads", "1", *args],
+                           env_overrides={"OMP_NUM_THREADS": "1"}, cwd=ROOT) as (url, _proc):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.parametrize("flags, slots", [((), 4), (("--batch", "0"), 0)], ids=["default", "batch-0"])

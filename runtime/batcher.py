@@ -162,12 +162,8 @@ class Batcher:
 
     def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                  cancel=None) -> GenerationResult:
-        parts, ids, last = [], [], None
-        for event in self.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel):
-            parts.append(event.text)
-            ids.extend(event.token_ids)
-            last = event
-        return GenerationResult("".join(parts), ids, last.stats, last.finish_reason)
+        return GenerationResult.collect(
+            self.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel))
 
     def stats(self) -> dict:
         """Occupancy and memory, for a status line or a health endpoint."""

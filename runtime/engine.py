@@ -44,6 +44,16 @@ class GenerationResult:
     stats: GenerationStats
     finish_reason: str
 
+    @classmethod
+    def collect(cls, events) -> "GenerationResult":
+        """The whole generation from a stream of GenerationEvents (Engine's or the batcher's)."""
+        parts, ids, last = [], [], None
+        for event in events:
+            parts.append(event.text)
+            ids.extend(event.token_ids)
+            last = event
+        return cls("".join(parts), ids, last.stats, last.finish_reason)
+
 
 class Limits:
     """The two reasons to end a generation early, checked between tokens: the caller's
@@ -195,12 +205,8 @@ class Engine:
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt: str | None = None, messages=None,
                  settings: GenerationSettings | None = None, cancel=None) -> GenerationResult:
-        parts, ids, last = [], [], None
-        for event in self.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel):
-            parts.append(event.text)
-            ids.extend(event.token_ids)
-            last = event
-        return GenerationResult("".join(parts), ids, last.stats, last.finish_reason)
+        return GenerationResult.collect(
+            self.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel))
 
     def stream(self, prompt: str | None = None, messages=None,
                settings: GenerationSettings | None = None, cancel: threading.Event | None = None):

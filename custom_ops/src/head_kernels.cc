@@ -60,22 +60,6 @@ static void matmul_i8_reference(const MatMulI8Problem& p, int64_t m0, int64_t m1
   }
 }
 
-// Rows [m0, m1) in blocks of 4, 3, 2, 1 for each weight row n in [n0, n1).
-template <void (*R4)(const MatMulI8Problem&, int64_t, int64_t), void (*R3)(const MatMulI8Problem&, int64_t, int64_t),
-          void (*R2)(const MatMulI8Problem&, int64_t, int64_t), void (*R1)(const MatMulI8Problem&, int64_t, int64_t)>
-static inline void matmul_i8_walk(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) R4(p, m, n);
-    switch (m1 - m) {
-      case 3: R3(p, m, n); break;
-      case 2: R2(p, m, n); break;
-      case 1: R1(p, m, n); break;
-      default: break;
-    }
-  }
-}
-
 #if BITNET_X86
 
 constexpr int64_t kI8PrefetchBytes = 2048;  // ahead on the weight stream
@@ -138,7 +122,7 @@ BITNET_AVX2 static void matmul_i8_avx2_rows(const MatMulI8Problem& p, int64_t m0
 }
 
 BITNET_AVX2 static void matmul_i8_avx2(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_i8_walk<matmul_i8_avx2_rows<4>, matmul_i8_avx2_rows<3>, matmul_i8_avx2_rows<2>, matmul_i8_avx2_rows<1>>(
+  walk_row_tiles<matmul_i8_avx2_rows<4>, matmul_i8_avx2_rows<3>, matmul_i8_avx2_rows<2>, matmul_i8_avx2_rows<1>>(
       p, m0, m1, n0, n1);
 }
 
@@ -182,7 +166,7 @@ BITNET_AVXVNNI static void matmul_i8_avxvnni_rows(const MatMulI8Problem& p, int6
 }
 
 BITNET_AVXVNNI static void matmul_i8_avxvnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_i8_walk<matmul_i8_avxvnni_rows<4>, matmul_i8_avxvnni_rows<3>, matmul_i8_avxvnni_rows<2>,
+  walk_row_tiles<matmul_i8_avxvnni_rows<4>, matmul_i8_avxvnni_rows<3>, matmul_i8_avxvnni_rows<2>,
                  matmul_i8_avxvnni_rows<1>>(p, m0, m1, n0, n1);
 }
 
@@ -219,7 +203,7 @@ BITNET_AVX512BW static void matmul_i8_avx512bw_rows(const MatMulI8Problem& p, in
 }
 
 BITNET_AVX512BW static void matmul_i8_avx512bw(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_i8_walk<matmul_i8_avx512bw_rows<4>, matmul_i8_avx512bw_rows<3>, matmul_i8_avx512bw_rows<2>,
+  walk_row_tiles<matmul_i8_avx512bw_rows<4>, matmul_i8_avx512bw_rows<3>, matmul_i8_avx512bw_rows<2>,
                  matmul_i8_avx512bw_rows<1>>(p, m0, m1, n0, n1);
 }
 
@@ -252,7 +236,7 @@ BITNET_AVX512VNNI static void matmul_i8_vnni_rows(const MatMulI8Problem& p, int6
 }
 
 BITNET_AVX512VNNI static void matmul_i8_vnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_i8_walk<matmul_i8_vnni_rows<4>, matmul_i8_vnni_rows<3>, matmul_i8_vnni_rows<2>, matmul_i8_vnni_rows<1>>(
+  walk_row_tiles<matmul_i8_vnni_rows<4>, matmul_i8_vnni_rows<3>, matmul_i8_vnni_rows<2>, matmul_i8_vnni_rows<1>>(
       p, m0, m1, n0, n1);
 }
 

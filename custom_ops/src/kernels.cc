@@ -479,29 +479,13 @@ BITNET_AVX512F16 static void matmul_f16_avx512_rows(const MatMulF16Problem& p, i
         _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
 }
 
-// Weight rows outermost: each is read once from memory, then from L1 for the next rows of x.
-template <void (*R4)(const MatMulF16Problem&, int64_t, int64_t), void (*R3)(const MatMulF16Problem&, int64_t, int64_t),
-          void (*R2)(const MatMulF16Problem&, int64_t, int64_t), void (*R1)(const MatMulF16Problem&, int64_t, int64_t)>
-static inline void matmul_f16_walk(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = m0;
-    for (; m + 4 <= m1; m += 4) R4(p, m, n);
-    switch (m1 - m) {
-      case 3: R3(p, m, n); break;
-      case 2: R2(p, m, n); break;
-      case 1: R1(p, m, n); break;
-      default: break;
-    }
-  }
-}
-
 BITNET_AVX2 static void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_f16_walk<matmul_f16_avx2_rows<4>, matmul_f16_avx2_rows<3>, matmul_f16_avx2_rows<2>,
+  walk_row_tiles<matmul_f16_avx2_rows<4>, matmul_f16_avx2_rows<3>, matmul_f16_avx2_rows<2>,
                   matmul_f16_avx2_rows<1>>(p, m0, m1, n0, n1);
 }
 
 BITNET_AVX512F16 static void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  matmul_f16_walk<matmul_f16_avx512_rows<4>, matmul_f16_avx512_rows<3>, matmul_f16_avx512_rows<2>,
+  walk_row_tiles<matmul_f16_avx512_rows<4>, matmul_f16_avx512_rows<3>, matmul_f16_avx512_rows<2>,
                   matmul_f16_avx512_rows<1>>(p, m0, m1, n0, n1);
 }
 

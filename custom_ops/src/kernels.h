@@ -84,6 +84,23 @@ struct MatMulI8Problem {
 constexpr int64_t kI8PadK = 64;  // xq rows are padded to a multiple of this
 using MatMulI8Kernel = void (*)(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
+// The head kernels' loop (MatMulF16, MatMulI8): weight rows outermost, each read once from
+// memory and then from L1 for the next rows of x, which go in tiles of 4, 3, 2 and 1 rows.
+// R4..R1(p, m, n) compute rows m.. of output column n; the tile sizes never change a row's sum.
+template <auto R4, auto R3, auto R2, auto R1, class Problem>
+inline void walk_row_tiles(const Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) R4(p, m, n);
+    switch (m1 - m) {
+      case 3: R3(p, m, n); break;
+      case 2: R2(p, m, n); break;
+      case 1: R1(p, m, n); break;
+      default: break;
+    }
+  }
+}
+
 // ---- Dispatch (dispatch.cc) --------------------------------------------------------------
 //
 // Each op lists its kernels best first with the CPU features each needs; the chosen kernel is

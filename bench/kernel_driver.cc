@@ -1,8 +1,9 @@
 // Standalone driver for the BitLinear kernels at decode shapes: no ONNX Runtime, the kernel
 // alone on weights that do not fit in cache, against a plain streaming read of the same bytes.
 //
-//   g++ -O2 -std=c++17 -pthread -Icustom_ops/src bench/kernel_driver.cc custom_ops/src/kernels.cc \
-//       custom_ops/src/head_kernels.cc custom_ops/src/dispatch.cc -o bench/out/kernel_driver
+//   g++ -O2 -std=c++17 -pthread -Icustom_ops/src bench/kernel_driver.cc custom_ops/src/dispatch.cc \
+//       custom_ops/src/kernels_reference.cc custom_ops/src/kernels_x86_avx2.cc \
+//       custom_ops/src/kernels_x86_avx512.cc -o bench/out/kernel_driver
 //   bench/out/kernel_driver LEVEL K N [threads=1] [copies=0: enough for 600 MB] [reps=20] [hugepages=1]
 //
 // LEVEL is a BITNET_KERNEL level (avx2, avxvnni, avx512vnni, ...) or "stream" (the read

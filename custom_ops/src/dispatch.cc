@@ -1,9 +1,12 @@
-// Which kernel each op runs: a pure function of the CPU's feature bits (kernels_for_features),
-// the CPU's bits (cpu_features), and the BITNET_KERNEL levels that force a subset of them.
+// Which kernel each op runs: each op's kernel list, a pure function of the CPU's feature bits
+// (kernels_for_features), the CPU's bits (cpu_features), and the BITNET_KERNEL levels that
+// force a subset of them.
 
 #include <string>
 
 #include "kernels.h"
+#include "kernels_arm.h"
+#include "kernels_x86.h"
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>  // getauxval(AT_HWCAP)
@@ -103,6 +106,52 @@ uint32_t x86_features() {
 #endif
 
 }  // namespace
+
+// ---- Kernel lists, best first ---------------------------------------------------------------
+
+const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
+  static const KernelChoice<BitLinearKernel> list[] = {
+#if BITNET_X86_SIMD
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_avx512vnni},
+      {"avx2", kFeatAvx2, bitlinear_avx2},
+#endif
+#if defined(__aarch64__)
+      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
+      {"neon", kFeatNeon, bitlinear_neon},
+#endif
+      {"reference", 0, bitlinear_reference},
+  };
+  return list;
+}
+
+const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
+  static const KernelChoice<MatMulF16Kernel> list[] = {
+#if BITNET_X86_SIMD
+      {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
+      {"avx2", kFeatAvx2, matmul_f16_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_f16_neon},
+#endif
+      {"reference", 0, matmul_f16_reference},
+  };
+  return list;
+}
+
+const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
+  static const KernelChoice<MatMulI8Kernel> list[] = {
+#if BITNET_X86_SIMD
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, matmul_i8_avx512vnni},
+      {"avx512bw", kFeatAvx2 | kFeatAvx512, matmul_i8_avx512bw},
+      {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
+      {"avx2", kFeatAvx2, matmul_i8_avx2},
+#endif
+      {"reference", 0, matmul_i8_reference},
+  };
+  return list;
+}
+
+// ---- This CPU -------------------------------------------------------------------------------
 
 uint32_t cpu_features() {
   uint32_t f = 0;

@@ -17,6 +17,7 @@
 #define BITNET_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define BITNET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define BITNET_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #endif
 
 // target_clones needs ifunc, which only ELF platforms have (not macOS, not Windows).

@@ -138,6 +138,7 @@ enum CpuFeature : uint32_t {
   kFeatAvxVnni = 1u << 3,     // AVX-VNNI, the 256-bit VEX form (Alder Lake, Sapphire Rapids)
   kFeatNeon = 1u << 4,        // ARM64 Advanced SIMD (every ARMv8-A CPU)
   kFeatDotProd = 1u << 5,     // ARM64 sdot/udot (ARMv8.2 FEAT_DotProd: Cortex-A55/A76+, Neoverse, Apple M1+)
+  kFeatAmxInt8 = 1u << 6,     // AMX tiles + int8 (Sapphire Rapids and later), the OS letting this process use them
 };
 
 template <typename Fn>
@@ -160,7 +161,7 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels();
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels();
 
 struct KernelSet {
-  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, neon or dotprod
+  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, amx, neon or dotprod
   BitLinearKernel bitlinear;
   const char* bitlinear_name;
   MatMulF16Kernel matmul_f16;
@@ -172,7 +173,7 @@ struct KernelSet {
 uint32_t cpu_features();                          // this CPU's CpuFeature bits
 KernelSet kernels_for_features(uint32_t features);  // pure: each op's best kernel for these features
 
-// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|neon|dotprod|auto,
+// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|amx|neon|dotprod|auto,
 // default auto: the best this CPU runs). Returns false with a message when the name is
 // unknown or the CPU lacks the instructions (the message names them).
 bool select_kernels(const char* requested, KernelSet* out, std::string* error);

@@ -26,6 +26,7 @@ constexpr int64_t kI8PrefetchBytes = 2048;    // MatMulI8: ahead on the weight s
 
 void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
 void bitlinear_avx512vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+void bitlinear_amx(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
 
 void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);

@@ -72,7 +72,18 @@ def stats_markdown(variant: str, answer: dict | None, context: int | None = None
         mem.append(f"process RSS {fmt_mb(s['rss_mb'])}")
     if mem:
         parts.append(" · ".join(mem))
-    return head + "  \n" + " · ".join(parts)
+    cost = cost_line(s)
+    return head + "  \n" + " · ".join(parts) + (f"  \n{cost}" if cost else "")
+
+
+def cost_line(stats: dict) -> str:
+    """Cost per generated token: CPU time (playground/turns.py with_cost) and weights read."""
+    parts = []
+    if stats.get("cpu_ms_per_token"):
+        parts.append(f"CPU time **{stats['cpu_ms_per_token']:.2f} ms/token**")
+    if stats.get("weights_mb_per_token"):
+        parts.append(f"weights read **{fmt_mb(stats['weights_mb_per_token'])}/token**")
+    return ("cost: " + " · ".join(parts)) if parts else ""
 
 
 def summary_line(turn: dict | None, time_limit_s: float | None = None) -> str:

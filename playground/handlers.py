@@ -10,13 +10,19 @@ what was shown. The settings travel as one `PageSettings` (playground/settings.p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
+import re
+import tempfile
 from dataclasses import dataclass, fields
 
 import gradio as gr
 
+from . import library as lib
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
+from .export import ImportFailed, from_json, to_json, to_markdown
 from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .gates import CpuBusy
 from .settings import PageSettings
@@ -66,9 +72,41 @@ class Layout:
     msg: gr.Textbox
     views: list  # chat_t, chat_b, stats_t, stats_b, summary, speed plot, timeline plot, raw
     conversation: gr.Textbox
-    saved: gr.BrowserState
+    saved: gr.BrowserState  # the library of conversations (playground/library.py)
     timer: gr.Timer
     form: SettingsForm
+    conversations: gr.Dropdown
+    title: gr.Textbox
+    export_md: gr.DownloadButton
+    export_json: gr.DownloadButton
+    import_button: gr.UploadButton
+
+    def shown_outputs(self) -> list:
+        """What showing another conversation writes."""
+        return ([self.conversation] + self.views + [self.saved, self.conversations, self.title,
+                                                    self.export_md, self.export_json, self.title_b]
+                + self.form.components())
+
+
+MAX_IMPORT_READ = 20 * 2**20 + 1
+
+
+def turn_index(message_index) -> int | None:
+    """The turn of a pane message: each turn shows as two messages (visitor, answer)."""
+    if isinstance(message_index, (list, tuple)):
+        message_index = message_index[0] if message_index else None
+    return message_index // 2 if isinstance(message_index, int) else None
+
+
+def message_text(value) -> str:
+    """An edited message's text (a string, or Gradio's list of content blocks)."""
+    if isinstance(value, list):
+        return "".join(b.get("text", "") if isinstance(b, dict) else str(b) for b in value)
+    return value if isinstance(value, str) else ""
+
+
+def slug(title: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()[:40] or "conversation"
 
 
 def session_of(request: gr.Request | None) -> str:
@@ -170,6 +208,27 @@ class PageHandlers:
             return (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
         return (turns[-1]["user"],) + render(turns[:-1], self.pg) + (dumps(turns[:-1]),)
 
+    def edit_turn(self, data: dict, edit: gr.EditData, request: gr.Request):
+        """A visitor's message edited in a pane (or sent again unchanged): the turns after it
+        are dropped and both engines answer the new branch."""
+        turns = turns_of(data.get(self.ui.conversation))
+        index = turn_index(edit.index)
+        if index is None or index >= len(turns):
+            yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
+            return
+        yield from self._run(message_text(edit.value), turns[:index], self.ui.form.read(data),
+                             session_of(request), keep_box=True)
+
+    def retry_turn(self, data: dict, retry: gr.RetryData, request: gr.Request):
+        """The pane's own retry button: that turn answered again, the later ones dropped."""
+        turns = turns_of(data.get(self.ui.conversation))
+        index = turn_index(retry.index)
+        if index is None or index >= len(turns):
+            yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
+            return
+        yield from self._run(turns[index]["user"], turns[:index], self.ui.form.read(data),
+                             session_of(request), keep_box=True)
+
     def stop(self, request: gr.Request):
         """Stop this session's turns: the running engine after its current token, a turn
         waiting for the CPU at once."""
@@ -183,8 +242,73 @@ class PageHandlers:
     def lock(self):
         return gr.update(interactive=False, value="Answering…")
 
-    def unlock_and_save(self, conv):
-        return gr.update(interactive=self.pg.state == "ready", value="Send"), conv
+    def unlock_and_save(self, conv, saved):
+        """Send enabled again; the conversation saved in the browser's library."""
+        library = lib.with_turns(lib.library_of(saved), conv)
+        return {self.ui.send: gr.update(interactive=self.pg.state == "ready", value="Send"),
+                **self._library_outputs(library)}
+
+    # -- the conversations kept in the browser ---------------------------------------------------------
+    def _library_outputs(self, library: dict) -> dict:
+        item = lib.current(library)
+        md, js = self._export_files(item)
+        return {self.ui.saved: library,
+                self.ui.conversations: gr.update(choices=lib.choices(library), value=item["id"]),
+                self.ui.title: item["title"], self.ui.export_md: md, self.ui.export_json: js}
+
+    def _export_files(self, item: dict) -> tuple:
+        """(Markdown file, JSON file) of a conversation, or (None, None) while it is empty."""
+        if not item["turns"]:
+            return None, None
+        model = self.pg.resolved.model_id if self.pg.resolved else None
+        files = []
+        for ext, text in (("md", to_markdown(item["turns"], item["title"], model)),
+                          ("json", to_json(item["turns"], item["title"], model))):
+            folder = os.path.join(tempfile.gettempdir(), "bitnet-onnx-exports",
+                                  hashlib.sha1(text.encode()).hexdigest()[:16])
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{slug(item['title'])}.{ext}")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            files.append(path)
+        return tuple(files)
+
+    def _show(self, library: dict, data: dict) -> dict:
+        """Show the library's current conversation, with the settings of its last turn."""
+        turns = lib.current(library)["turns"]
+        out = {self.ui.conversation: dumps(turns), **dict(zip(self.ui.views, render(turns, self.pg))),
+               **self._library_outputs(library)}
+        if turns and self.pg.state == "ready":
+            settings = self.ui.form.read(data).restored_from(turns[-1])
+            out.update(self._settings_outputs(settings))
+        return out
+
+    def new_conversation(self, data: dict) -> dict:
+        return self._show(lib.with_new(lib.library_of(data.get(self.ui.saved))), data)
+
+    def switch_conversation(self, data: dict) -> dict:
+        library = lib.switched(lib.library_of(data.get(self.ui.saved)), data.get(self.ui.conversations))
+        return self._show(library, data)
+
+    def rename_conversation(self, saved, title: str) -> dict:
+        return self._library_outputs(lib.renamed(lib.library_of(saved), title))
+
+    def delete_conversation(self, data: dict) -> dict:
+        return self._show(lib.deleted(lib.library_of(data.get(self.ui.saved))), data)
+
+    def import_conversation(self, data: dict) -> dict:
+        """A JSON file exported from this page, as a new conversation."""
+        upload = data.get(self.ui.import_button)
+        path = getattr(upload, "name", upload)  # Gradio passes a path (or a file wrapper)
+        try:
+            with open(path, "rb") as f:
+                title, turns = from_json(f.read(MAX_IMPORT_READ))
+        except (ImportFailed, OSError, TypeError) as e:
+            log.warning("import refused: %s", str(e).splitlines()[0])
+            gr.Warning(f"Could not import that file: {e}", title="Import")
+            return {}
+        library = lib.with_new(lib.library_of(data.get(self.ui.saved)), turns, title=title or None)
+        return self._show(library, data)
 
     # -- start-up, a shared link, a reload --------------------------------------------------------------
     def refresh(self, data: dict) -> dict:
@@ -197,14 +321,18 @@ class PageHandlers:
             return {ui.banner: pg.banner_markdown(), ui.timer: gr.Timer(active=not done)}
         turns = turns_of(data.get(ui.conversation))
         settings = ui.form.read(data).restored_from(turns[-1] if turns else None)
+        return {ui.banner: pg.banner_markdown(), ui.send: gr.update(interactive=True, value="Send"),
+                ui.timer: gr.Timer(active=False), **self._settings_outputs(settings)}
+
+    def _settings_outputs(self, settings: PageSettings) -> dict:
+        """The settings panel and the baseline menu showing `settings` (baselines this model
+        has; max new tokens bound to its context)."""
+        pg, ui = self.pg, self.ui
         choices = pg.baselines()
         baseline = settings.baseline if settings.baseline in choices else pg.default_baseline()
-        return {ui.banner: pg.banner_markdown(),
-                ui.form.baseline: gr.update(choices=[(LABELS.get(v, v), v) for v in choices],
+        return {ui.form.baseline: gr.update(choices=[(LABELS.get(v, v), v) for v in choices],
                                             value=baseline),
                 ui.title_b: baseline_title(baseline),
-                ui.send: gr.update(interactive=True, value="Send"),
-                ui.timer: gr.Timer(active=False),
                 **ui.form.write(settings, pg.context_length or 8192)}
 
     def load(self, data: dict, request: gr.Request) -> dict:
@@ -212,13 +340,16 @@ class PageHandlers:
         this browser kept (a reload), with their settings."""
         ui = self.ui
         prompt = (request.query_params.get("prompt", "") or "") if request is not None else ""
-        conv = data.get(ui.conversation)
-        if not turns_of(conv) and turns_of(data.get(ui.saved)):
-            conv = data[ui.saved]
-        out = self.refresh({**data, ui.conversation: conv})
+        library = lib.library_of(data.get(ui.saved))
+        linked = turns_of(data.get(ui.conversation))  # a shared link's conversation
+        if linked and linked != lib.current(library)["turns"]:
+            library = lib.with_new(library, linked)
+        turns = lib.current(library)["turns"]
+        out = self.refresh({**data, ui.conversation: turns})
         if prompt:
             out[ui.msg] = prompt[:20000]
-        return {**out, **dict(zip(ui.views, render(conv, self.pg))), ui.conversation: dumps(conv)}
+        return {**out, **dict(zip(ui.views, render(turns, self.pg))), ui.conversation: dumps(turns),
+                **self._library_outputs(library)}
 
     def status(self) -> dict:
         """Model and engine status: state (preparing/ready/failed), live model, fallback,

@@ -101,13 +101,14 @@ def stream_answer(engine, answer: dict, prompt, gen_settings, cancel, turns):
     """One engine's answer, streamed into `answer`; yields page states."""
     answer.update(state="prefill", text="", timeline=[(0.0, 0)])  # flat start = TTFT
     yield turns, False
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     last_yield = 0.0
     stream = engine.stream(messages=prompt, settings=gen_settings, cancel=cancel)
     try:
         for event in stream:
             answer["text"] += event.text
-            answer["stats"] = event.stats.as_dict()
+            answer["stats"] = with_cost(event.stats.as_dict(), time.process_time() - cpu_started,
+                                        answer.get("weights_mb"))
             now = time.perf_counter()
             timeline = answer["timeline"]
             timeline.append((now - started, answer["stats"]["new_tokens"]))
@@ -125,3 +126,15 @@ def stream_answer(engine, answer: dict, prompt, gen_settings, cancel, turns):
         if answer["finish_reason"] is None:  # closed mid-run (request cancelled)
             cancel.set()
         stream.close()
+
+
+def with_cost(stats: dict, cpu_s: float, weights_mb: float | None) -> dict:
+    """`stats` with the answer's cost per generated token: the process CPU time while it ran
+    (shared equally among the streams of the batch it ran in) and the weight bytes read (each
+    decode step streams every weight once, for the whole batch). CPU time, not energy."""
+    batch = max(1.0, float(stats.get("batch_size") or 1.0))
+    n = stats.get("new_tokens") or 0
+    stats["cpu_s"] = cpu_s / batch
+    stats["cpu_ms_per_token"] = stats["cpu_s"] * 1000 / n if n else None
+    stats["weights_mb_per_token"] = weights_mb / batch if weights_mb and n else None
+    return stats

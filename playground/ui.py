@@ -27,7 +27,8 @@ EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo 
 CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
-footer {display: none !important}
+#cost-note {font-size: 0.85em; opacity: 0.85}
+#library-row {align-items: end}
 /* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
    of the screen (reachable without scrolling past both panes), the charts one under the other */
 @media (max-width: 640px) {
@@ -49,12 +50,26 @@ HEAD = ('<meta name="referrer" content="no-referrer">'
         # (Gradio scopes `css` inside its container; this one is about the container itself:
         # the sticky message box of narrow screens needs no scroll container around it)
         '<style>@media (max-width: 640px) {.gradio-container {overflow: visible !important;'
-        ' overflow-x: clip !important}}</style>')
+        ' overflow-x: clip !important}}</style>'
+        # The copy buttons copy an answer as it was generated: without the stats line the page
+        # writes under it (conversation.py _footer), in one message and in "copy all".
+        '<script>(() => {const c = navigator.clipboard; if (!c || !c.writeText) return;'
+        ' const write = c.writeText.bind(c);'
+        r' const stats = /\n\n<sub>(?:ternary|int2|int4|fp32) · [^<\n]*<\/sub>/g;'
+        ' c.writeText = (text) => write(typeof text === "string" ? text.replace(stats, "") : text);'
+        '})();</script>')
+COST_NOTE = ("**Cost per token** (under each pane's stats): *CPU time* is the process CPU time of "
+             "that answer divided by the tokens it generated, shared equally among the streams of "
+             "a batch: CPU time, not measured energy. *Weights read* is the variant's weight bytes, "
+             "which every decode step streams once, divided by the batch.")
 
 
 def chat_pane(label: str, elem_id: str) -> gr.Chatbot:
+    # text as typed: Gradio renders the markdown and sanitizes HTML (sanitize_html); editable
+    # visitor messages: edit or resend any turn
     return gr.Chatbot(label=label, elem_id=elem_id, height=420, buttons=["copy", "copy_all"],
-                      feedback_options=None, layout="bubble")
+                      feedback_options=None, layout="bubble", editable="user",
+                      sanitize_html=True, render_markdown=True)
 
 
 def build_demo(pg) -> gr.Blocks:
@@ -71,6 +86,19 @@ def build_demo(pg) -> gr.Blocks:
                 label="Baseline (runs after the ternary engine, on the same cores, same prompt and seed)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
             gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!", scale=1)
+        with gr.Row(elem_id="library-row"):
+            conversations = gr.Dropdown(choices=[], label="Conversation (kept in this browser)",
+                                        elem_id="conversations", scale=3, min_width=160)
+            title = gr.Textbox(label="Title (Enter to rename)", elem_id="conversation-title",
+                               scale=2, min_width=120, max_lines=1)
+            new_chat = gr.Button("New", size="sm", elem_id="new-conversation", min_width=60)
+            delete_chat = gr.Button("Delete", size="sm", elem_id="delete-conversation", min_width=60)
+            export_md = gr.DownloadButton("Export .md", size="sm", elem_id="export-md",
+                                          min_width=80)
+            export_json = gr.DownloadButton("Export .json", size="sm", elem_id="export-json",
+                                            min_width=80)
+            import_json = gr.UploadButton("Import .json", size="sm", elem_id="import-json",
+                                          file_types=[".json"], type="filepath", min_width=80)
         with gr.Row(equal_height=True, elem_id="panes"):
             with gr.Column(min_width=160):
                 gr.Markdown(f"**{LABELS[TERNARY]}**", elem_id="title-ternary")
@@ -83,6 +111,7 @@ def build_demo(pg) -> gr.Blocks:
                 stats_b = gr.Markdown("**baseline** · idle", elem_id="stats-baseline",
                                       elem_classes=["pane-stats"])
         summary = gr.Markdown("", elem_id="summary")
+        gr.Markdown(COST_NOTE, elem_id="cost-note")
         with gr.Row(elem_id="input-row"):
             msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
@@ -127,7 +156,7 @@ def build_demo(pg) -> gr.Blocks:
         # The conversation itself: the one value every view above is rendered from (JSON text).
         conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
         # ... and its copy in the browser's storage: a reload brings the conversation back
-        saved = gr.BrowserState("[]", storage_key="bitnet-onnx-conversation")
+        saved = gr.BrowserState(None, storage_key="bitnet-onnx-conversations")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
         form = SettingsForm(system=system, baseline=baseline, max_new_tokens=max_new,
@@ -135,18 +164,23 @@ def build_demo(pg) -> gr.Blocks:
                             repetition_penalty=rep, seed=seed)
         views = [chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
         ui = Layout(banner=banner, title_b=title_b, send=send, msg=msg, views=views,
-                    conversation=conversation, saved=saved, timer=timer, form=form)
-        wire(demo, PageHandlers(pg, ui), ui, stop=stop, retry=retry, edit=edit, clear=clear)
+                    conversation=conversation, saved=saved, timer=timer, form=form,
+                    conversations=conversations, title=title, export_md=export_md,
+                    export_json=export_json, import_button=import_json)
+        wire(demo, PageHandlers(pg, ui), ui, stop=stop, retry=retry, edit=edit, clear=clear,
+             panes=[chat_t, chat_b], new_chat=new_chat, delete_chat=delete_chat)
     return demo
 
 
-def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, clear) -> None:
+def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, clear, panes,
+         new_chat, delete_chat) -> None:
     """The page's events."""
     outputs = [ui.msg] + ui.views + [ui.conversation]
     settings = ui.form.components()  # in the order of the API's parameters
     common = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
     lock = dict(fn=page.lock, inputs=None, outputs=ui.send, queue=False, api_visibility="private")
-    after = dict(fn=page.unlock_and_save, inputs=[ui.conversation], outputs=[ui.send, ui.saved],
+    after = dict(fn=page.unlock_and_save, inputs=[ui.conversation, ui.saved],
+                 outputs=[ui.send, ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
                  queue=False, api_visibility="private")
     chat_inputs = [ui.msg, ui.conversation] + settings
     ui.send.click(**lock).then(page.chat, chat_inputs, api_name="chat", **common).then(**after)
@@ -158,6 +192,24 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     stop.click(page.stop, None, None, queue=False, api_name="stop")
     clear.click(page.clear, None, ui.views + [ui.conversation], queue=False,
                 api_name="clear").then(**after)
+    for pane in panes:  # edit or resend any visitor turn; the pane's retry on the last answer
+        pane.edit(**lock).then(page.edit_turn, {ui.conversation, *settings},
+                               api_visibility="private", **common).then(**after)
+        pane.clear(page.clear, None, ui.views + [ui.conversation], queue=False,
+                   api_visibility="private").then(**after)
+        pane.retry(**lock).then(page.retry_turn, {ui.conversation, *settings},
+                                api_visibility="private", **common).then(**after)
+    shown = dict(outputs=ui.shown_outputs(), queue=False, api_visibility="private",
+                 show_progress="hidden")
+    new_chat.click(page.new_conversation, {ui.saved, *settings}, **shown)
+    delete_chat.click(page.delete_conversation, {ui.saved, *settings}, **shown)
+    ui.conversations.input(page.switch_conversation, {ui.saved, ui.conversations, *settings},
+                           **shown)
+    ui.import_button.upload(page.import_conversation, {ui.saved, ui.import_button, *settings},
+                            **shown)
+    ui.title.submit(page.rename_conversation, [ui.saved, ui.title],
+                    [ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
+                    queue=False, api_visibility="private", show_progress="hidden")
     ui.form.baseline.change(baseline_title, [ui.form.baseline], [ui.title_b], queue=False,
                             api_visibility="private", show_progress="hidden")
 
@@ -165,7 +217,7 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     ui.timer.tick(page.refresh, {ui.conversation, *settings}, refresh_outputs, queue=False,
                   api_visibility="private", show_progress="hidden")
     demo.load(page.load, {ui.conversation, ui.saved, *settings},
-              [ui.msg] + refresh_outputs + ui.views + [ui.conversation], queue=False,
+              [ui.msg] + refresh_outputs + ui.shown_outputs(), queue=False,
               api_visibility="private", show_progress="hidden")
     gr.api(page.status, api_name="status", queue=False)
 

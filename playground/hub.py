@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 
+from export.publish import folder_files
 from runtime.errors import EngineError
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
-
-# What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
-FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
+from runtime.folder import CONFIG_NAME, read_config
 
 
 class HubFolderError(Exception):
@@ -55,7 +53,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
     model_files = [listed[v] for v in wanted]
-    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
+    patterns = folder_files(config, wanted)  # the operator library included, when published
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                    local_files_only=offline)

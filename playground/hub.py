@@ -72,3 +72,35 @@ def _one_line(what: str, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{what}: {type(e).__name__}: {first}"
 
+
+
+def cached_folder(spec: str) -> str | None:
+    """The exported folder `spec` names, found without network: the folder itself, or the
+    snapshot of a hub repo holding an exported folder in the hub cache (None otherwise)."""
+    from runtime.folder import is_exported
+
+    if os.path.isdir(spec):
+        return spec if is_exported(spec) else None
+    if spec.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(spec, CONFIG_NAME)
+    except Exception:  # noqa: BLE001 - an id the cache cannot hold: not a cached folder
+        return None
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+def choose_operator_library(spec: str):
+    """Before the model is prepared: use the operator library of the exported folder `spec`
+    names (a published repo in the hub cache, e.g. preloaded by a Space) when it runs here, so
+    the start compiles nothing; returns custom_ops.prebuilt.LibraryChoice (.message says which)."""
+    from custom_ops.prebuilt import LibraryChoice, adopt_folder_library
+
+    folder = cached_folder(spec)
+    choice = adopt_folder_library(folder)
+    if folder is None and choice.source == "build":
+        return LibraryChoice("build", "", f"operator library: compiling it here ({spec} is not an "
+                                          "exported folder on disk or in the hub cache)")
+    return choice

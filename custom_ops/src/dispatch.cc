@@ -167,6 +167,9 @@ const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
       {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
       {"avx2", kFeatAvx2, matmul_i8_avx2},
 #endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_i8_neon},
+#endif
       {"reference", 0, matmul_i8_reference},
   };
   return list;

@@ -162,7 +162,7 @@ BITNET_AVX512VNNI void bitlinear_avx512vnni(const BitLinearProblem& p, int64_t m
 // place; tdpbssd adds sum(x * c) over the 64 k into C tiles of up to 16 rows x 16 int32 columns.
 // Two row tiles share each unpacked chunk, so the weights are unpacked once per 32 rows, and
 // one 16 x 16 x 64 tdpbssd replaces 64 vpdpbusd. The sums are exact int32, so the results are
-// the VNNI kernel's bits. One row (decode) runs the VNNI row kernel, which streams faster.
+// the VNNI kernel's bits. Below kAmxMinRows rows (decode) the VNNI kernels run: they stream faster.
 //
 // Tiles: tmm0/tmm1 C of row tile 0 (halves 0/1), tmm2/tmm3 C of row tile 1, tmm4/tmm5 A of row
 // tiles 0/1, tmm6/tmm7 B (halves 0/1). With one row tile, tmm2/tmm3 sum the odd chunks: two
@@ -180,6 +180,10 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kAmxChunkBlocks = 4;  // 64 k: the depth of one tdpbssd
 constexpr int64_t kAmxRows = 16;        // rows of an A or C tile
+// Fewer rows run the AVX-512 VNNI kernels. Measured inside ONNX Runtime with the weights coming
+// from memory (bench/bench_rows.py, CPU time): at 2 rows the VNNI tiles were 1.2x (BitLinear)
+// and 1.3x (MatMulI8) faster, at 4 rows even, from 8 rows on AMX won (1.35x / 1.6x at 8).
+constexpr int64_t kAmxMinRows = 4;
 
 BITNET_AMX static void amx_configure(int rows0, int rows1) {
   TileConfig cfg;
@@ -286,7 +290,7 @@ BITNET_AMX static void bitlinear_amx_tile(const BitLinearProblem& p, int64_t m0,
 }
 
 BITNET_AMX void bitlinear_amx(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
-  if (m1 - m0 == 1) {
+  if (m1 - m0 < kAmxMinRows) {
     bitlinear_avx512vnni(p, m0, m1, g0, g1);
     return;
   }
@@ -413,7 +417,7 @@ BITNET_AVX512VNNI void matmul_i8_avx512vnni(const MatMulI8Problem& p, int64_t m0
 // 64-k chunk holds, for each row m of x, its four values at k = 4r .. 4r+3), so tdpbssd adds
 // w[n] . xq[m] for 16 table rows x up to 16 rows of x at once: the instruction's cost depends
 // on the table rows, not on M, so a batch reads the table at about the speed of one row.
-// Exact int32 sums, so the bits are the other kernels'. One row runs the VNNI kernel.
+// Exact int32 sums, so the bits are the other kernels'. Below kAmxMinRows rows the VNNI kernel runs.
 //
 // Tiles: tmm0/tmm1 C of table tile 0 (xq and rq terms), tmm2/tmm3 C of table tile 1, tmm4/tmm5
 // A (table tiles 0/1), tmm6/tmm7 B (the xq and rq terms of the chunk).
@@ -501,7 +505,7 @@ BITNET_AMX static void matmul_i8_amx_rows(const MatMulI8Problem& p, int64_t m0, 
 }
 
 BITNET_AMX void matmul_i8_amx(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 == 1) {
+  if (m1 - m0 < kAmxMinRows) {
     matmul_i8_avx512vnni(p, m0, m1, n0, n1);
     return;
   }

@@ -30,11 +30,13 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.responses import StreamingResponse
 
+from runtime.gate import Busy, Gate, QueueTimeout
+
 from .errors import ApiError
 from .limits import API_KEY_ENV, Limits
 from .models import ModelRegistry
 from .requests import ChatRequest, read_chat_request, to_api_error
-from .scheduler import Busy, ClientGone, Gate, Job, JobRecord, Jobs, QueueTimeout
+from .scheduler import ClientGone, Job, JobRecord, Jobs
 
 log = logging.getLogger("bitnet.api")
 
@@ -118,7 +120,7 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
     limits = limits or Limits.from_env()
     if api_key is ...:
         api_key = os.environ.get(API_KEY_ENV) or None
-    gate = gate or Gate(limits.concurrency, limits.queue_size, limits.history)
+    gate = gate or limits.gate()
     state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key, Jobs(gate))
     router = build_router(state)
     n_before = len(app.router.routes)

@@ -20,9 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from runtime.gate import Busy, Gate, QueueTimeout, Ticket
-
-__all__ = ["Busy", "ClientGone", "Gate", "Job", "JobRecord", "Jobs", "QueueTimeout", "Ticket"]
+from runtime.gate import Gate, QueueTimeout, Ticket
 
 
 class ClientGone(Exception):

@@ -6,7 +6,7 @@
     async for event in job.events(): ...
     job.cancel.set()                 # the engine stops at its next token (one decode step)
 
-    jobs = Jobs(gate)                # the API's lifecycle of those steps, with its records
+    jobs = Jobs(gate, history=256)   # the API's lifecycle of those steps, with its records
     job = await jobs.start(engine, model, messages, settings_for, queue_timeout_s=...,
                            generation_timeout_s=..., disconnected=request.is_disconnected)
 """
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 import time
@@ -127,8 +128,9 @@ class Jobs:
     """The API's generations from admission to the end: a place in the gate, the settings, the
     wait for the CPU, a Job in its worker thread, and the records /v1/health and tests read."""
 
-    def __init__(self, gate: Gate):
+    def __init__(self, gate: Gate, history: int = 256):
         self.gate = gate
+        self.records: collections.deque[JobRecord] = collections.deque(maxlen=max(history, 1))
         self.jobs: dict[str, Job] = {}  # id -> Job; finished ones leave when the next one starts
 
     def active(self) -> int:
@@ -143,7 +145,7 @@ class Jobs:
         the generation."""
         ticket = self.gate.admit()
         record = JobRecord(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", model=model)
-        self.gate.records.append(record)
+        self.records.append(record)
         started = False
         try:
             settings = await asyncio.to_thread(settings_for)

@@ -1,5 +1,7 @@
 """Cold start of the playground as a Space starts it: from an empty process to the page
 answering, with the 2B4T-shaped model, from the hub cache that `preload_from_hub` fills.
+The model's files are dropped from the page cache first (posix_fadvise DONTNEED on those files
+only), so the start reads them from disk as a fresh container does.
 
     python bench/bench_cold_start.py --work DIR [--cases published,checkpoint] [--threads 2]
 
@@ -123,10 +125,27 @@ def http_ok(url: str, body: dict | None = None, timeout: float = 600) -> bool:
         return False
 
 
+def evict_from_page_cache(folder: str) -> int:
+    """Drop the files under `folder` (links followed) from the page cache; returns their bytes."""
+    total = 0
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.realpath(os.path.join(base, name))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # written pages must reach the disk before they can be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
+
+
 def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> dict:
     import psutil
 
     repo_id = PUBLISHED_ID if case == "published" else CHECKPOINT_ID
+    evicted = evict_from_page_cache(os.path.join(work, "hub", "models--" + repo_id.replace("/", "--"), "snapshots"))
     scratch = tempfile.mkdtemp(prefix=f"cold-{case}-", dir=work)
     env = dict(os.environ, HF_HUB_CACHE=os.path.join(work, "hub"), HF_HUB_OFFLINE="1",
                BITNET_BUILD_DIR=os.path.join(scratch, "build"), BITNET_ONNX_CACHE=os.path.join(scratch, "cache"),
@@ -145,14 +164,22 @@ def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> 
                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     proc = psutil.Process(app.pid)
     peak, page_s, answer_s = 0, None, None
+    timeline = []  # (seconds since the start, log line) as the lines appear
     import threading
 
     stop = threading.Event()
 
     def sample():
         nonlocal peak
+        seen = 0
         while not stop.is_set():
             peak = max(peak, tree_rss(proc))
+            with open(log_path, errors="replace") as f:
+                lines = f.read().splitlines()
+            for line in lines[seen:]:
+                if line.startswith(("[bitnet-onnx]", "[custom_ops]")) or "export" in line:
+                    timeline.append((round(time.monotonic() - started, 1), line[:160]))
+            seen = len(lines)
             stop.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -182,9 +209,11 @@ def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> 
     result = {"case": case, "model": repo_id, "threads": threads, "page_s": _round(page_s),
               "first_answer_s": _round(answer_s), "peak_rss_gib": round(peak / 2**30, 2),
               "app_vmhwm_gib": round(hwm / 2**30, 2), "operator_library": library,
+              "evicted_gib": round(evicted / 2**30, 2),
               "compiled": "compiling " in text and "[custom_ops] built" in text,
               "exported": "export of " in text and " finished in " in text,
-              "load_average": [round(x, 2) for x in os.getloadavg()], "log": log_path}
+              "load_average": [round(x, 2) for x in os.getloadavg()], "log": log_path,
+              "timeline": timeline}
     if answer_s is None:
         result["error"] = "no answer within the timeout; see the log"
     return result

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, past_name, present_name
+from .folder import (ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, bind_constant_input, past_name,
+                     present_name)
 
 
 class SlotPool:
@@ -87,7 +88,7 @@ class SlotPool:
                     binding.bind_ortvalue_input(past_name(i, kind), value)
                     binding.bind_ortvalue_output(present_name(i, kind), value)
             if self._keep is not None:
-                binding.bind_cpu_input(NUM_LOGITS_TO_KEEP, self._keep)
+                bind_constant_input(binding, NUM_LOGITS_TO_KEEP, self._keep)
             self._bindings[key] = (binding, np.empty(logits_shape, np.float32))
         return self._bindings[key]
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import EngineError, PromptTooLongError, VariantNotFoundError  # noqa: F401
-from .folder import NUM_LOGITS_TO_KEEP, VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
+from .folder import (NUM_LOGITS_TO_KEEP, VARIANTS, graph_input_names, needs_custom_ops,  # noqa: F401
+                     read_config, variant_path)
 from .kv_cache import KVCache
 from .sampling import GenerationSettings, Sampler
 from .session import check_custom_ops, open_session
@@ -124,7 +125,7 @@ class Engine:
         self.vocab_size = out_shape[-1] if isinstance(out_shape[-1], int) else int(c["vocab_size"])
         # The graph says what it needs: format 2 graphs take num_logits_to_keep; format 1
         # graphs (no such input) always return logits for every position.
-        inputs = {i.name for i in self.session.get_inputs()}
+        inputs = graph_input_names(self.session)
         self._keep_input = NUM_LOGITS_TO_KEEP in inputs
         self.last_logits_only = bool(last_logits_only) and self._keep_input
         self.stop_token_ids = [int(t) for t in c.get("stop_token_ids") or []]

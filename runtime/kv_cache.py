@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, past_name, present_name
+from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, bind_constant_input, past_name, present_name
 
 
 class KVCache:
@@ -37,7 +37,7 @@ class KVCache:
                 self.binding.bind_ortvalue_output(present_name(i, kind), value)
         self._extra = {name: np.asarray(value) for name, value in (extra_inputs or {}).items()}
         for name, value in self._extra.items():
-            self.binding.bind_cpu_input(name, value)
+            bind_constant_input(self.binding, name, value)
 
     @property
     def nbytes(self) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .cpus import available_threads
-from .errors import EngineError
+from .cpus import available_threads, check_threads
+from .errors import EngineError, first_line
 
 
 def session_options(threads: int | None = None, custom_ops: bool = False, config: dict | None = None):
@@ -15,8 +15,7 @@ def session_options(threads: int | None = None, custom_ops: bool = False, config
     and only errors logged (ORT's warnings are not for the end user)."""
     import onnxruntime as ort
 
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    check_threads(threads)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or available_threads()
     so.inter_op_num_threads = 1
@@ -58,6 +57,5 @@ def check_custom_ops() -> None:
     try:
         custom_ops.library_path()
     except Exception as e:  # BuildError: no compiler, no headers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EngineError(f"the ternary variant needs the bitnet custom-op library, which cannot be "
-                          f"built here: {first} (or use --variant int2)") from None
+                          f"built here: {first_line(e)} (or use --variant int2)") from None

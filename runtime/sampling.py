@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .logprobs import MAX_TOP
+
 
 @dataclass
 class GenerationSettings:
@@ -25,6 +27,9 @@ class GenerationSettings:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed per generation
+    # None: no log-probabilities; k >= 0: each generated token's log-probability under the model
+    # (log-softmax of the logits it was sampled from) and the k most likely tokens there
+    logprobs: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     # Extras beyond the minimal contract:
     stop_token_ids: list[int] | None = None  # None: the model's stop ids; []: never stop on ids
@@ -50,6 +55,9 @@ class GenerationSettings:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, (int, np.integer)) or not 0 <= self.logprobs <= MAX_TOP):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
                                       or self.seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")

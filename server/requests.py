@@ -1,25 +1,30 @@
-"""The chat-completions request, as pydantic models (the shape FastAPI apps give their
-requests), and the one function that turns a validation error into OpenAI's error shape.
+"""The chat-completions request, from bytes to GenerationSettings, validated in one place.
 
-    req = parse_chat_request(json_body, limits)   # ChatRequest, or ApiError 400 naming the field
+    req = await read_chat_request(request, limits)   # ChatRequest, or ApiError naming the field
+    settings = req.settings(engine, limits)          # GenerationSettings, or ApiError 400
 
-The models say the types and ranges; `to_api_error` maps pydantic's first error to our codes
-(missing_field / invalid_type / invalid_value / unsupported*), with `param` from the error's
-location (`messages[0].content`). Limits that come from the server's configuration (how many
-messages, stop strings) are checked after validation.
+The body is read with its size limit (413) and read timeout (408), decoded as JSON whatever
+its content type (curl -d sends form encoding), and validated by the pydantic models below
+(the shape FastAPI apps give their requests): they say the types and ranges, and the limits
+from the server's configuration (how many messages, stop strings) through the validation
+context. `to_api_error` is the one translation of a validation error into OpenAI's error
+shape (missing_field / invalid_type / invalid_value / unsupported*, `param` the field's path
+such as `messages[0].content`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Literal, Optional, Union
+import asyncio
+import json
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ApiError, bad
 from .limits import Limits
 
+MIN_TEMPERATURE = 1e-4  # below this a temperature means greedy decoding
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = ("tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias")
 
@@ -33,7 +38,8 @@ def _type_name(v) -> str:
             int: "integer", float: "number"}.get(type(v), type(v).__name__)
 
 
-OUR_CODES = ("invalid_type", "unsupported", "unsupported_role", "unsupported_content")
+OUR_CODES = ("invalid_type", "invalid_value", "unsupported", "unsupported_role", "unsupported_content",
+             "too_many_messages")
 
 
 def _fail(code: str, message: str, param: str | None = None):
@@ -124,8 +130,36 @@ class ChatRequest(BaseModel):
     presence_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None  # accepted, ignored
     n: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     seed: Optional[Int] = None
-    stop: Optional[Union[Annotated[str, Field(strict=True)], list[Annotated[str, Field(strict=True)]]]] = None
+    stop: Any = None  # a string or an array of strings: see _stop
     response_format: Optional[ResponseFormat] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, stop):
+        if stop is None:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _fail("invalid_type", "must be a string or an array of strings")
+        return stop
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo):
+        """The server's own limits (the validation context's Limits), and the seed as numpy takes it."""
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if len(self.messages) > limits.max_messages:
+            raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
+                                             f"{limits.max_messages})", "messages")
+        stop = self.stop or []
+        if len(stop) > limits.max_stop:
+            raise _fail("invalid_value", f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise _fail("invalid_value", f"a stop string may have at most {limits.max_stop_chars} characters",
+                        "stop")
+        if self.seed is not None:
+            self.seed %= 1 << 64  # any integer, as OpenAI accepts; numpy wants it non-negative
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -152,11 +186,41 @@ class ChatRequest(BaseModel):
 
     @property
     def stop_list(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or [])
 
     @property
     def chat(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+    def settings(self, engine, limits: Limits):
+        """GenerationSettings for this request on `engine`: max_tokens clamped to the context
+        left after the prompt (ApiError 400 when the prompt alone does not fit)."""
+        from runtime import GenerationSettings, PromptTooLongError
+
+        try:
+            prompt = engine.prompt_ids(messages=self.chat)
+        except PromptTooLongError as e:
+            # the API's own remedy (an HTTP client has no settings.truncate)
+            raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
+                                f"chat template, and this model's context holds {e.context_length} "
+                                "tokens for prompt and answer together; send fewer or shorter messages "
+                                "(drop the oldest turns)", param="messages",
+                           code="context_length_exceeded") from None
+        except ValueError as e:
+            raise bad(f"the messages cannot be used: {e}", "messages") from None
+        context = int(engine.context_length)
+        cap = min(limits.max_tokens_cap or context, context)
+        wanted = self.wanted_tokens if self.wanted_tokens is not None else limits.default_max_tokens
+        temperature = limits.default_temperature if self.temperature is None else self.temperature
+        # A temperature this small is greedy decoding in all but name; 0 says so exactly.
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        return GenerationSettings(max_new_tokens=max(1, min(wanted, cap, context - len(prompt))),
+                                  temperature=float(temperature), top_k=self.top_k or 0,
+                                  top_p=max(float(self.top_p if self.top_p is not None else 1.0), 1e-9),
+                                  repetition_penalty=float(self.repetition_penalty or 1.0),
+                                  seed=self.seed, stop=self.stop_list)
 
 
 # pydantic's error types -> our codes (custom errors carry their code as their type)
@@ -166,22 +230,11 @@ _RANGE = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def _param(loc) -> str | None:
+    """A validation error's location as the client wrote the path: messages[0].content."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after[_null_content()]",) or "[" in str(part) and "(" in str(part):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out or None
-
-
-def _field_param(loc) -> str | None:
-    """Only the named fields of the location (pydantic adds union member tags like 'str')."""
-    keep = [p for p in loc if isinstance(p, int) or p in ChatRequest.model_fields
-            or p in Message.model_fields or p in StreamOptions.model_fields or p in ("type",)]
-    return _param(keep)
 
 
 def to_api_error(err: ValidationError) -> ApiError:
@@ -189,13 +242,11 @@ def to_api_error(err: ValidationError) -> ApiError:
     names the field."""
     e = err.errors(include_url=False)[0]
     kind, loc = e["type"], e["loc"]
-    param = _field_param(loc) or (e.get("ctx") or {}).get("param")
+    param = _param(loc) or (e.get("ctx") or {}).get("param")
     if kind in OUR_CODES:  # raised by our validators: the message is written for the client
         code, msg = kind, e["msg"]
-        where = _field_param(loc)
+        where = _param(loc)
         message = msg if not where else f"{where}{msg}" if msg.startswith("[") else f"{where}: {msg}"
-    elif param == "stop" and kind.endswith("_type"):
-        code, message = "invalid_type", "stop must be a string or an array of strings"
     elif kind == "too_short" and param == "messages":
         code, message = "invalid_value", "messages must not be empty"
     elif kind in _RANGE:
@@ -227,21 +278,60 @@ def to_api_error(err: ValidationError) -> ApiError:
 
 
 def parse_chat_request(body, limits: Limits) -> ChatRequest:
-    """A decoded JSON body as a ChatRequest; ApiError (400) naming the first problem."""
+    """A decoded JSON body as a ChatRequest; pydantic's ValidationError (see to_api_error)
+    for the first problem."""
+    return ChatRequest.model_validate(body, context={"limits": limits})
+
+
+async def read_chat_request(request, limits: Limits) -> ChatRequest:
+    """The request's body, read within the limits, as a validated ChatRequest."""
+    return parse_chat_request(parse_json(await read_body(request, limits)), limits)
+
+
+async def read_body(request, limits: Limits) -> bytes:
+    """The body: 413 beyond limits.max_body_bytes (declared or counted), 408 when it takes
+    longer than limits.body_timeout_s to arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limits.max_body_bytes:
+                raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is "
+                                    f"{limits.max_body_bytes}", code="body_too_large")
+        except ValueError:
+            raise bad("Content-Length is not a number", code="invalid_header") from None
+    chunks, size = [], 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds the limit of {limits.max_body_bytes} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+
     try:
-        req = ChatRequest.model_validate(body)
-    except ValidationError as e:
-        raise to_api_error(e) from None
-    if len(req.messages) > limits.max_messages:
-        raise bad(f"too many messages: {len(req.messages)} (the limit is {limits.max_messages})",
-                  "messages", "too_many_messages")
-    stop = req.stop_list
-    if len(stop) > limits.max_stop:
-        raise bad(f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
-    if any(len(s) > limits.max_stop_chars for s in stop):
-        raise bad(f"a stop string may have at most {limits.max_stop_chars} characters", "stop")
-    if req.seed is not None:
-        req.seed %= 1 << 64  # any integer, as OpenAI accepts; numpy wants it non-negative
-    if req.temperature is not None and not math.isfinite(req.temperature):
-        raise bad("temperature must be finite", "temperature")
-    return req
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s} s",
+                       code="body_timeout") from None
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes):
+    if not body.strip():
+        raise bad("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})", code="invalid_json") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad("the JSON is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None

@@ -7,6 +7,10 @@
     async for event in job.events(): ...
     job.cancel.set()                 # the engine stops at its next token (one decode step)
 
+    jobs = Jobs(gate)                # the API's lifecycle of those steps, with its records
+    job = await jobs.start(engine, model, messages, settings_for, queue_timeout_s=...,
+                           generation_timeout_s=..., disconnected=request.is_disconnected)
+
 The Gradio page can share the same gate so page and API never run two generations on the
 2 cores at once: `with gate.slot(timeout=60): ...generate...` (blocking, FIFO with the API).
 """
@@ -17,9 +21,11 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import dataclasses
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 
@@ -34,6 +40,14 @@ class Busy(Exception):
 
 class QueueTimeout(Exception):
     """Waited longer than the queue timeout for the CPU (answer 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ClientGone(Exception):
+    """The client closed the request while it waited for the CPU."""
 
 
 @dataclass
@@ -263,8 +277,6 @@ class Job:
             self.stop("shutdown")
 
     def _run(self) -> None:
-        import dataclasses
-
         started = time.monotonic()
         # the one time limit is the engine's (finish reason "time", checked between tokens)
         settings = self.settings
@@ -299,3 +311,52 @@ class Job:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+class Jobs:
+    """The API's generations from admission to the end: a place in the gate, the settings, the
+    wait for the CPU, a Job in its worker thread, and the records /v1/health and tests read."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+        self.jobs: dict[str, Job] = {}  # id -> Job; finished ones leave when the next one starts
+
+    def active(self) -> int:
+        """Jobs whose worker thread is still inside an engine."""
+        return sum(not j.finished.is_set() for j in list(self.jobs.values()))
+
+    async def start(self, engine, model: str, messages, settings_for, *, queue_timeout_s: float,
+                    generation_timeout_s: float, disconnected, id_prefix: str = "chatcmpl") -> Job:
+        """Admit the request (Busy when the queue is full), compute its settings
+        (`settings_for()`, in a thread: it tokenizes; what it raises refuses the job), wait for
+        the CPU (QueueTimeout; ClientGone when `disconnected()` says the client left) and start
+        the generation."""
+        ticket = self.gate.admit()
+        record = JobRecord(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", model=model)
+        self.gate.records.append(record)
+        started = False
+        try:
+            settings = await asyncio.to_thread(settings_for)
+            if not await ticket.wait_async(queue_timeout_s, disconnected):
+                record.state = "abandoned"
+                if await disconnected():
+                    record.stopped_by = "client"
+                    raise ClientGone("client closed the request")
+                self.gate.counters["queue_timeouts"] += 1
+                retry = self.gate.retry_after_s()
+                raise QueueTimeout(f"the server is busy: waited {queue_timeout_s:g} s for the CPU; "
+                                   f"retry after {retry} s", retry)
+            job = Job(ticket, engine, messages, settings, asyncio.get_running_loop(), record,
+                      generation_timeout_s)
+            for key in [k for k, j in list(self.jobs.items()) if j.finished.is_set()]:
+                self.jobs.pop(key, None)
+            self.jobs[record.id] = job
+            job.start()
+            started = True
+            self.gate.counters["started"] += 1
+            return job
+        finally:
+            if not started:
+                ticket.release()
+                if record.state == "queued":
+                    record.state = "refused"  # e.g. the prompt does not fit the context

@@ -138,6 +138,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._memory = (rss_mb(), peak_rss_mb())  # sampled once per iteration, for the stats
         self.steps = 0  # decode steps run so far
+        self.step_observers: list = []  # called with each decode step's batch size (metrics)
 
     # -- the interface callers use (Engine.stream's signature) ----------------------------
     def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
@@ -338,6 +339,8 @@ class Batcher:
                 self._fail(seq, e)
             return
         self.steps += 1
+        for observe in self.step_observers:
+            observe(len(batch))
         for slot, seq in batch.items():
             seq.took_step(len(batch))
             if not self._send(seq, seq.next(logits[slot], self._memory)):

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 
+from playground.hub import choose_operator_library
 from playground.models import DEFAULT_MODEL
 from runtime.batcher import DEFAULT_SLOTS
 from playground.service import DEFAULT_QUEUE_SIZE, Playground
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
         args.share = False  # ignored on Spaces anyway
     limits = serving_limits(args.batch)
     pg = create_playground(args, limits)
+    pg.progress(choose_operator_library(args.model).message)  # before anything builds it
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True,

@@ -6,7 +6,7 @@
 
 `library_path()` compiles the library on first use (and when its sources changed);
 `pack_ternary(w)` turns int8 ternary weights [N, K] into the layout `BitLinear` reads.
-Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni (ARM64: reference|neon|dotprod) to
+Set BITNET_KERNEL=reference|avx2|avxvnni|avx512|avx512vnni|amx (ARM64: reference|neon|dotprod) to
 force a feature level (default: the best the CPU has); `kernel_table(features)` says which
 kernel each op runs at a level.
 `status()` says whether the operator can run here (why not, how to fix), the kernel level the
@@ -28,21 +28,23 @@ DOMAIN = "bitnet"
 # BITNET_KERNEL levels of this machine's architecture, weakest first, and the CPU features each
 # needs (bits of custom_ops/src/kernels.h's CpuFeature).
 FEATURE_AVX2, FEATURE_AVX512, FEATURE_AVX512VNNI, FEATURE_AVXVNNI = 1, 2, 4, 8
-FEATURE_NEON, FEATURE_DOTPROD = 16, 32
+FEATURE_NEON, FEATURE_DOTPROD, FEATURE_AMX = 16, 32, 64
 FEATURE_NAMES = {FEATURE_AVX2: "AVX2/FMA/F16C", FEATURE_AVX512: "AVX-512 F/BW/VL",
                  FEATURE_AVX512VNNI: "AVX-512 VNNI", FEATURE_AVXVNNI: "AVX-VNNI",
-                 FEATURE_NEON: "ARM64 NEON", FEATURE_DOTPROD: "ARM64 dot product (sdot)"}
+                 FEATURE_NEON: "ARM64 NEON", FEATURE_DOTPROD: "ARM64 dot product (sdot)",
+                 FEATURE_AMX: "AMX-TILE/AMX-INT8 (and the OS's permission)"}
 LEVEL_FEATURES = {
     "reference": 0,
     "avx2": FEATURE_AVX2,
     "avxvnni": FEATURE_AVX2 | FEATURE_AVXVNNI,
     "avx512": FEATURE_AVX2 | FEATURE_AVX512,
     "avx512vnni": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI,
+    "amx": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI | FEATURE_AMX,
     "neon": FEATURE_NEON,
     "dotprod": FEATURE_NEON | FEATURE_DOTPROD,
 }
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
-KERNELS = ("reference", "neon", "dotprod") if ARM64 else ("reference", "avx2", "avxvnni", "avx512", "avx512vnni")
+KERNELS = ("reference", "neon", "dotprod") if ARM64 else ("reference", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 
 GROUP_COLS = 32  # output columns per packed group: two 16-lane halves of a 128-byte block
 HALF_COLS = 16   # columns per 64-byte half (one int32 lane each in a 512-bit register)

@@ -18,9 +18,7 @@ A turn is plain JSON (it travels in the page and in shared links):
 
 from __future__ import annotations
 
-import html
 import json
-import re
 
 TERNARY = "ternary"
 NO_BASELINE = "none"
@@ -87,18 +85,9 @@ def model_messages(turns, system: str = "") -> list[dict]:
 
 
 # -- what the visitor sees ------------------------------------------------------------------------
-
-_IMAGE = re.compile(r"!(?=\[)")
-
-
-def shown(text: str) -> str:
-    """Text (the visitor's or a model's) as a chat pane displays it: HTML escaped, so markup and
-    scripts show as text, and markdown images disarmed: the "!" of `![x](url)` becomes a
-    character reference, which markdown reads as plain text (whatever backslashes precede
-    it), so no remote image loads: no tracking pixels in a shared page. Links stay links; the page sends no
-    referrer (playground/ui.py HEAD)."""
-    return _IMAGE.sub("&#33;", html.escape(text, quote=False))
-
+# Text goes to the chat panes as it was typed or generated: Gradio renders its markdown and
+# sanitizes any HTML in it (no script, no event handler runs), and the page's
+# Content-Security-Policy keeps images to the page's own origin (playground/ui.py HEAD).
 
 def _finish_note(variant: str, answer: dict) -> str:
     state = answer.get("state")
@@ -128,7 +117,7 @@ def _footer(variant: str, answer: dict, seed) -> str:
 def _answer_content(variant: str, answer: dict, seed) -> str:
     if answer.get("state") == "waiting" and variant != TERNARY:
         return WAITING
-    text = shown(answer.get("text") or "")
+    text = answer.get("text") or ""
     if not text.strip():
         text = _finish_note(variant, answer)
     return text + _footer(variant, answer, seed)
@@ -138,7 +127,7 @@ def pane_messages(turns, pane: str) -> list[dict]:
     """One chat pane ("ternary" or "baseline") as Chatbot messages."""
     out = []
     for t in turns_of(turns):
-        out.append({"role": "user", "content": shown(t["user"])})
+        out.append({"role": "user", "content": t["user"]})
         if pane == TERNARY:
             variant = TERNARY
         else:

@@ -9,7 +9,7 @@ from .conversation import NO_BASELINE, TERNARY, ran
 LABELS = {"ternary": "ternary (BitLinear)", "int2": "int2 (stock ORT MatMulNBits 2-bit)",
           "int4": "int4 (stock ORT MatMulNBits 4-bit)", "fp32": "fp32 (stock ORT MatMul)",
           NO_BASELINE: "none (ternary only)"}
-MAX_TIMELINE_POINTS = 240
+CHART_TIMELINE_POINTS = 240
 # Below this many decoded tokens per engine a speed ratio is mostly noise (one slow token
 # swings it several-fold): the verdict says so instead of printing a headline ratio.
 MIN_DECODED_TO_COMPARE = 32
@@ -72,7 +72,18 @@ def stats_markdown(variant: str, answer: dict | None, context: int | None = None
         mem.append(f"process RSS {fmt_mb(s['rss_mb'])}")
     if mem:
         parts.append(" · ".join(mem))
-    return head + "  \n" + " · ".join(parts)
+    cost = cost_line(s)
+    return head + "  \n" + " · ".join(parts) + (f"  \n{cost}" if cost else "")
+
+
+def cost_line(stats: dict) -> str:
+    """Cost per generated token: CPU time (playground/turns.py with_cost) and weights read."""
+    parts = []
+    if stats.get("cpu_ms_per_token"):
+        parts.append(f"CPU time **{stats['cpu_ms_per_token']:.2f} ms/token**")
+    if stats.get("weights_mb_per_token"):
+        parts.append(f"weights read **{fmt_mb(stats['weights_mb_per_token'])}/token**")
+    return ("cost: " + " · ".join(parts)) if parts else ""
 
 
 def summary_line(turn: dict | None, time_limit_s: float | None = None) -> str:
@@ -120,7 +131,7 @@ def summary_line(turn: dict | None, time_limit_s: float | None = None) -> str:
     return stopped + line + "." + tail
 
 
-def _downsample(points: list, limit: int = MAX_TIMELINE_POINTS) -> list:
+def _downsample(points: list, limit: int = CHART_TIMELINE_POINTS) -> list:
     if len(points) <= limit:
         return points
     step = len(points) / limit

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 
+from export.publish import folder_files
 from runtime.errors import EngineError
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
-
-# What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
-FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
+from runtime.folder import CONFIG_NAME, read_config
 
 
 class HubFolderError(Exception):
@@ -55,7 +53,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
     model_files = [listed[v] for v in wanted]
-    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
+    patterns = folder_files(config, wanted)  # the operator library included, when published
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                    local_files_only=offline)
@@ -74,3 +72,35 @@ def _one_line(what: str, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{what}: {type(e).__name__}: {first}"
 
+
+
+def cached_folder(spec: str) -> str | None:
+    """The exported folder `spec` names, found without network: the folder itself, or the
+    snapshot of a hub repo holding an exported folder in the hub cache (None otherwise)."""
+    from runtime.folder import is_exported
+
+    if os.path.isdir(spec):
+        return spec if is_exported(spec) else None
+    if spec.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(spec, CONFIG_NAME)
+    except Exception:  # noqa: BLE001 - an id the cache cannot hold: not a cached folder
+        return None
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+def choose_operator_library(spec: str):
+    """Before the model is prepared: use the operator library of the exported folder `spec`
+    names (a published repo in the hub cache, e.g. preloaded by a Space) when it runs here, so
+    the start compiles nothing; returns custom_ops.prebuilt.LibraryChoice (.message says which)."""
+    from custom_ops.prebuilt import LibraryChoice, adopt_folder_library
+
+    folder = cached_folder(spec)
+    choice = adopt_folder_library(folder)
+    if folder is None and choice.source == "build":
+        return LibraryChoice("build", "", f"operator library: compiling it here ({spec} is not an "
+                                          "exported folder on disk or in the hub cache)")
+    return choice

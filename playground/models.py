@@ -27,8 +27,7 @@ HUB_VARIANTS = ("ternary", "int2", "int4")
 LOCAL_VARIANTS = ("ternary", "int2", "int4", "fp32")  # small local checkpoints: all of them
 DEMO_NAME = "the Shakespeare demo model (BitNet b1.58, trained by this project)"
 ROOT = Path(__file__).resolve().parent.parent
-# Where the demo checkpoint of issue 6 may live (the first that exists is used).
-DEMO_CANDIDATES = ("models/shakespeare-bitnet", "demo_model", "models/demo")
+DEMO_FOLDER = ROOT / "models" / "shakespeare-bitnet"  # the demo checkpoint this repo ships
 
 
 @dataclass
@@ -212,11 +211,11 @@ def _display_name(folder) -> str:
 
 
 def demo_candidates() -> list[Path]:
-    """BITNET_DEMO_MODEL (a folder; "none" = no demo model), else the shipped locations."""
+    """BITNET_DEMO_MODEL (a folder; "none" = no demo model), else the shipped one."""
     env = os.environ.get("BITNET_DEMO_MODEL")
     if env is not None:
         return [] if env.strip().lower() in ("", "none") else [Path(env)]
-    return [ROOT / rel for rel in DEMO_CANDIDATES]
+    return [DEMO_FOLDER]
 
 
 def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:

@@ -1,27 +1,21 @@
-"""The Gradio page: compare-mode chat, settings, stats, charts, sharing.
+"""The Gradio page: compare-mode chat, settings, stats, charts, sharing -- the layout, and
+which handler (playground/handlers.py) each event runs.
 
 `build_demo(playground)` returns the gr.Blocks; app.py queues and launches it and adds the
 OpenAI-compatible API routes to the same server.
-Stable API names (gradio_client): /chat, /retry, /stop, /clear, /status.
-
-The page keeps one thing, the conversation (a hidden JSON value, playground/conversation.py);
-both chat panes, the stats lines, the verdict, the charts and the raw stats are rendered from
-it, so a shared link or a reload restores exactly what was shown.
+Stable API names (gradio_client): /chat, /retry, /edit, /stop, /clear, /status.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 
 import gradio as gr
 
-from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
-from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
-from .service import ChatSettings, CpuBusy, NotReady, Playground, TooLong
-
-log = logging.getLogger("bitnet-onnx.app")
+from .conversation import NO_BASELINE, TERNARY
+from .formatting import LABELS, raw_stats, stats_markdown
+from .handlers import Layout, PageHandlers, SettingsForm, baseline_title
+from .settings import PageSettings
 
 TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
 EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo model
@@ -30,12 +24,11 @@ EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo 
     "What light through yonder window breaks?",
     "Good morrow, my lord. What news from the court?",
 ]
-DEFAULT_SYSTEM = "You are a helpful assistant."
-DEFAULT_MAX_NEW = 256
 CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
-footer {display: none !important}
+#cost-note {font-size: 0.85em; opacity: 0.85}
+#library-row {align-items: end}
 /* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
    of the screen (reachable without scrolling past both panes), the charts one under the other */
 @media (max-width: 640px) {
@@ -57,43 +50,31 @@ HEAD = ('<meta name="referrer" content="no-referrer">'
         # (Gradio scopes `css` inside its container; this one is about the container itself:
         # the sticky message box of narrow screens needs no scroll container around it)
         '<style>@media (max-width: 640px) {.gradio-container {overflow: visible !important;'
-        ' overflow-x: clip !important}}</style>')
+        ' overflow-x: clip !important}}</style>'
+        # The copy buttons copy an answer as it was generated: without the stats line the page
+        # writes under it (conversation.py _footer), in one message and in "copy all".
+        '<script>(() => {const c = navigator.clipboard; if (!c || !c.writeText) return;'
+        ' const write = c.writeText.bind(c);'
+        r' const stats = /\n\n<sub>(?:ternary|int2|int4|fp32) · [^<\n]*<\/sub>/g;'
+        ' c.writeText = (text) => write(typeof text === "string" ? text.replace(stats, "") : text);'
+        '})();</script>')
+COST_NOTE = ("**Cost per token** (under each pane's stats): *CPU time* is the process CPU time of "
+             "that answer divided by the tokens it generated, shared equally among the streams of "
+             "a batch: CPU time, not measured energy. *Weights read* is the variant's weight bytes, "
+             "which every decode step streams once, divided by the batch.")
 
 
-def _session(request: gr.Request | None) -> str:
-    return getattr(request, "session_hash", None) or "default"
+def chat_pane(label: str, elem_id: str) -> gr.Chatbot:
+    # text as typed: Gradio renders the markdown and sanitizes HTML (sanitize_html); editable
+    # visitor messages: edit or resend any turn
+    return gr.Chatbot(label=label, elem_id=elem_id, height=420, buttons=["copy", "copy_all"],
+                      feedback_options=None, layout="bubble", editable="user",
+                      sanitize_html=True, render_markdown=True)
 
 
-def baseline_title(choice: str) -> str:
-    if choice == NO_BASELINE:
-        return f"**Baseline: {LABELS[NO_BASELINE]}** (pick one above to compare)"
-    return f"**Baseline: {LABELS.get(choice, choice)}**"
-
-
-def render(conversation, pg: Playground) -> tuple:
-    """(chat_t, chat_b, stats_t, stats_b, summary, speed chart, timeline chart, raw stats) of a
-    conversation: the last turn's numbers, every turn's messages."""
-    turns = turns_of(conversation)
-    last = turns[-1] if turns else None
-    context = (last or {}).get("context") or pg.context_length
-    if last is None:
-        stats_t, stats_b = stats_markdown(TERNARY, None), "**baseline** · idle"
-    else:
-        stats_t = stats_markdown(TERNARY, last["answers"].get(TERNARY), context, pg.time_limit_s)
-        base = last.get("baseline") or NO_BASELINE
-        stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
-                   else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
-    # the charts show the latest finished comparison (a chart that goes blank while the next
-    # turn streams makes Gradio's plot throw on a removed element)
-    speed, timeline = chart_frames(next((t for t in reversed(turns) if turn_done(t)), None))
-    raw = json.dumps(raw_stats(last, pg.hardware or None), indent=1, ensure_ascii=False)
-    return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
-            summary_line(last, pg.time_limit_s), speed, timeline, raw)
-
-
-def build_demo(pg: Playground) -> gr.Blocks:
+def build_demo(pg) -> gr.Blocks:
     ready = pg.state == "ready"
-    initial_baseline = pg.default_baseline() if ready else "int2"
+    defaults = PageSettings(baseline=pg.default_baseline() if ready else "int2")
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
         gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
@@ -101,26 +82,36 @@ def build_demo(pg: Playground) -> gr.Blocks:
             baseline = gr.Dropdown(
                 choices=[(LABELS.get(v, v), v) for v in (pg.baselines() if ready
                                                         else ["int2", "int4", "fp32", NO_BASELINE])],
-                value=initial_baseline,
+                value=defaults.baseline,
                 label="Baseline (runs after the ternary engine, on the same cores, same prompt and seed)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
             gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!", scale=1)
+        with gr.Row(elem_id="library-row"):
+            conversations = gr.Dropdown(choices=[], label="Conversation (kept in this browser)",
+                                        elem_id="conversations", scale=3, min_width=160)
+            title = gr.Textbox(label="Title (Enter to rename)", elem_id="conversation-title",
+                               scale=2, min_width=120, max_lines=1)
+            new_chat = gr.Button("New", size="sm", elem_id="new-conversation", min_width=60)
+            delete_chat = gr.Button("Delete", size="sm", elem_id="delete-conversation", min_width=60)
+            export_md = gr.DownloadButton("Export .md", size="sm", elem_id="export-md",
+                                          min_width=80)
+            export_json = gr.DownloadButton("Export .json", size="sm", elem_id="export-json",
+                                            min_width=80)
+            import_json = gr.UploadButton("Import .json", size="sm", elem_id="import-json",
+                                          file_types=[".json"], type="filepath", min_width=80)
         with gr.Row(equal_height=True, elem_id="panes"):
             with gr.Column(min_width=160):
                 gr.Markdown(f"**{LABELS[TERNARY]}**", elem_id="title-ternary")
-                chat_t = gr.Chatbot(label="ternary", elem_id="chat-ternary", height=420,
-                                    buttons=["copy", "copy_all"], feedback_options=None,
-                                    layout="bubble")
+                chat_t = chat_pane("ternary", "chat-ternary")
                 stats_t = gr.Markdown(stats_markdown(TERNARY, None), elem_id="stats-ternary",
                                       elem_classes=["pane-stats"])
             with gr.Column(min_width=160):
-                title_b = gr.Markdown(baseline_title(initial_baseline), elem_id="title-baseline")
-                chat_b = gr.Chatbot(label="baseline", elem_id="chat-baseline", height=420,
-                                    buttons=["copy", "copy_all"], feedback_options=None,
-                                    layout="bubble")
+                title_b = gr.Markdown(baseline_title(defaults.baseline), elem_id="title-baseline")
+                chat_b = chat_pane("baseline", "chat-baseline")
                 stats_b = gr.Markdown("**baseline** · idle", elem_id="stats-baseline",
                                       elem_classes=["pane-stats"])
         summary = gr.Markdown("", elem_id="summary")
+        gr.Markdown(COST_NOTE, elem_id="cost-note")
         with gr.Row(elem_id="input-row"):
             msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                              elem_id="message", scale=6, lines=1, max_lines=8, autofocus=True)
@@ -141,19 +132,21 @@ def build_demo(pg: Playground) -> gr.Blocks:
                                     title="Tokens over time", elem_id="time-plot", height=260,
                                     min_width=160)
         with gr.Accordion("Settings", open=False, elem_id="settings"):
-            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2, elem_id="system")
+            system = gr.Textbox(defaults.system, label="System prompt", lines=2, elem_id="system")
             with gr.Row():
-                temperature = gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature (0 = greedy)",
-                                        elem_id="temperature")
-                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top-p")
-                top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", elem_id="top-k")
+                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
+                                        label="Temperature (0 = greedy)", elem_id="temperature")
+                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p",
+                                  elem_id="top-p")
+                top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)",
+                                  elem_id="top-k")
             with gr.Row():
-                rep = gr.Slider(0.8, 2.0, value=1.0, step=0.05, label="Repetition penalty (1 = off)",
-                                elem_id="repetition-penalty")
-                max_new = gr.Slider(1, pg.context_length or 8192, value=DEFAULT_MAX_NEW, step=1,
-                                    label="Max new tokens (up to the model's context)",
+                rep = gr.Slider(0.8, 2.0, value=defaults.repetition_penalty, step=0.05,
+                                label="Repetition penalty (1 = off)", elem_id="repetition-penalty")
+                max_new = gr.Slider(1, pg.context_length or 8192, value=defaults.max_new_tokens,
+                                    step=1, label="Max new tokens (up to the model's context)",
                                     elem_id="max-new-tokens")
-                seed = gr.Number(-1, precision=0, elem_id="seed",
+                seed = gr.Number(defaults.seed, precision=0, elem_id="seed",
                                  label="Seed (-1 = a new random seed each answer; both engines share "
                                        "it; the stats show the one used)")
         with gr.Accordion("Raw stats (JSON)", open=False):
@@ -163,175 +156,70 @@ def build_demo(pg: Playground) -> gr.Blocks:
         # The conversation itself: the one value every view above is rendered from (JSON text).
         conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
         # ... and its copy in the browser's storage: a reload brings the conversation back
-        saved = gr.BrowserState("[]", storage_key="bitnet-onnx-conversation")
+        saved = gr.BrowserState(None, storage_key="bitnet-onnx-conversations")
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
-        settings_inputs = [system, baseline, max_new, temperature, top_p, top_k, rep, seed]
+        form = SettingsForm(system=system, baseline=baseline, max_new_tokens=max_new,
+                            temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=rep, seed=seed)
         views = [chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
-        outputs = [msg] + views + [conversation]
-
-        def refused(message: str, conv, why: str, title: str):
-            """A visitor's error: a toast, the page as it was, the message kept to edit."""
-            log.warning("page request refused (%s): %s", title, why.splitlines()[0])
-            gr.Warning(why, title=title)
-            shown = render(conv, pg)
-            return (message,) + shown[:4] + (f"⚠️ {why}",) + shown[5:] + (dumps(conv),)
-
-        def run(message, conv, system_prompt, baseline_, max_new_tokens, temperature_, top_p_,
-                top_k_, repetition_penalty, seed_, request, keep_box=False):
-            message = message if isinstance(message, str) else ""
-            if not message.strip():
-                yield (gr.skip(),) + render(conv, pg) + (dumps(conv),)
-                return
-            if pg.stop_pending(_session(request)):
-                gr.Warning("An answer is still being written: wait for it or press Stop.",
-                           title="Busy")
-                yield tuple(gr.skip() for _ in outputs)
-                return
-            settings = ChatSettings(max_new_tokens=max_new_tokens, temperature=temperature_,
-                                    top_p=top_p_, top_k=top_k_, repetition_penalty=repetition_penalty,
-                                    seed=-1 if seed_ is None else seed_)
-            try:
-                states = pg.compare(message, conv, system_prompt, baseline_, settings,
-                                    session=_session(request))
-                first = True
-                with contextlib.closing(states):  # a cancelled request closes the engine's loop
-                    for turns, _final in states:
-                        yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) \
-                            + (dumps(turns),)
-                        first = False
-            except TooLong as e:
-                yield refused(message, conv, str(e), "Message too long")
-            except CpuBusy as e:
-                yield refused(message, conv, str(e), "Busy")
-            except NotReady as e:
-                yield refused(message, conv, str(e), "Not ready")
-
-        def chat_fn(message, conversation_, system_prompt, baseline, max_new_tokens, temperature,
-                    top_p, top_k, repetition_penalty, seed, request: gr.Request):
-            """Send a message; stream the ternary engine's answer, then the baseline's."""
-            yield from run(message, conversation_, system_prompt, baseline, max_new_tokens,
-                           temperature, top_p, top_k, repetition_penalty, seed, request)
-
-        def retry_fn(conversation_, system_prompt, baseline, max_new_tokens, temperature, top_p,
-                     top_k, repetition_penalty, seed, request: gr.Request):
-            """Answer the last user message again (both panes), replacing that turn."""
-            turns = turns_of(conversation_)
-            if not turns:
-                yield (gr.skip(),) + render(turns, pg) + (dumps(turns),)
-                return
-            yield from run(turns[-1]["user"], turns[:-1], system_prompt, baseline, max_new_tokens,
-                           temperature, top_p, top_k, repetition_penalty, seed, request, keep_box=True)
-
-        def edit_fn(conversation_):
-            """Edit the last message: it goes back to the box and its turn leaves the chat."""
-            turns = turns_of(conversation_)
-            if not turns:
-                return (gr.skip(),) + render(turns, pg) + (dumps(turns),)
-            return (turns[-1]["user"],) + render(turns[:-1], pg) + (dumps(turns[:-1]),)
-
-        def stop_fn(request: gr.Request):
-            """Stop this session's turns: the running engine after its current token, a turn
-            waiting for the CPU at once."""
-            pg.stop(_session(request))
-
-        def clear_fn():
-            """Start a new conversation."""
-            return render([], pg) + ("[]",)
-
-        def lock():
-            return gr.update(interactive=False, value="Answering…")
-
-        def unlock():
-            return gr.update(interactive=pg.state == "ready", value="Send")
-
-        common = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
-        chat_inputs = [msg, conversation] + settings_inputs
-        def unlock_and_save(conv):
-            return unlock(), conv
-
-        after = dict(fn=unlock_and_save, inputs=[conversation], outputs=[send, saved], queue=False,
-                     api_visibility="private")
-        send.click(lock, None, send, queue=False, api_visibility="private") \
-            .then(chat_fn, chat_inputs, api_name="chat", **common).then(**after)
-        msg.submit(lock, None, send, queue=False, api_visibility="private") \
-            .then(chat_fn, chat_inputs, api_visibility="private", **common).then(**after)
-        retry.click(lock, None, send, queue=False, api_visibility="private") \
-            .then(retry_fn, [conversation] + settings_inputs, api_name="retry", **common).then(**after)
-        edit.click(edit_fn, [conversation], outputs, queue=False, api_name="edit").then(**after)
-        stop.click(stop_fn, None, None, queue=False, api_name="stop")
-        clear.click(clear_fn, None, views + [conversation], queue=False, api_name="clear").then(**after)
-
-        baseline.change(baseline_title, [baseline], [title_b], queue=False,
-                        api_visibility="private", show_progress="hidden")
-
-        setting_fields = [("system", system), ("max_new_tokens", max_new), ("temperature", temperature),
-                          ("top_p", top_p), ("top_k", top_k), ("repetition_penalty", rep), ("seed", seed)]
-
-        def refresh(current=None, conv=None, *values):
-            """Banner; once ready: baseline choices (known once the model folder is), max new
-            tokens bound to the live model's context, Send enabled; and the settings of a shared
-            link's conversation (its last turn's), baseline included. Settings go back as plain
-            values (their own when there is nothing to restore): in Gradio 6.31 an update dict
-            makes the session record the component under a new id, which shared links lose."""
-            done = pg.state in ("ready", "failed")
-            values = list(values) + [None] * (len(setting_fields) - len(values))
-            if pg.state != "ready":
-                return ((pg.banner_markdown(),) + tuple(gr.skip() for _ in range(3))
-                        + tuple(v if v is not None else gr.skip() for v in values)
-                        + (gr.Timer(active=not done),))
-            choices = pg.baselines()
-            turns = turns_of(conv)
-            used = (turns[-1].get("settings") or {}) if turns else {}
-            if turns and turns[-1].get("baseline") in choices:  # a shared link: its baseline
-                current = turns[-1]["baseline"]
-            value = current if current in choices else pg.default_baseline()
-            context = pg.context_length or 8192
-            restored = []
-            for (name, _), own in zip(setting_fields, values):
-                v = used.get(name, own)
-                if name == "max_new_tokens":
-                    v = DEFAULT_MAX_NEW if v is None else v
-                    restored.append(gr.update(maximum=context, value=min(int(v), context)))
-                else:
-                    restored.append(v if v is not None else gr.skip())
-            return ((pg.banner_markdown(),
-                     gr.update(choices=[(LABELS.get(v, v), v) for v in choices], value=value),
-                     baseline_title(value), gr.update(interactive=True, value="Send"))
-                    + tuple(restored) + (gr.Timer(active=False),))
-
-        refresh_outputs = [banner, baseline, title_b, send] + [c for _, c in setting_fields] + [timer]
-        refresh_inputs = [baseline, conversation] + [c for _, c in setting_fields]
-        def tick(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_):
-            return refresh(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
-
-        timer.tick(tick, refresh_inputs, refresh_outputs, queue=False,
-                   api_visibility="private", show_progress="hidden")
-
-        def on_load(current, conv, stored, system_, max_new_, temperature_, top_p_, top_k_, rep_,
-                    seed_, request: gr.Request):
-            """?prompt= fills the box; a shared link's conversation shows as it was, else the
-            one this browser kept (a reload), with their settings."""
-            prompt = ""
-            if request is not None:
-                prompt = request.query_params.get("prompt", "") or ""
-            if not turns_of(conv) and turns_of(stored):
-                conv = stored
-            return ((prompt[:20000] if prompt else gr.skip(),)
-                    + refresh(current, conv, system_, max_new_, temperature_, top_p_, top_k_, rep_, seed_)
-                    + render(conv, pg) + (dumps(conv),))
-
-        demo.load(on_load, [baseline, conversation, saved] + [c for _, c in setting_fields],
-                  [msg] + refresh_outputs + views + [conversation], queue=False,
-                  api_visibility="private", show_progress="hidden")
-
-        def status() -> dict:
-            """Model and engine status: state (preparing/ready/failed), live model, fallback,
-            variants, hardware, active generations, recent log lines."""
-            return pg.status()
-
-        gr.api(status, api_name="status", queue=False)
+        ui = Layout(banner=banner, title_b=title_b, send=send, msg=msg, views=views,
+                    conversation=conversation, saved=saved, timer=timer, form=form,
+                    conversations=conversations, title=title, export_md=export_md,
+                    export_json=export_json, import_button=import_json)
+        wire(demo, PageHandlers(pg, ui), ui, stop=stop, retry=retry, edit=edit, clear=clear,
+             panes=[chat_t, chat_b], new_chat=new_chat, delete_chat=delete_chat)
     return demo
+
+
+def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, clear, panes,
+         new_chat, delete_chat) -> None:
+    """The page's events."""
+    outputs = [ui.msg] + ui.views + [ui.conversation]
+    settings = ui.form.components()  # in the order of the API's parameters
+    common = dict(outputs=outputs, show_progress="hidden", concurrency_limit=None)
+    lock = dict(fn=page.lock, inputs=None, outputs=ui.send, queue=False, api_visibility="private")
+    after = dict(fn=page.unlock_and_save, inputs=[ui.conversation, ui.saved],
+                 outputs=[ui.send, ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
+                 queue=False, api_visibility="private")
+    chat_inputs = [ui.msg, ui.conversation] + settings
+    ui.send.click(**lock).then(page.chat, chat_inputs, api_name="chat", **common).then(**after)
+    ui.msg.submit(**lock).then(page.chat, chat_inputs, api_visibility="private", **common) \
+        .then(**after)
+    retry.click(**lock).then(page.retry, [ui.conversation] + settings, api_name="retry",
+                             **common).then(**after)
+    edit.click(page.edit, [ui.conversation], outputs, queue=False, api_name="edit").then(**after)
+    stop.click(page.stop, None, None, queue=False, api_name="stop")
+    clear.click(page.clear, None, ui.views + [ui.conversation], queue=False,
+                api_name="clear").then(**after)
+    for pane in panes:  # edit or resend any visitor turn; the pane's retry on the last answer
+        pane.edit(**lock).then(page.edit_turn, {ui.conversation, *settings},
+                               api_visibility="private", **common).then(**after)
+        pane.clear(page.clear, None, ui.views + [ui.conversation], queue=False,
+                   api_visibility="private").then(**after)
+        pane.retry(**lock).then(page.retry_turn, {ui.conversation, *settings},
+                                api_visibility="private", **common).then(**after)
+    shown = dict(outputs=ui.shown_outputs(), queue=False, api_visibility="private",
+                 show_progress="hidden")
+    new_chat.click(page.new_conversation, {ui.saved, *settings}, **shown)
+    delete_chat.click(page.delete_conversation, {ui.saved, *settings}, **shown)
+    ui.conversations.input(page.switch_conversation, {ui.saved, ui.conversations, *settings},
+                           **shown)
+    ui.import_button.upload(page.import_conversation, {ui.saved, ui.import_button, *settings},
+                            **shown)
+    ui.title.submit(page.rename_conversation, [ui.saved, ui.title],
+                    [ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
+                    queue=False, api_visibility="private", show_progress="hidden")
+    ui.form.baseline.change(baseline_title, [ui.form.baseline], [ui.title_b], queue=False,
+                            api_visibility="private", show_progress="hidden")
+
+    refresh_outputs = [ui.banner, ui.title_b, ui.send, ui.timer] + settings
+    ui.timer.tick(page.refresh, {ui.conversation, *settings}, refresh_outputs, queue=False,
+                  api_visibility="private", show_progress="hidden")
+    demo.load(page.load, {ui.conversation, ui.saved, *settings},
+              [ui.msg] + refresh_outputs + ui.shown_outputs(), queue=False,
+              api_visibility="private", show_progress="hidden")
+    gr.api(page.status, api_name="status", queue=False)
 
 
 def launch_kwargs() -> dict:

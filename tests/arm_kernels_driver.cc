@@ -1,6 +1,6 @@
 // Test driver for the ARM64 kernels (built with the aarch64 cross compiler, run under
 // qemu-aarch64 by tests/test_arm_kernels.py): checks every ARM kernel this CPU runs against
-// the reference kernel of custom_ops/src/kernels.cc through the real dispatch tables.
+// the reference kernel of custom_ops/src/kernels_reference.cc through the real dispatch tables.
 //
 //   arm_kernels_driver --expect-dotprod 0|1
 //

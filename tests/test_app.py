@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-from gradio_client.exceptions import AppError  # noqa: F401 - the page raises none for visitor errors
 
 from playground.conversation import WAITING
 from tests.test_app_common import AppServer, make_tiny_model

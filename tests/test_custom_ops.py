@@ -368,6 +368,10 @@ DISPATCH_TABLE = {
     "Sapphire Rapids (both VNNI)": (
         F.FEATURE_AVX2 | F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI | F.FEATURE_AVXVNNI,
         ("avx512vnni", "avx512vnni", "avx512", "avx512vnni")),
+    "Sapphire Rapids with AMX tiles": (
+        F.FEATURE_AVX2 | F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI | F.FEATURE_AVXVNNI | F.FEATURE_AMX,
+        ("amx", "amx", "avx512", "avx512vnni")),
+    "AMX bits without AVX-512 VNNI (inconsistent)": (F.FEATURE_AVX2 | F.FEATURE_AMX, ("avx2",) * 4),
     # features the SIMD kernels build on missing: nothing above the reference is usable
     "AVX-512 bits without AVX2 (inconsistent)": (F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI, ("reference",) * 4),
 }

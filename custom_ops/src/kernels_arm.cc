@@ -1,4 +1,4 @@
-// ARM64 NEON twins of kernels.cc's BitLinear and MatMulF16 references (Advanced SIMD is part
+// ARM64 NEON twins of kernels_reference.cc's BitLinear and MatMulF16 references (Advanced SIMD is part
 // of every ARMv8-A CPU, so nothing here needs a run-time check). The dot-product BitLinear is
 // in kernels_arm_dotprod.cc; dispatch.cc chooses between them from HWCAP.
 
@@ -8,19 +8,11 @@
 
 #include <arm_neon.h>
 
-#include <cstring>
-
 namespace bitnet {
 
 namespace {
 
 constexpr int64_t kArmPrefetchBytes = 1024;  // ahead on the weight stream
-
-int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 // ---- BitLinear: NEON ---------------------------------------------------------------------
 // A 16-byte vector v of a 128-byte block holds columns 4v .. 4v+3 of the group, four bytes

@@ -373,11 +373,6 @@ class Batcher:
             seq.slot = None
 
 
-# The serving default (python -m server, app.py): 4 sequences per decode step suits a 2-core
-# box; --batch N changes it, --batch 0 serves one request at a time through the plain Engine.
-DEFAULT_SLOTS = 4
-
-
 class BatchedEngine:
     """An Engine whose generations go through a Batcher: a drop-in for callers that hold an
     Engine (the API's model registry, the page). stream / stream_tokens / generate run in the

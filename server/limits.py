@@ -10,6 +10,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from runtime.gate import Gate
+from runtime.serving import is_batched
+
 API_KEY_ENV = "BITNET_API_KEY"  # unset or empty: the API is open
 ENV_PREFIX = "BITNET_API_"
 
@@ -53,6 +56,18 @@ class Limits:
         limits = cls(**values)
         limits.validate()
         return limits
+
+    @classmethod
+    def for_batch(cls, batch: int, variant: str = "ternary", environ=None) -> "Limits":
+        """from_env for a server run with --batch `batch` (runtime/serving.py): when `variant`
+        is batched, `concurrency` is the batcher's slots (they share each decode step)."""
+        if is_batched(variant, batch):
+            return cls.from_env(environ, concurrency=batch)
+        return cls.from_env(environ)
+
+    def gate(self) -> Gate:
+        """A CPU gate with these limits' concurrency, queue size and history."""
+        return Gate(self.concurrency, self.queue_size, self.history)
 
     def validate(self) -> None:
         for name in ("max_body_bytes", "max_messages", "default_max_tokens", "concurrency", "max_prompts"):

@@ -30,6 +30,8 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.responses import StreamingResponse
 
+from runtime.gate import Busy, Gate, QueueTimeout
+
 from .errors import ApiError, bad
 from .limits import API_KEY_ENV, Limits
 from .logprob_format import TokenText
@@ -37,7 +39,7 @@ from .metrics import ApiMetrics, add_metrics_route
 from .models import ModelRegistry
 from .requests import parse_json, read_body, read_chat_request, read_completion_request, to_api_error
 from .responses import CHAT, TEXT, Meta, Results, collect, stream
-from .scheduler import Busy, ClientGone, Gate, JobRecord, Jobs, QueueTimeout
+from .scheduler import ClientGone, JobRecord, Jobs
 from .work import Plan
 
 log = logging.getLogger("bitnet.api")
@@ -142,7 +144,7 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
     limits = limits or Limits.from_env()
     if api_key is ...:
         api_key = os.environ.get(API_KEY_ENV) or None
-    gate = gate or Gate(limits.concurrency, limits.queue_size, limits.history)
+    gate = gate or limits.gate()
     state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key, Jobs(gate))
     router = build_router(state)
     n_before = len(app.router.routes)

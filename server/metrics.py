@@ -2,7 +2,7 @@
 
     metrics = ApiMetrics(state=lambda: {"waiting": 2, "running": 1, "decoding": 1})
     add_metrics_route(router, metrics)      # GET /metrics
-    metrics.observe_request(path, status)   # by the API's one request wrapper
+    metrics.observe_request(path, status)   # by the API's routes (server/openai_api.py, ApiRoute)
     timer = metrics.request_timer()         # per generation: TTFT and time between tokens
     timer.tokens(n_new); ...; timer.finish(prompt_tokens, completion_tokens)
     metrics.observe_batch(4)                # the batcher's decode step sizes (a callback)
@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 PREFIX = "bitnet"
 # Routes reported by their own path; anything else (404s of scanners, Gradio's page) is "other"
 # so the label set stays bounded.
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/health", "/health",
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{id}", "/v1/health", "/health",
                "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TBT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0, 2.5)
@@ -110,7 +110,6 @@ def add_metrics_route(router, metrics: ApiMetrics) -> None:
 
     async def scrape():
         body, content_type = metrics.render()
-        metrics.observe_request("/metrics", 200)
         return Response(body, media_type=content_type)
 
     router.add_api_route("/metrics", scrape, methods=["GET"], include_in_schema=False)

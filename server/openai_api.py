@@ -106,16 +106,23 @@ def api_error(e: Exception, request: Request | None = None) -> ApiError:
 
 
 class ApiRoute(APIRoute):
-    """A /v1 route: whatever its handler or dependencies raise is answered by api_error."""
+    """A route of the API: whatever its handler or dependencies raise is answered by
+    api_error, and every answer is counted into `metrics` (set by build_router's subclass)."""
+
+    metrics: ApiMetrics | None = None
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        path = "/v1/models/{id}" if self.path.startswith("/v1/models/") else self.path
 
         async def route(request: Request):
             try:
-                return await handler(request)
+                response = await handler(request)
             except Exception as e:
-                return api_error(e, request).response()
+                response = api_error(e, request).response()
+            if self.metrics is not None:
+                self.metrics.observe_request(path, response.status_code)
+            return response
 
         return route
 
@@ -168,7 +175,7 @@ def build_router(state: ApiState):
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
-    router = APIRouter(route_class=ApiRoute)
+    router = APIRouter(route_class=type("MeteredRoute", (ApiRoute,), {"metrics": state.metrics}))
     limits = state.limits
 
     def check_auth(request: Request) -> None:

@@ -51,9 +51,11 @@ class Choice:
         self.last = None  # the last GenerationEvent
         self.prompt: PromptScores | None = None
         self.timer = None
+        self.context: list[int] = []
 
     def add(self, event, meta: Meta) -> list:
         """Take an event; the logprobs of its tokens that the answer shows (a stop token's is not)."""
+        self.context = [lp.token for lp in self.logprobs]  # the shown tokens before this event's
         self.parts.append(event.text)
         self.last = event
         shown = list(event.logprobs or [])
@@ -261,11 +263,12 @@ async def stream(start, meta: Meta, results: Results, include_usage: bool, keepa
                 if not (event.text or shown):
                     continue
                 if meta.kind == CHAT:
-                    lp = chat_logprobs(meta.names, shown) if meta.want_logprobs else None
+                    lp = chat_logprobs(meta.names, shown, choice.context) if meta.want_logprobs else None
                     delta = {"content": event.text} if event.text else {}
                     yield _chunk(meta, [_chat_choice(choice.index, delta, None, lp)])
                 else:
-                    lp = completion_logprobs(meta.names, None, None, shown) if meta.want_logprobs else None
+                    lp = completion_logprobs(meta.names, None, None, shown, context=choice.context) \
+                        if meta.want_logprobs else None
                     yield _chunk(meta, [_text_choice(choice.index, event.text, None, lp)])
         except Exception as e:
             err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",

@@ -2,13 +2,14 @@
 
     ticket = gate.admit()            # raises Busy when `concurrency + queue_size` are taken
     ok = await ticket.wait_async(timeout, disconnected)   # False: timed out / client left
-    job = Job(ticket, engine, messages, settings, loop)  # runs engine.stream in a thread
-    async for event in job.events(): ...
+    job = Job(ticket, engine, plan, loop, record, timeout)  # runs server.work.run_plan in a thread
+    async for item in job.events(): ...
     job.cancel.set()                 # the engine stops at its next token (one decode step)
 
     jobs = Jobs(gate, history=256)   # the API's lifecycle of those steps, with its records
-    job = await jobs.start(engine, model, messages, settings_for, queue_timeout_s=...,
-                           generation_timeout_s=..., disconnected=request.is_disconnected)
+    admitted = await jobs.admit(engine, model, plan_for)           # 429 / 400 before any wait
+    job = await jobs.run(admitted, queue_timeout_s=..., generation_timeout_s=...,
+                         disconnected=request.is_disconnected)    # or jobs.start: both
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class JobRecord:
     queued_s: float = 0.0
     run_s: float = 0.0
     error: str | None = None
+    user: str | None = None  # the request's `user` field (OpenAI's end-user id), for the operator
     t_created: float = field(default_factory=time.monotonic)
 
     @property
@@ -52,19 +54,26 @@ class JobRecord:
 
 
 class Job:
-    """One generation in a worker thread; events are handed to the event loop's queue."""
+    """One request's generations (a server.work.Plan) in a worker thread; its results
+    (ChoiceEvent, PromptScores) are handed to the event loop's queue."""
 
     _DONE = object()
 
-    def __init__(self, ticket: Ticket, engine, messages, settings, loop: asyncio.AbstractEventLoop,
-                 record: JobRecord, timeout_s: float):
-        self.ticket, self.engine, self.messages, self.settings = ticket, engine, messages, settings
+    def __init__(self, ticket: Ticket, engine, plan, loop: asyncio.AbstractEventLoop, record: JobRecord,
+                 timeout_s: float):
+        self.ticket, self.engine, self.plan = ticket, engine, plan
         self.loop, self.record, self.timeout_s = loop, record, timeout_s
         self.cancel = threading.Event()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = threading.Event()  # set when the worker thread has left the engine
         self._lock = threading.Lock()
+        self._tokens: dict[int, int] = {}  # choice -> new tokens so far
+        self._open = plan.choices  # choices not finished yet
         self.thread = threading.Thread(target=self._run, name=f"bitnet-gen-{record.id}", daemon=True)
+
+    @property
+    def settings(self):
+        return self.plan.settings
 
     def start(self) -> None:
         self.record.state = "running"
@@ -87,21 +96,31 @@ class Job:
         except RuntimeError:  # the loop is closed: nobody listens any more
             self.stop("shutdown")
 
-    def _run(self) -> None:
-        started = time.monotonic()
-        # the one time limit is the engine's (finish reason "time", checked between tokens)
-        settings = self.settings
-        if self.timeout_s and settings.max_time_s is None:
-            settings = dataclasses.replace(settings, max_time_s=self.timeout_s)
-        try:
-            for event in self.engine.stream(messages=self.messages, settings=settings,
-                                            cancel=self.cancel):
-                self.record.new_tokens = event.stats.new_tokens
+    def _emit(self, item) -> None:
+        """A result of the plan (from the worker thread or a choice's pump thread)."""
+        event = getattr(item, "event", None)
+        if event is not None:
+            with self._lock:
+                self._tokens[item.index] = event.stats.new_tokens
+                self.record.new_tokens = sum(self._tokens.values())
                 if event.done:
+                    self._open -= 1
+                    # the record's finish reason: the last choice's (they agree unless cut short)
                     self.record.finish_reason = event.finish_reason
                     if event.finish_reason == "time" and self.record.stopped_by is None:
                         self.record.stopped_by = "timeout"
-                self._put(event)
+        self._put(item)
+
+    def _run(self) -> None:
+        from .work import run_plan
+
+        started = time.monotonic()
+        # the one time limit is the engine's (finish reason "time", checked between tokens)
+        plan = self.plan
+        if self.timeout_s and plan.settings.max_time_s is None and plan.settings.max_new_tokens:
+            plan = dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, max_time_s=self.timeout_s))
+        try:
+            run_plan(self.engine, plan, self.cancel, self._emit)
             self.record.state = "done"
         except BaseException as e:  # reported to the client as a JSON error, never a bare 500
             self.record.state = "error"
@@ -114,7 +133,7 @@ class Job:
             self._put(self._DONE)
 
     async def events(self):
-        """The engine's events in order; raises the engine's exception if it failed."""
+        """The plan's results in order (per choice); raises the engine's exception if it failed."""
         while True:
             item = await self.queue.get()
             if item is self._DONE:
@@ -124,9 +143,19 @@ class Job:
             yield item
 
 
+@dataclass
+class Admitted:
+    """A request past admission: its place in the gate, its record and its plan."""
+    ticket: Ticket
+    record: JobRecord
+    engine: object
+    plan: object
+
+
 class Jobs:
-    """The API's generations from admission to the end: a place in the gate, the settings, the
-    wait for the CPU, a Job in its worker thread, and the records /v1/health and tests read."""
+    """The API's generations from admission to the end: a place in the gate, the plan (the
+    prompts' token ids and settings), the wait for the CPU, a Job in its worker thread, and the
+    records /v1/health and tests read."""
 
     def __init__(self, gate: Gate, history: int = 256):
         self.gate = gate
@@ -137,18 +166,28 @@ class Jobs:
         """Jobs whose worker thread is still inside an engine."""
         return sum(not j.finished.is_set() for j in list(self.jobs.values()))
 
-    async def start(self, engine, model: str, messages, settings_for, *, queue_timeout_s: float,
-                    generation_timeout_s: float, disconnected, id_prefix: str = "chatcmpl") -> Job:
-        """Admit the request (Busy when the queue is full), compute its settings
-        (`settings_for()`, in a thread: it tokenizes; what it raises refuses the job), wait for
-        the CPU (QueueTimeout; ClientGone when `disconnected()` says the client left) and start
-        the generation."""
+    async def admit(self, engine, model: str, plan_for, *, id_prefix: str = "chatcmpl",
+                    user: str | None = None) -> Admitted:
+        """Admit the request (Busy when the queue is full) and make its plan (`plan_for()`, in
+        a thread: it tokenizes; what it raises refuses the request)."""
         ticket = self.gate.admit()
-        record = JobRecord(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", model=model)
+        record = JobRecord(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", model=model, user=user)
         self.records.append(record)
+        try:
+            plan = await asyncio.to_thread(plan_for)
+        except BaseException:
+            ticket.release()
+            record.state = "refused"  # e.g. the prompt does not fit the context
+            raise
+        return Admitted(ticket, record, engine, plan)
+
+    async def run(self, admitted: Admitted, *, queue_timeout_s: float, generation_timeout_s: float,
+                  disconnected) -> Job:
+        """Wait for the CPU (QueueTimeout; ClientGone when `disconnected()` says the client
+        left) and start the job. Cancelled (a stream's client left): the place is given back."""
+        ticket, record = admitted.ticket, admitted.record
         started = False
         try:
-            settings = await asyncio.to_thread(settings_for)
             if not await ticket.wait_async(queue_timeout_s, disconnected):
                 record.state = "abandoned"
                 if await disconnected():
@@ -158,7 +197,7 @@ class Jobs:
                 retry = self.gate.retry_after_s()
                 raise QueueTimeout(f"the server is busy: waited {queue_timeout_s:g} s for the CPU; "
                                    f"retry after {retry} s", retry)
-            job = Job(ticket, engine, messages, settings, asyncio.get_running_loop(), record,
+            job = Job(ticket, admitted.engine, admitted.plan, asyncio.get_running_loop(), record,
                       generation_timeout_s)
             for key in [k for k, j in list(self.jobs.items()) if j.finished.is_set()]:
                 self.jobs.pop(key, None)
@@ -171,4 +210,11 @@ class Jobs:
             if not started:
                 ticket.release()
                 if record.state == "queued":
-                    record.state = "refused"  # e.g. the prompt does not fit the context
+                    record.state = "abandoned"
+
+    async def start(self, engine, model: str, plan_for, *, queue_timeout_s: float, generation_timeout_s: float,
+                    disconnected, id_prefix: str = "chatcmpl", user: str | None = None) -> Job:
+        """admit, then run."""
+        admitted = await self.admit(engine, model, plan_for, id_prefix=id_prefix, user=user)
+        return await self.run(admitted, queue_timeout_s=queue_timeout_s,
+                              generation_timeout_s=generation_timeout_s, disconnected=disconnected)

@@ -162,10 +162,14 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
   static const KernelChoice<MatMulI8Kernel> list[] = {
 #if BITNET_X86_SIMD
+      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, matmul_i8_amx},
       {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, matmul_i8_avx512vnni},
       {"avx512bw", kFeatAvx2 | kFeatAvx512, matmul_i8_avx512bw},
       {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
       {"avx2", kFeatAvx2, matmul_i8_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_i8_neon},
 #endif
       {"reference", 0, matmul_i8_reference},
   };

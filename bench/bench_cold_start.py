@@ -153,6 +153,7 @@ def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> 
     env.pop("HF_HOME", None)
     if case == "published":
         env["CXX"] = os.path.join(scratch, "no-compiler")  # a compile attempt would fail
+        env["SPACE_AUTHOR_NAME"] = PUBLISHED_ID.split("/")[0]  # as on the owner's Space
     else:
         env["ORT_INCLUDE_DIR"] = headers_dir()
     url = f"http://127.0.0.1:{port}/"

@@ -120,6 +120,7 @@ void* RegisterCustomOps(void* options, const void* api_base) { return nullptr; }
 const char* bitnet_resolve_kernel(const char* requested) { return "reference"; }
 uint32_t bitnet_cpu_features() { return 0; }
 void bitnet_kernel_table(uint32_t features, char* out, size_t size) {}
+size_t bitnet_kernel_levels(char* out, size_t size) { return 0; }
 #endif
 }
 """

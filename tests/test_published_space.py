@@ -76,6 +76,8 @@ def test_a_space_start_serves_the_published_folder_without_compiler_download_or_
         assert "exporting" not in log and "compiling" not in log, log
         assert server.status["state"] == "ready"
         assert "ternary engine loaded" in log and "BitLinear kernel: unavailable" not in log, log
+        with urllib.request.urlopen(server.url, timeout=60) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
         answer = post_json(server.url + "v1/chat/completions", {
             "model": REPO_ID, "messages": [{"role": "user", "content": "Good morrow"}],
             "max_tokens": 8, "temperature": 0})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from export.publish import folder_files
 from runtime.errors import EngineError
 from runtime.folder import CONFIG_NAME, read_config
 
@@ -30,6 +29,8 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from export.publish import folder_files  # (the exporter's imports are not needed before this)
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -92,13 +93,39 @@ def cached_folder(spec: str) -> str | None:
     return os.path.dirname(path) if isinstance(path, str) else None
 
 
+TRUST_ENV = "BITNET_TRUST_FOLDER_LIBRARY"
+
+
+def library_trust(spec: str) -> str | None:
+    """Why the operator library of the folder `spec` names may be loaded into this process
+    (None: it may not). Loading it runs its native code: a folder on this disk, or a hub repo
+    of the Space's own owner (SPACE_AUTHOR_NAME, set by Spaces) is trusted; another hub repo
+    only with BITNET_TRUST_FOLDER_LIBRARY=1, as code from a repo needs consent elsewhere too."""
+    if os.path.isdir(spec):
+        return "a folder on this disk"
+    if os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{TRUST_ENV}=1"
+    owner = os.environ.get("SPACE_AUTHOR_NAME", "").strip()
+    if owner and spec.split("/")[0].lower() == owner.lower():
+        return f"the Space's own repo ({owner})"
+    return None
+
+
 def choose_operator_library(spec: str):
     """Before the model is prepared: use the operator library of the exported folder `spec`
-    names (a published repo in the hub cache, e.g. preloaded by a Space) when it runs here, so
-    the start compiles nothing; returns custom_ops.prebuilt.LibraryChoice (.message says which)."""
+    names (a published repo in the hub cache, e.g. preloaded by a Space) when it is trusted
+    (library_trust) and runs here, so the start compiles nothing; returns
+    custom_ops.prebuilt.LibraryChoice (.message says which, and why)."""
     from custom_ops.prebuilt import LibraryChoice, adopt_folder_library
 
     folder = cached_folder(spec)
+    if folder is not None and library_trust(spec) is None:
+        choice = adopt_folder_library(None)  # the build as before (or the one already built)
+        if choice.source == "build":
+            return LibraryChoice("build", "", f"operator library: compiling it here, not loading the "
+                                              f"copy in {spec} (native code from a hub repo that is not "
+                                              f"this Space's; set {TRUST_ENV}=1 to use it)")
+        return choice
     choice = adopt_folder_library(folder)
     if folder is None and choice.source == "build":
         return LibraryChoice("build", "", f"operator library: compiling it here ({spec} is not an "

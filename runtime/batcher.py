@@ -23,6 +23,7 @@ prefilled alone in the same chunks, a sequence's tokens do not depend on what el
 from __future__ import annotations
 
 import collections
+import dataclasses
 import queue
 import threading
 import time
@@ -60,6 +61,10 @@ class _Sequence(Generation):
         self.events: queue.Queue = queue.Queue()
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the cache
+        # n > 1 (submit_many): the first sequence of a group prefills the prompt once and the
+        # others, holding their slots meanwhile, start from a copy of its cache
+        self.leader: _Sequence | None = None
+        self.followers: list[_Sequence] = []
         self.steps = 0  # decode steps taken part in
         self._batch_sum = 0  # their batch sizes, summed
 
@@ -81,7 +86,7 @@ class BatchStream:
 
     @property
     def queue_position(self) -> int:
-        return self._batcher._position(self._seq)
+        return self._batcher._position(self._seq.leader or self._seq)
 
     def __iter__(self):
         return self
@@ -133,6 +138,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._memory = (rss_mb(), peak_rss_mb())  # sampled once per iteration, for the stats
         self.steps = 0  # decode steps run so far
+        self.step_observers: list = []  # called with each decode step's batch size (metrics)
 
     # -- the interface callers use (Engine.stream's signature) ----------------------------
     def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
@@ -149,6 +155,23 @@ class Batcher:
         return self._submit(checked_token_ids(prompt_ids, self.engine.vocab_size), settings, cancel, started)
 
     stream_tokens = submit
+
+    def stream_many(self, n: int, prompt: str | None = None, messages=None,
+                    settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        """`n` generations from one prompt (OpenAI's `n`): the prompt is prefilled once and the
+        n sequences decode side by side from copies of its cache. With a seed, sequence j
+        samples with seed + j (reproducible, and the n answers differ)."""
+        started = time.perf_counter()
+        settings = checked_settings(settings)
+        ids = self.engine.prompt_ids(prompt, messages, settings)
+        return self._submit(ids, settings, cancel, started, n)
+
+    def submit_many(self, n: int, prompt_ids, settings: GenerationSettings | None = None,
+                    cancel=None) -> list[BatchStream]:
+        """stream_many from token ids as they are."""
+        started = time.perf_counter()
+        settings = checked_settings(settings)
+        return self._submit(checked_token_ids(prompt_ids, self.engine.vocab_size), settings, cancel, started, n)
 
     def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                  cancel=None) -> GenerationResult:
@@ -172,10 +195,22 @@ class Batcher:
             self._thread.join()
 
     # -- submission -----------------------------------------------------------------------
-    def _submit(self, ids: list[int], settings, cancel, started: float) -> BatchStream:
+    def _submit(self, ids: list[int], settings, cancel, started: float, n: int | None = None):
+        """One sequence (n None: its stream) or a group of n (a list of streams)."""
         if len(ids) >= self.capacity:
             raise PromptTooLongError(len(ids), self.capacity, " (the batcher's slot capacity)")
-        seq = _Sequence(ids, settings, cancel, started, self)
+        count = 1 if n is None else n
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.pool.slots:
+            raise ValueError(f"n must be an integer from 1 to the batcher's {self.pool.slots} slots, got {n!r}")
+        group = []
+        for j in range(count):
+            own = settings if j == 0 or settings.seed is None else \
+                dataclasses.replace(settings, seed=(settings.seed + j) % 2**64)
+            group.append(_Sequence(ids, own, cancel, started, self))
+        seq = group[0]
+        for follower in group[1:]:
+            follower.leader = seq
+        seq.followers = group[1:]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -187,7 +222,8 @@ class Batcher:
                 self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        return BatchStream(seq, self)
+        streams = [BatchStream(s, self) for s in group]
+        return streams[0] if n is None else streams
 
     def _position(self, seq: _Sequence) -> int:
         with self._cond:
@@ -222,30 +258,38 @@ class Batcher:
                 if self._prefilling:
                     self._prefill_chunk()
             except Exception as e:  # a bug here must not leave the callers waiting forever
-                for seq in self._prefilling + list(self._decoding.values()):
-                    self._fail(seq, e)
+                for seq in self._grouped(self._prefilling) + list(self._decoding.values()):
+                    if not seq.done:
+                        self._fail(seq, e)
                 self._prefilling.clear()
                 self._decoding.clear()
-        for seq in list(self._waiting) + self._prefilling + list(self._decoding.values()):
-            self._end(seq, "cancelled")
+        for seq in self._grouped(list(self._waiting) + self._prefilling) + list(self._decoding.values()):
+            if not seq.done:
+                self._end(seq, "cancelled")
+
+    @staticmethod
+    def _grouped(leaders) -> list[_Sequence]:
+        return [member for seq in leaders for member in [seq] + seq.followers]
 
     def _admit(self) -> None:
         """Waiting requests into free slots, in order; the ones already ended leave the queue."""
         for seq in [s for s in self._waiting if s.interrupted()]:
             self._waiting.remove(seq)
-            self._end(seq, seq.interrupted())
-        while self._waiting and self.pool.free_slots:
+            self._end_group(seq, seq.interrupted())
+        # FIFO: a group waits until it has a slot for each of its sequences
+        while self._waiting and self.pool.free_slots > len(self._waiting[0].followers):
             seq = self._waiting.popleft()
-            seq.slot = self.pool.acquire()
-            seq.t_prefill = time.perf_counter()
-            seq.stats.queue_wait_s = seq.t_prefill - seq.started
+            for member in [seq] + seq.followers:
+                member.slot = self.pool.acquire()
+                member.t_prefill = time.perf_counter()
+                member.stats.queue_wait_s = member.t_prefill - member.started
             self._prefilling.append(seq)
 
     def _reap(self) -> None:
         """End the running sequences whose caller cancelled, closed or ran out of time."""
         for seq in [s for s in self._prefilling if s.interrupted()]:
             self._prefilling.remove(seq)
-            self._end(seq, seq.interrupted())
+            self._end_group(seq, seq.interrupted())
         for slot, seq in list(self._decoding.items()):
             reason = seq.interrupted()
             if reason:
@@ -265,12 +309,23 @@ class Batcher:
             logits = self.pool.prefill(seq.slot, chunk)
         except Exception as e:  # onnxruntime's error: this request fails, the others go on
             self._prefilling.pop(0)
-            self._fail(seq, e)
+            for member in [seq] + seq.followers:
+                self._fail(member, e)
             return
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.ids):
             return
         self._prefilling.pop(0)
+        if seq.followers:
+            logits = logits.copy()  # a view of the step buffer; every member samples from it
+        for member in seq.followers:  # the prompt's cache, shared: copied, not recomputed
+            if member.interrupted():
+                self._end(member, member.interrupted())
+                continue
+            self.pool.copy(seq.slot, member.slot)
+            member.prefilled = seq.prefilled
+            if self._send(member, member.first(logits, self._memory)):
+                self._decoding[member.slot] = member
         if self._send(seq, seq.first(logits, self._memory)):
             self._decoding[seq.slot] = seq
 
@@ -284,6 +339,8 @@ class Batcher:
                 self._fail(seq, e)
             return
         self.steps += 1
+        for observe in self.step_observers:
+            observe(len(batch))
         for slot, seq in batch.items():
             seq.took_step(len(batch))
             if not self._send(seq, seq.next(logits[slot], self._memory)):
@@ -299,6 +356,11 @@ class Batcher:
     def _end(self, seq: _Sequence, reason: str) -> None:
         self._send(seq, seq.end(reason, self._memory))
 
+    def _end_group(self, seq: _Sequence, reason: str) -> None:
+        """End a sequence before its prompt was prefilled, and the group waiting on it."""
+        for member in [seq] + seq.followers:
+            self._end(member, member.interrupted() or reason)
+
     def _fail(self, seq: _Sequence, error: BaseException) -> None:
         seq.done = True
         seq.events.put(error)
@@ -309,11 +371,6 @@ class Batcher:
         if seq.slot is not None:
             self.pool.release(seq.slot)
             seq.slot = None
-
-
-# The serving default (python -m server, app.py): 4 sequences per decode step suits a 2-core
-# box; --batch N changes it, --batch 0 serves one request at a time through the plain Engine.
-DEFAULT_SLOTS = 4
 
 
 class BatchedEngine:
@@ -332,6 +389,13 @@ class BatchedEngine:
     def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                cancel=None) -> BatchStream:
         return self.batcher.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def stream_many(self, n: int, prompt: str | None = None, messages=None,
+                    settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        return self.batcher.stream_many(n, prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def submit_many(self, n: int, ids, settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        return self.batcher.submit_many(n, ids, settings, cancel)
 
     def stream_tokens(self, ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
         return self.batcher.submit(ids, settings, cancel)

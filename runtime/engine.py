@@ -16,9 +16,10 @@ import time
 
 from .cpus import check_threads
 from .errors import EngineError, PromptTooLongError, first_line
-from .folder import NUM_LOGITS_TO_KEEP, needs_custom_ops, read_config, variant_path
+from .folder import NUM_LOGITS_TO_KEEP, graph_input_names, needs_custom_ops, read_config, variant_path
 from .generation import EarlyStop, Generation, GenerationResult, checked_settings, checked_token_ids
 from .kv_cache import KVCache
+from .logprobs import TokenLogprob, token_logprob
 from .sampling import GenerationSettings
 from .session import check_custom_ops, open_session
 from .stats import GenerationStats
@@ -78,7 +79,7 @@ class Engine:
         self.vocab_size = out_shape[-1] if isinstance(out_shape[-1], int) else int(c["vocab_size"])
         # The graph says what it needs: format 2 graphs take num_logits_to_keep; format 1
         # graphs (no such input) always return logits for every position.
-        inputs = {i.name for i in self.session.get_inputs()}
+        inputs = graph_input_names(self.session)
         self._keep_input = NUM_LOGITS_TO_KEEP in inputs
         self.last_logits_only = bool(last_logits_only) and self._keep_input
         self.stop_token_ids = [int(t) for t in c.get("stop_token_ids") or []]
@@ -200,6 +201,34 @@ class Engine:
                 return None
             logits = cache.prefill(0, ids[start:start + chunk])
         return logits
+
+    def score(self, ids, top: int = 0, cancel=None) -> list[TokenLogprob] | None:
+        """How likely the model finds each token of `ids` after the ones before it (token ids
+        as they are; the first has no context and gets no score): the log-softmax of the
+        logits at every prompt position, with the `top` most likely tokens there. What an
+        evaluation harness sums for a loglikelihood. None when `cancel` was set between chunks."""
+        ids = checked_token_ids(ids, self.vocab_size)
+        if len(ids) > self.context_length:
+            raise PromptTooLongError(len(ids), self.context_length)
+        cache = self.new_cache(self._cache_capacity(len(ids), 0), last_logits_only=False)
+        chunk = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
+        scores: list[TokenLogprob] = []
+        for start in range(0, len(ids), chunk):
+            if cancel is not None and cancel.is_set():
+                return None
+            part = ids[start:start + chunk]
+            logits = cache.prefill(0, part, all_positions=True)
+            # row i of the chunk predicts token start + i + 1 (the last row of the prompt: none)
+            for i in range(min(len(part), len(ids) - 1 - start)):
+                scores.append(token_logprob(logits[i], ids[start + i + 1], top))
+        return scores
+
+    @property
+    def lm_head(self) -> str:
+        """Which lm_head computes this variant's logits (the logprobs' fidelity): "native"
+        (the checkpoint's own precision, exact), "i8" (our int8 table) or "nbits8" (stock
+        MatMulNBits 8-bit); "unknown" for folders that do not record it."""
+        return str((self.config.get("lm_head_kinds") or {}).get(self.variant, "unknown"))
 
     def decode_step(self, cache: KVCache, token: int) -> np.ndarray:
         """Feed one token; the logits of the next ([vocab], a view of the cache's buffer)."""

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+from .logprobs import TokenLogprob, token_logprob
 from .sampling import GenerationSettings, Sampler
 from .stats import GenerationStats, peak_rss_mb, rss_mb
 from .text import StreamDecoder
@@ -26,6 +27,8 @@ class GenerationEvent:
     stats: GenerationStats
     done: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "time" | "cancelled" once done
+    # settings.logprobs set: one TokenLogprob per id of token_ids (runtime/logprobs.py)
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -34,16 +37,19 @@ class GenerationResult:
     token_ids: list[int]
     stats: GenerationStats
     finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def collect(cls, events) -> "GenerationResult":
         """The whole generation from a stream of GenerationEvents (Engine's or the batcher's)."""
-        parts, ids, last = [], [], None
+        parts, ids, logprobs, last = [], [], [], None
         for event in events:
             parts.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs or [])
             last = event
-        return cls("".join(parts), ids, last.stats, last.finish_reason)
+        return cls("".join(parts), ids, last.stats, last.finish_reason,
+                   logprobs if last.logprobs is not None or logprobs else None)
 
 
 def checked_settings(settings: GenerationSettings | None) -> GenerationSettings:
@@ -121,18 +127,20 @@ class Generation:
         token = self.sampler(logits)
         self.t_first = time.perf_counter()
         s.ttft_s = self.t_first - self.started
-        return self._accept(token, memory)
+        return self._accept(token, memory, logits)
 
     def next(self, logits, memory=None) -> GenerationEvent:
         """The event of the token sampled from a decode step's `logits`."""
-        return self._accept(self.sampler(logits), memory)
+        return self._accept(self.sampler(logits), memory, logits)
 
     def end(self, reason: str, memory=None) -> GenerationEvent:
         """The last event, ended between tokens by `reason`: the text still held back."""
         return self._event(self.decoder.flush(), [], reason, memory)
 
-    def _accept(self, token: int, memory) -> GenerationEvent:
+    def _accept(self, token: int, memory, logits) -> GenerationEvent:
         self.token = token
+        k = self.settings.logprobs
+        logprobs = None if k is None else [token_logprob(logits, token, k)]
         self.count += 1
         if token in self.stop_ids:
             text, reason = "", "stop"
@@ -142,9 +150,10 @@ class Generation:
         reason = reason or self.interrupted()
         if reason is not None and reason != "stop":
             text += self.decoder.flush()
-        return self._event(text, [token], reason, memory)
+        return self._event(text, [token], reason, memory, logprobs)
 
-    def _event(self, text: str, token_ids: list[int], reason: str | None, memory) -> GenerationEvent:
+    def _event(self, text: str, token_ids: list[int], reason: str | None, memory,
+               logprobs: list[TokenLogprob] | None = None) -> GenerationEvent:
         s, now = self.stats, time.perf_counter()
         s.new_tokens += len(token_ids)
         s.total_s = now - self.started
@@ -154,5 +163,7 @@ class Generation:
         rss, peak = memory if memory is not None else (rss_mb(), peak_rss_mb())
         s.rss_mb, s.peak_rss_mb = rss, max(peak, rss)
         self.done = reason is not None
+        if logprobs is None and self.settings.logprobs is not None:
+            logprobs = []
         return GenerationEvent(text=text, token_ids=token_ids, stats=dataclasses.replace(s),
-                               done=self.done, finish_reason=reason)
+                               done=self.done, finish_reason=reason, logprobs=logprobs)

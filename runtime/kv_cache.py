@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, past_name, present_name
+from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, bind_constant_input, past_name, present_name
 
 
 class KVCache:
@@ -66,18 +66,21 @@ class KVCache:
         self.lengths += tokens.shape[1]
         return logits
 
-    def prefill(self, row: int, ids) -> np.ndarray:
+    def prefill(self, row: int, ids, all_positions: bool = False) -> np.ndarray:
         """Append `ids` (one chunk of a prompt) to `row`; the logits after its last token
-        ([vocab], a view of a reused buffer: copy it to keep it)."""
+        ([vocab], a view of a reused buffer: copy it to keep it), or with `all_positions` the
+        logits after each of its tokens ([n, vocab]; a cache made with num_logits_to_keep 0)."""
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         n = ids.shape[1]
-        if self.last_logits_only or n == 1:
+        if all_positions and self.last_logits_only:
+            raise ValueError("this cache computes the last position's logits only (num_logits_to_keep 1)")
+        if (self.last_logits_only or n == 1) and not all_positions:
             logits = self.step_logits[row:row + 1]
         else:  # every position's logits (format 1 graphs, num_logits_to_keep 0)
             logits = np.empty((1, n, self.vocab_size), np.float32)
         self._run(row, row + 1, ids, logits)
         self.lengths[row] += n
-        return logits[0, -1]
+        return logits[0] if all_positions else logits[0, -1]
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
         """One token per decoding row ({row: token}) in one run; returns logits [B, vocab] with
@@ -121,7 +124,7 @@ class KVCache:
                     binding.bind_ortvalue_input(past_name(i, kind), value)
                     binding.bind_ortvalue_output(present_name(i, kind), value)
             if self._keep is not None:
-                binding.bind_cpu_input(NUM_LOGITS_TO_KEEP, self._keep)
+                bind_constant_input(binding, NUM_LOGITS_TO_KEEP, self._keep)
             self._bindings[key] = binding
         return self._bindings[key]
 
@@ -160,6 +163,14 @@ class SlotPool:
         slot = self._free.pop(0)
         self.lengths[slot] = 0
         return slot
+
+    def copy(self, source: int, target: int) -> None:
+        """Make slot `target` hold what slot `source` has cached (a prompt prefilled once and
+        continued several ways): its keys, values and length."""
+        length = int(self.lengths[source])
+        for buffer in self.buffers:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
 
     def release(self, slot: int) -> None:
         """Give the slot back; its contents stay as garbage (never read: see the module doc)."""

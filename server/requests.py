@@ -26,7 +26,6 @@ from .limits import Limits
 
 MIN_TEMPERATURE = 1e-4  # below this a temperature means greedy decoding
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias")
 
 Int = Annotated[int, Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -110,28 +109,33 @@ class ResponseFormat(BaseModel):
     type: Literal["text"]
 
 
-class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. Unknown fields are accepted and ignored (OpenAI clients send
-    bookkeeping fields such as `user` and `metadata`)."""
+# Fields the API recognises but refuses (400 "unsupported" naming the field).
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+               "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "suffix")
+MAX_TOP_LOGPROBS = 20
+TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
 
-    model_config = ConfigDict(extra="allow")
+
+class SamplingRequest(BaseModel):
+    """The fields chat and text completions share. Every field acts or is refused: unknown
+    fields are a 400 (as OpenAI answers "Unrecognized request argument"), the recognised but
+    unsupported ones (UNSUPPORTED) too; `user` is kept in the request's record."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(strict=True, min_length=1)]
-    messages: Annotated[list[Message], Field(min_length=1)]
     stream: Optional[Bool] = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
-    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     temperature: Optional[Annotated[Number, Field(ge=0.0, le=2.0)]] = None
     top_p: Optional[Annotated[Number, Field(ge=0.0, le=1.0)]] = None
     top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
     repetition_penalty: Optional[Annotated[Number, Field(gt=0.0, le=10.0)]] = None
-    frequency_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None  # accepted, ignored
-    presence_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None  # accepted, ignored
+    frequency_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None
+    presence_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None
     n: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     seed: Optional[Int] = None
     stop: Any = None  # a string or an array of strings: see _stop
-    response_format: Optional[ResponseFormat] = None
+    user: Optional[Annotated[str, Field(strict=True, max_length=256)]] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -144,13 +148,24 @@ class ChatRequest(BaseModel):
             raise _fail("invalid_type", "must be a string or an array of strings")
         return stop
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, body):
+        if not isinstance(body, dict):
+            raise _fail("invalid_type", f"the request body must be a JSON object, got {_type_name(body)}")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False, [], {}, "none", ""):
+                raise _fail("unsupported", f"{name} is not supported by this server", name)
+        for name in body:
+            if name not in cls.model_fields and name not in UNSUPPORTED:
+                raise _fail("unsupported", f"unrecognized request argument {str(name)[:60]!r} (docs/SERVING.md "
+                                           "lists the fields this server takes)", str(name)[:60])
+        return body
+
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo):
         """The server's own limits (the validation context's Limits), and the seed as numpy takes it."""
         limits: Limits = (info.context or {}).get("limits") or Limits()
-        if len(self.messages) > limits.max_messages:
-            raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
-                                             f"{limits.max_messages})", "messages")
         stop = self.stop or []
         if len(stop) > limits.max_stop:
             raise _fail("invalid_value", f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
@@ -161,23 +176,72 @@ class ChatRequest(BaseModel):
             self.seed %= 1 << 64  # any integer, as OpenAI accepts; numpy wants it non-negative
         return self
 
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, body):
-        if not isinstance(body, dict):
-            raise _fail("invalid_type", f"the request body must be a JSON object, got {_type_name(body)}")
-        for name in UNSUPPORTED:
-            if body.get(name) not in (None, False, [], {}, "none"):
-                raise _fail("unsupported", f"{name} is not supported by this server", name)
-        if body.get("n") not in (None, 1) and isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) \
-                and body["n"] >= 1:
-            raise _fail("unsupported", "n must be 1 (one choice per request)", "n")
-        return body
-
-    # what the engine gets
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def check_n(self, engine) -> None:
+        """n > 1 shares the prompt's prefill through the batcher: refused on a plain engine and
+        beyond the batcher's slots (all n decode side by side)."""
+        if self.choices == 1:
+            return
+        batcher = getattr(engine, "batcher", None)
+        if batcher is None:
+            raise bad("n > 1 needs the continuous batcher (python -m server --batch SLOTS); this model "
+                      "serves one sequence at a time", "n", "unsupported")
+        if self.choices > batcher.pool.slots:
+            raise bad(f"n must be at most {batcher.pool.slots} (the batcher's slots: the n choices decode "
+                      f"together), got {self.choices}", "n")
+
+    def sampling(self, engine, limits: Limits, prompt_len: int, wanted: int | None, logprobs: int | None):
+        """GenerationSettings: `wanted` new tokens (None: the server's default) clamped to the
+        server's cap and to the context left after `prompt_len` tokens."""
+        from runtime import GenerationSettings
+
+        self.check_n(engine)
+        context = int(engine.context_length)
+        cap = min(limits.max_tokens_cap or context, context)
+        wanted = wanted if wanted is not None else limits.default_max_tokens
+        temperature = limits.default_temperature if self.temperature is None else self.temperature
+        # A temperature this small is greedy decoding in all but name; 0 says so exactly.
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        return GenerationSettings(max_new_tokens=max(1, min(wanted, cap, context - prompt_len)),
+                                  temperature=float(temperature), top_k=self.top_k or 0,
+                                  top_p=max(float(self.top_p if self.top_p is not None else 1.0), 1e-9),
+                                  repetition_penalty=float(self.repetition_penalty or 1.0),
+                                  frequency_penalty=float(self.frequency_penalty or 0.0),
+                                  presence_penalty=float(self.presence_penalty or 0.0),
+                                  seed=self.seed, stop=self.stop_list, logprobs=logprobs)
+
+
+class ChatRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    logprobs: Optional[Bool] = None
+    top_logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    response_format: Optional[ResponseFormat] = None
+
+    @model_validator(mode="after")
+    def _chat_limits(self, info: ValidationInfo):
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if len(self.messages) > limits.max_messages:
+            raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
+                                             f"{limits.max_messages})", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _fail("invalid_value", "top_logprobs needs logprobs: true", "top_logprobs")
+        return self
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -185,21 +249,20 @@ class ChatRequest(BaseModel):
         return min(given) if given else None
 
     @property
-    def stop_list(self) -> list[str]:
-        return list(self.stop or [])
-
-    @property
     def chat(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
+    @property
+    def top(self) -> int | None:
+        """settings.logprobs: None (off) or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    def settings(self, engine, limits: Limits):
-        """GenerationSettings for this request on `engine`: max_tokens clamped to the context
-        left after the prompt (ApiError 400 when the prompt alone does not fit)."""
-        from runtime import GenerationSettings, PromptTooLongError
+    def prompt(self, engine) -> list[int]:
+        """The prompt's token ids with the chat template (ApiError 400 when it does not fit)."""
+        from runtime import PromptTooLongError
 
         try:
-            prompt = engine.prompt_ids(messages=self.chat)
+            return engine.prompt_ids(messages=self.chat)
         except PromptTooLongError as e:
             # the API's own remedy (an HTTP client has no settings.truncate)
             raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
@@ -209,18 +272,88 @@ class ChatRequest(BaseModel):
                            code="context_length_exceeded") from None
         except ValueError as e:
             raise bad(f"the messages cannot be used: {e}", "messages") from None
-        context = int(engine.context_length)
-        cap = min(limits.max_tokens_cap or context, context)
-        wanted = self.wanted_tokens if self.wanted_tokens is not None else limits.default_max_tokens
-        temperature = limits.default_temperature if self.temperature is None else self.temperature
-        # A temperature this small is greedy decoding in all but name; 0 says so exactly.
-        if temperature < MIN_TEMPERATURE:
-            temperature = 0.0
-        return GenerationSettings(max_new_tokens=max(1, min(wanted, cap, context - len(prompt))),
-                                  temperature=float(temperature), top_k=self.top_k or 0,
-                                  top_p=max(float(self.top_p if self.top_p is not None else 1.0), 1e-9),
-                                  repetition_penalty=float(self.repetition_penalty or 1.0),
-                                  seed=self.seed, stop=self.stop_list)
+
+    def settings(self, engine, limits: Limits):
+        """GenerationSettings for this request on `engine`: max_tokens clamped to the context
+        left after the prompt (ApiError 400 when the prompt alone does not fit)."""
+        return self.sampling(engine, limits, len(self.prompt(engine)), self.wanted_tokens, self.top)
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: a text or token-id prompt (or an array of them)."""
+
+    prompt: Any  # see _prompt
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None  # 0: score the prompt only
+    echo: Optional[Bool] = False
+    logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    best_of: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, prompt):
+        """A string, an array of strings, an array of token ids, or an array of such arrays:
+        always a list of prompts, each a str or a list of ints."""
+        def ids(value) -> bool:
+            return isinstance(value, list) and bool(value) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+        if isinstance(prompt, str):
+            return [prompt]
+        if ids(prompt):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+            return prompt
+        raise _fail("invalid_type", "must be a string, an array of strings, a non-empty array of token ids "
+                                    "(integers >= 0) or an array of such arrays")
+
+    @model_validator(mode="after")
+    def _completion_limits(self, info: ValidationInfo):
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if len(self.prompt) > limits.max_prompts:
+            raise _fail("invalid_value", f"at most {limits.max_prompts} prompts per request, got "
+                                         f"{len(self.prompt)}", "prompt")
+        if self.best_of is not None and self.best_of != self.choices:
+            raise _fail("unsupported", "best_of must equal n (the server returns every choice it "
+                                       "generates; it does not rank them)", "best_of")
+        if self.max_tokens == 0 and self.stream:
+            raise _fail("invalid_value", "max_tokens 0 (scoring the prompt) does not stream; send "
+                                         "stream: false", "max_tokens")
+        return self
+
+    def prompts(self, engine) -> list[list[int]]:
+        """Each prompt's token ids: text through the tokenizer (BOS added as the model's
+        tokenizer adds it), ids as they are (checked against the vocabulary)."""
+        from runtime import PromptTooLongError
+
+        out = []
+        for i, prompt in enumerate(self.prompt):
+            where = "prompt" if len(self.prompt) == 1 else f"prompt[{i}]"
+            try:
+                if isinstance(prompt, str):
+                    ids = engine.prompt_ids(prompt=prompt)
+                else:
+                    ids = list(prompt)
+                    if max(ids) >= engine.vocab_size:
+                        raise ValueError(f"token ids must be below the vocabulary size {engine.vocab_size}")
+                    if len(ids) >= engine.context_length and not (self.max_tokens == 0 and
+                                                                  len(ids) == engine.context_length):
+                        raise PromptTooLongError(len(ids), engine.context_length)
+            except PromptTooLongError as e:
+                raise ApiError(400, f"{where} is {e.prompt_tokens} tokens; this model's context holds "
+                                    f"{e.context_length} tokens for prompt and completion together",
+                               param=where, code="context_length_exceeded") from None
+            except ValueError as e:
+                raise bad(f"{where} cannot be used: {e}", where) from None
+            out.append(ids)
+        return out
+
+    def settings(self, engine, limits: Limits, prompts: list[list[int]]):
+        """GenerationSettings (max_tokens: OpenAI's default 16 when not given) for the longest prompt."""
+        wanted = 16 if self.max_tokens is None else self.max_tokens
+        settings = self.sampling(engine, limits, max(len(p) for p in prompts), max(wanted, 1), self.logprobs)
+        if wanted == 0:
+            settings.max_new_tokens = 0  # scoring only: nothing is generated
+        return settings
 
 
 # pydantic's error types -> our codes (custom errors carry their code as their type)
@@ -275,6 +408,14 @@ def to_api_error(err: ValidationError) -> ApiError:
     if param == "model" and code == "invalid_value":
         message = "model is required and must be a non-empty string (see GET /v1/models)"
     return bad(message, param, code)
+
+
+def parse_completion_request(body, limits: Limits) -> CompletionRequest:
+    return CompletionRequest.model_validate(body, context={"limits": limits})
+
+
+async def read_completion_request(request, limits: Limits) -> CompletionRequest:
+    return parse_completion_request(parse_json(await read_body(request, limits)), limits)
 
 
 def parse_chat_request(body, limits: Limits) -> ChatRequest:

@@ -450,25 +450,31 @@ def main(argv=None) -> int:
              "(bench/stream_floor.cc: plain loads over 1 GiB in 2 MiB pages, best of 7, median over rounds): "
              + ", ".join(f"{median(v):.1f} GB/s at {t} thread(s)" for t, v in bandwidth.items()) + ".",
              "", f"Command: `{command}`", "",
-             "| engine | threads | prefill tok/s | decode tok/s | decode / llama.cpp TQ2_0 (q8_0 head) | decode / llama.cpp TQ2_0 (f16 head) | prefill / llama.cpp TQ2_0 (q8_0 head) | weight MB / token | decode / floor |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | threads | prefill tok/s | decode tok/s | decode / llama.cpp TQ2_0 (q8_0 head) | decode / llama.cpp TQ2_0 (f16 head) | prefill / llama.cpp TQ2_0 (q8_0 head) | decode / ik IQ2_BN (q8_0 head) | decode / ik IQ2_BN (f16 head) | prefill / ik's fastest | weight MB / token | decode / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in threads:
         ref = {h: median([x.get("decode_tokens_per_s") for x in results.get((f"llama.cpp TQ2_0 ({h} head)", t), [])])
                for h in ("q8_0", "f16")}
         ref_p = median([x.get("prefill_tokens_per_s") for x in results.get(("llama.cpp TQ2_0 (q8_0 head)", t), [])])
+        ik = {h: median([x.get("decode_tokens_per_s") for x in results.get((f"ik_llama.cpp IQ2_BN ({h} head)", t), [])])
+              for h in ("q8_0", "f16")}
+        ik_prefill = [median([x.get("prefill_tokens_per_s") for x in results.get((name, t), [])])
+                      for name in engines if name.startswith("ik_llama.cpp")]
+        ik_p = max([v for v in ik_prefill if v], default=None)
         for name in engines:
             rows = results.get((name, t), [])
             errors = [x["error"] for x in rows if "error" in x]
             dec = median([x.get("decode_tokens_per_s") for x in rows])
             pre = median([x.get("prefill_tokens_per_s") for x in rows])
             if dec is None:
-                lines.append(f"| {name} | {t} | error: {errors[0] if errors else '?'} | | | | | | |")
+                lines.append(f"| {name} | {t} | error: {errors[0] if errors else '?'} | | | | | | | | | |")
                 continue
             ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
             weight = weight_bytes(ours[name][0], ours[name][1]) if name in ours else ggufs[name].stat().st_size
             floor_rate = median(bandwidth[t]) * 1e9 / weight if weight else None
             lines.append(f"| {name} | {t} | {pre:.1f} | {dec:.2f} | {ratio(dec, ref['q8_0'])} | "
-                         f"{ratio(dec, ref['f16'])} | {ratio(pre, ref_p)} | {weight / 1e6:.0f} | "
+                         f"{ratio(dec, ref['f16'])} | {ratio(pre, ref_p)} | {ratio(dec, ik['q8_0'])} | "
+                         f"{ratio(dec, ik['f16'])} | {ratio(pre, ik_p)} | {weight / 1e6:.0f} | "
                          f"{ratio(dec, floor_rate)} |")
     if depth_results:
         lines += ["", f"Decode after a {args.depth}-token context (tok/s, medians):", "",

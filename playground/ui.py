@@ -78,6 +78,14 @@ def build_demo(pg) -> gr.Blocks:
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
         gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
+        with gr.Row(elem_id="page-links", equal_height=True):
+            # Gradio's footer has both; it hides its API link on narrow screens, this one opens
+            # the same panel everywhere
+            api_page = gr.Button("Use via API", size="sm", elem_id="api-page", scale=0,
+                                 min_width=110)
+            gr.Markdown("this page's endpoints, and an OpenAI-compatible API at `/v1` · light or "
+                        "dark: *Settings* at the bottom of the page", elem_id="page-links-note")
+        api_page.click(None, js="() => { document.querySelector('footer .show-api')?.click() }")
         with gr.Row(equal_height=False):
             baseline = gr.Dropdown(
                 choices=[(LABELS.get(v, v), v) for v in (pg.baselines() if ready
@@ -166,7 +174,7 @@ def build_demo(pg) -> gr.Blocks:
         ui = Layout(banner=banner, title_b=title_b, send=send, msg=msg, views=views,
                     conversation=conversation, saved=saved, timer=timer, form=form,
                     conversations=conversations, title=title, export_md=export_md,
-                    export_json=export_json, import_button=import_json)
+                    export_json=export_json, import_button=import_json, branch=gr.State(None))
         wire(demo, PageHandlers(pg, ui), ui, stop=stop, retry=retry, edit=edit, clear=clear,
              panes=[chat_t, chat_b], new_chat=new_chat, delete_chat=delete_chat)
     return demo
@@ -193,12 +201,14 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     clear.click(page.clear, None, ui.views + [ui.conversation], queue=False,
                 api_name="clear").then(**after)
     for pane in panes:  # edit or resend any visitor turn; the pane's retry on the last answer
-        pane.edit(**lock).then(page.edit_turn, {ui.conversation, *settings},
+        pane.edit(page.take_edit, None, ui.branch, queue=False, api_visibility="private") \
+            .then(**lock).then(page.run_branch, {ui.conversation, ui.branch, *settings},
                                api_visibility="private", **common).then(**after)
         pane.clear(page.clear, None, ui.views + [ui.conversation], queue=False,
                    api_visibility="private").then(**after)
-        pane.retry(**lock).then(page.retry_turn, {ui.conversation, *settings},
-                                api_visibility="private", **common).then(**after)
+        pane.retry(page.take_retry, None, ui.branch, queue=False, api_visibility="private") \
+            .then(**lock).then(page.run_branch, {ui.conversation, ui.branch, *settings},
+                               api_visibility="private", **common).then(**after)
     shown = dict(outputs=ui.shown_outputs(), queue=False, api_visibility="private",
                  show_progress="hidden")
     new_chat.click(page.new_conversation, {ui.saved, *settings}, **shown)
@@ -206,7 +216,7 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     ui.conversations.input(page.switch_conversation, {ui.saved, ui.conversations, *settings},
                            **shown)
     ui.import_button.upload(page.import_conversation, {ui.saved, ui.import_button, *settings},
-                            **shown)
+                            **dict(shown, queue=True))  # queued: its notice reaches the page
     ui.title.submit(page.rename_conversation, [ui.saved, ui.title],
                     [ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
                     queue=False, api_visibility="private", show_progress="hidden")

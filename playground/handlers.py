@@ -23,6 +23,7 @@ import gradio as gr
 from . import library as lib
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
 from .export import ImportFailed, from_json, to_json, to_markdown
+from .links import BadLink, decode, encode
 from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .gates import CpuBusy
 from .settings import PageSettings
@@ -81,6 +82,8 @@ class Layout:
     export_json: gr.DownloadButton
     import_button: gr.UploadButton
     branch: gr.State  # the turn an edit or a pane's retry starts again from
+    share_link: gr.Textbox
+    opened_link: gr.Textbox  # the fragment of the page's address (a shared link), if any
 
     def shown_outputs(self) -> list:
         """What showing another conversation writes."""
@@ -352,6 +355,35 @@ class PageHandlers:
             out[ui.msg] = prompt[:20000]
         return {**out, **dict(zip(ui.views, render(turns, self.pg))), ui.conversation: dumps(turns),
                 **self._library_outputs(library)}
+
+    # -- shared links ------------------------------------------------------------------------------------
+    def share(self, data: dict) -> dict:
+        """The link's fragment (#c=...): the conversation and the settings, compressed (the page
+        prefixes its own address and copies it)."""
+        turns = turns_of(data.get(self.ui.conversation))
+        payload, kept = encode(turns, self.ui.form.read(data))
+        if kept < len(turns):
+            gr.Info(f"The conversation is long: the link holds its last {kept} of {len(turns)} turns.")
+        return {self.ui.share_link: gr.update(value="#c=" + payload, visible=True)}
+
+    def open_link(self, data: dict) -> dict:
+        """A shared link's conversation becomes one of this browser's conversations (the one
+        with the same turns if it is there already) and is shown with the link's settings."""
+        fragment = data.get(self.ui.opened_link) or ""
+        if not fragment.startswith("#c="):
+            return {self.ui.conversation: gr.skip()}
+        try:
+            turns, settings = decode(fragment)
+        except BadLink as e:
+            gr.Warning(f"This link could not be opened: {e}.", title="Link")
+            return {self.ui.conversation: gr.skip()}
+        library = lib.library_of(data.get(self.ui.saved))
+        same = next((i["id"] for i in library["items"] if i["turns"] == turns), None)
+        library = lib.switched(library, same) if same else lib.with_new(library, turns)
+        out = self._show(library, data)
+        if settings is not None and self.pg.state == "ready":
+            out.update(self._settings_outputs(settings))
+        return out
 
     def status(self) -> dict:
         """Model and engine status: state (preparing/ready/failed), live model, fallback,

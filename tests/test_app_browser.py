@@ -170,11 +170,14 @@ def set_number(page, elem_id, value):
 
 
 def share_link(page) -> str:
-    link = page.evaluate("""async () => {
-        const r = await fetch(`gradio_api/deep_link?session_hash=${window.__gradio_session_hash__}`);
-        return (await r.text()).replace(/^"|"$/g, '');
-    }""")
-    assert link
+    """What the share button makes (and copies): this page's address with the conversation
+    and the settings in its fragment."""
+    page.click("#share")
+    page.wait_for_function(
+        "() => (document.querySelector('#share-link textarea, #share-link input')?.value || '')"
+        ".includes('#c=')", timeout=10_000)
+    link = page.locator("#share-link textarea, #share-link input").first.input_value()
+    assert link.startswith(page.url.split("#")[0].split("?")[0]) and "#c=" in link
     return link
 
 
@@ -259,8 +262,7 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
 
     # the shared link reopens the conversation (what the share button copies)
     link = share_link(page)
-    page.click("button:has-text('Share this conversation')")  # copies the link; must not fail
-    reopened = open_page(browser, errors, f"{server.url}?deep_link={link}")
+    reopened = open_page(browser, errors, link)
     reopened.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
     assert "hello" in reopened.locator("#chat-ternary [data-testid='user']").first.inner_text()
     assert "Speed-up" in reopened.locator("#summary").inner_text()
@@ -295,7 +297,7 @@ def test_shared_link_restores_every_setting_for_each_baseline(server, browser, e
     link = share_link(page)
     page.close()
 
-    reopened = open_page(browser, errors, f"{server.url}?deep_link={link}")
+    reopened = open_page(browser, errors, link)
     reopened.wait_for_function(
         f"() => (document.querySelector('#title-baseline')?.innerText || '').includes('{variant}')",
         timeout=30_000)
@@ -501,7 +503,7 @@ def test_edit_an_earlier_turn_both_engines_answer_the_new_branch(server, browser
     page.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
     assert user_turns(page) == 1 and "Friends, Romans" in page.locator("#chat-ternary [data-testid='user']").last.inner_text()
     reopened = errors.watch(context.new_page())
-    reopened.goto(f"{server.url}?deep_link={link}", wait_until="domcontentloaded")
+    reopened.goto(link, wait_until="domcontentloaded")
     reopened.locator("#chat-baseline [data-testid='user']").last.wait_for(timeout=30_000)
     assert user_turns(reopened) == 1
     assert "Friends, Romans" in reopened.locator("#chat-baseline [data-testid='user']").last.inner_text()
@@ -608,7 +610,8 @@ def test_theme_and_api_page_reachable_from_the_page(server, browser, errors, wid
     bg = page.evaluate("getComputedStyle(document.querySelector('gradio-app') || document.body).backgroundColor")
     rgb = [int(x) for x in bg[bg.index("(") + 1:bg.index(")")].split(",")[:3]]
     assert sum(rgb) < 3 * 100, f"background {bg} is not dark"
-    page.keyboard.press("Escape")
+    page.close()
+    page = errors.watch(context.new_page())
     # Gradio's API page asks for the MCP schema, which an app without an MCP server answers
     # with a 404 (logged by the browser); no other request may fail
     failed = []
@@ -617,9 +620,61 @@ def test_theme_and_api_page_reachable_from_the_page(server, browser, errors, wid
     page.goto(server.url, wait_until="domcontentloaded")
     page.click("#api-page")
     page.get_by_text("/chat").first.wait_for(timeout=30_000)
-    if width > 600:  # Gradio's own footer link (hidden on narrow screens)
+    if width > 600:  # Gradio's own footer link (hidden on narrow screens), in a fresh page
+        page.close()
+        page = errors.watch(context.new_page())
+        page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
         page.goto(server.url, wait_until="domcontentloaded")
         page.locator("footer").get_by_text("Use via API").click()
         page.get_by_text("/chat").first.wait_for(timeout=30_000)
     assert all(url.endswith("/gradio_api/mcp/schema") for url in failed), failed
     context.close()
+
+
+def test_links_and_kept_conversations_survive_a_restart_with_ssr_asked_for(browser, errors,
+                                                                        tmp_path_factory):
+    """As a Space restarts: a new process with a fresh temporary folder, on the same address.
+    GRADIO_SSR_MODE=true (Spaces sets it) is set; the app keeps server-side rendering off
+    (playground/ui.py launch_kwargs says why) and the page works."""
+    work = tmp_path_factory.mktemp("app-restart")
+    env = {"GRADIO_SSR_MODE": "true", "HF_HUB_OFFLINE": "1"}
+    first = AppServer("demo", work, env=dict(env, GRADIO_TEMP_DIR=str(work / "tmp-first")))
+    with first:
+        assert "SSR" not in first.log_text()
+        context, page = fresh_page(browser, errors, first.url, 1400)
+        send_and_wait(page, "Before the restart", turns_before=0)
+        answer = page.locator("#chat-baseline [data-testid='bot']").last.inner_text()
+        link = share_link(page)
+        page.wait_for_timeout(500)
+        page.close()  # (a page left open would see its event stream cut by the restart)
+    second = AppServer("demo", work, env=dict(env, GRADIO_TEMP_DIR=str(work / "tmp-second")))
+    second.port, second.url = first.port, first.url  # the same address: the same browser storage
+    assert not (work / "tmp-second").exists()
+    with second:
+        # this browser's conversation is back ...
+        page = errors.watch(context.new_page())
+        page.goto(second.url, wait_until="domcontentloaded")
+        page.locator("#chat-ternary [data-testid='user']").last.wait_for(timeout=30_000)
+        assert "Before the restart" in page.locator("#chat-ternary [data-testid='user']").last.inner_text()
+        assert page.locator("#chat-baseline [data-testid='bot']").last.inner_text() == answer
+        # ... and the link made before the restart opens in another browser, and continues
+        other = browser.new_context(viewport={"width": 390, "height": 844})
+        opened = errors.watch(other.new_page())
+        opened.goto(link, wait_until="domcontentloaded")
+        opened.locator("#chat-baseline [data-testid='user']").last.wait_for(timeout=30_000)
+        assert "Before the restart" in opened.locator("#chat-ternary [data-testid='user']").last.inner_text()
+        assert opened.locator("#chat-baseline [data-testid='bot']").last.inner_text() == answer
+        assert "TTFT" in opened.locator("#stats-baseline").inner_text()
+        assert "#c=" not in opened.url  # taken off the address once kept in this browser
+        opened.wait_for_function("() => !document.querySelector('#send').disabled", timeout=60_000)
+        send_and_wait(opened, "After the restart", turns_before=1)
+        assert "SSR" not in second.log_text()
+        other.close()
+        context.close()
+
+
+def test_a_damaged_link_is_a_notice(server, browser, errors):
+    page = open_page(browser, errors, server.url + "#c=not-a-conversation")
+    page.get_by_text("This link could not be opened").first.wait_for(timeout=20_000)
+    assert user_turns(page) == 0
+    page.close()

@@ -100,3 +100,53 @@ def test_cost_per_token_is_shared_by_the_batch():
     shared = with_cost({"new_tokens": 10, "batch_size": 2.0}, cpu_s=0.5, weights_mb=400.0)
     assert shared["cpu_ms_per_token"] == pytest.approx(25.0) and shared["weights_mb_per_token"] == 200.0
     assert with_cost({"new_tokens": 0}, cpu_s=0.1, weights_mb=400.0)["cpu_ms_per_token"] is None
+
+
+def test_a_link_carries_the_conversation_and_settings():
+    from playground.links import MAX_PAYLOAD_CHARS, TIMELINE_POINTS, decode, encode
+    from playground.settings import PageSettings
+
+    turns = [turn("Is `a<b`?"), turn("more <b>&</b>", baseline="none")]
+    turns[0]["answers"]["ternary"]["timeline"] = [[i / 100, i] for i in range(480)]
+    payload, kept = encode(turns, PageSettings(seed=42, top_k=7, baseline="int4"))
+    assert kept == 2 and set(payload) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    back, settings = decode("#c=" + payload)
+    assert settings == PageSettings(seed=42, top_k=7, baseline="int4")
+    assert [t["user"] for t in back] == ["Is `a<b`?", "more <b>&</b>"]
+    timeline = back[0]["answers"]["ternary"]["timeline"]
+    assert len(timeline) == TIMELINE_POINTS and timeline[-1] == [4.79, 479]  # thinned, end kept
+    # a conversation too long for a link keeps its newest turns
+    rng = __import__("random").Random(1)
+    long_turns = [turn(f"q{i}", text=rng.randbytes(3000).hex()) for i in range(30)]  # 4 kB a turn
+    payload, kept = encode(long_turns, PageSettings())
+    assert len(payload) <= MAX_PAYLOAD_CHARS and 0 < kept < 30
+    assert decode(payload)[0][-1]["user"] == long_turns[-1]["user"]
+
+
+@pytest.mark.parametrize("fragment", ["#c=", "#c=@@@", "#c=eJzLSM3JyQcABiwCFQ", "#c=" + "A" * 40])
+def test_a_damaged_link_is_one_clear_error(fragment):
+    from playground.links import BadLink, decode
+
+    with pytest.raises(BadLink):
+        decode(fragment)
+
+
+def test_settings_from_a_link_are_checked():
+    from playground.settings import PageSettings
+
+    s = PageSettings.from_values({"seed": "x", "top_k": 3.0, "max_new_tokens": "40", "system": None,
+                                  "unknown": 1})
+    assert s == PageSettings(seed=-1, top_k=3, max_new_tokens=40)
+
+
+def test_browser_storage_key_survives_restarts(monkeypatch):
+    from playground.storage import browser_secret
+
+    monkeypatch.delenv("BITNET_BROWSER_SECRET", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    key, where = browser_secret()
+    assert key == browser_secret()[0] and "BITNET_BROWSER_SECRET" in where  # the same every start
+    monkeypatch.setenv("SPACE_ID", "org/space")
+    assert browser_secret()[0] != key and "org/space" in browser_secret()[1]
+    monkeypatch.setenv("BITNET_BROWSER_SECRET", "chosen")
+    assert browser_secret()[0] == "chosen"

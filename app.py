@@ -21,10 +21,10 @@ import os
 import sys
 
 from playground.models import DEFAULT_MODEL
-from runtime.batcher import DEFAULT_SLOTS
-from playground.service import DEFAULT_QUEUE_SIZE, Playground
+from playground.service import Playground
 from playground.ui import build_demo, launch_kwargs
-from server import Gate, Limits, attach_api
+from runtime.serving import DEFAULT_QUEUE_SIZE, DEFAULT_SLOTS, concurrency
+from server import Limits, attach_api
 from server.console import print_urls
 
 
@@ -62,18 +62,12 @@ def create_playground(args: argparse.Namespace, limits: Limits | None = None) ->
     """The playground, holding the one CPU gate that page and API share (the API's limits:
     a page turn waits in the same FIFO queue as API requests; with batching the gate admits
     as many generations as the batcher has slots)."""
-    batch = getattr(args, "batch", DEFAULT_SLOTS)
-    limits = limits or serving_limits(batch)
+    limits = limits or Limits.for_batch(args.batch)
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    pg = Playground(model=args.model, threads=args.threads, variants=variants, batch=batch,
-                    gate=Gate(limits.concurrency, limits.queue_size, limits.history))
+    pg = Playground(model=args.model, threads=args.threads, variants=variants, batch=args.batch,
+                    gate=limits.gate())
     pg.gate_timeout_s = limits.queue_timeout_s
     return pg
-
-
-def serving_limits(batch: int) -> Limits:
-    """The API's limits (BITNET_API_*); with batching its concurrency is the batcher's slots."""
-    return Limits.from_env(concurrency=batch) if batch else Limits.from_env()
 
 
 def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
@@ -81,7 +75,7 @@ def create_demo(pg: Playground, queue_size: int = DEFAULT_QUEUE_SIZE):
     order on the CPU is the gate's (so Stop can withdraw a waiting turn): as many turns at
     once as the ternary batcher has slots, one at a time without batching."""
     demo = build_demo(pg)
-    demo.queue(default_concurrency_limit=max(1, getattr(pg, "batch", 0)), max_size=queue_size)
+    demo.queue(default_concurrency_limit=concurrency(pg.batch), max_size=queue_size)
     return demo
 
 
@@ -91,7 +85,7 @@ def main(argv=None) -> int:
     if os.environ.get("SPACE_ID"):
         args.host = "0.0.0.0"  # a Space routes to the container's port 7860
         args.share = False  # ignored on Spaces anyway
-    limits = serving_limits(args.batch)
+    limits = Limits.for_batch(args.batch)
     pg = create_playground(args, limits)
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)

@@ -10,7 +10,7 @@ MatMulNBits bits=8 block 32 (the baselines' head, 369 MB). Each is timed with it
   - fed as a graph input from an anonymous mmap advised MADV_HUGEPAGE (2 MiB pages), and
   - the same with MADV_NOHUGEPAGE (4 KiB pages),
 so the page size effect is measured with the same kernel and the same thread pool. The bitnet
-ops themselves ask for 2 MiB pages in place (MADV_COLLAPSE, ops.cc); `--no-advise` runs with
+ops themselves ask for 2 MiB pages in place (MADV_COLLAPSE, weight_memory.cc); `--no-advise` runs with
 BITNET_HUGEPAGES=0 to see the tables as ORT leaves them. Rounds are
 interleaved with a plain streaming read through ORT's pool (bench_ops.StreamReader) for the
 bandwidth reference; medians are printed with the machine's load average.

@@ -1,12 +1,13 @@
 // Standalone driver for the BitLinear kernels at decode shapes: no ONNX Runtime, the kernel
 // alone on weights that do not fit in cache, against a plain streaming read of the same bytes.
 //
-//   g++ -O2 -std=c++17 -pthread -Icustom_ops/src bench/kernel_driver.cc custom_ops/src/kernels.cc \
-//       custom_ops/src/head_kernels.cc custom_ops/src/dispatch.cc -o bench/out/kernel_driver
-//   bench/out/kernel_driver LEVEL K N [threads=1] [copies=0: enough for 600 MB] [reps=20] [hugepages=1]
+//   g++ -O2 -std=c++17 -pthread -Icustom_ops/src bench/kernel_driver.cc custom_ops/src/dispatch.cc \
+//       custom_ops/src/kernels_reference.cc custom_ops/src/kernels_x86_avx2.cc \
+//       custom_ops/src/kernels_x86_avx512.cc -o bench/out/kernel_driver
+//   bench/out/kernel_driver LEVEL K N [threads=1] [copies=0: enough for 600 MB] [reps=20] [hugepages=1] [rows=1]
 //
 // LEVEL is a BITNET_KERNEL level (avx2, avxvnni, avx512vnni, ...) or "stream" (the read
-// loop). It reports GB/s of weight bytes. Used to find the kernels' speed limits (see
+// loop). It reports GB/s of weight bytes (rows > 1: a batch of that many rows of x per call). Used to find the kernels' speed limits (see
 // bench/README.md "Profile"); the numbers that count are the in-ORT ones of bench_ops.py.
 
 #include <sys/mman.h>
@@ -49,7 +50,7 @@ __attribute__((target("avx512f,avx512bw"))) static int64_t stream_read(const uin
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s LEVEL K N [threads] [copies] [reps] [hugepages]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s LEVEL K N [threads] [copies] [reps] [hugepages] [rows]\n", argv[0]);
     return 2;
   }
   const std::string level = argv[1];
@@ -58,6 +59,7 @@ int main(int argc, char** argv) {
   int64_t copies = argc > 5 ? std::atoll(argv[5]) : 0;
   const int reps = argc > 6 ? std::atoi(argv[6]) : 20;
   const bool huge = argc > 7 ? std::atoi(argv[7]) != 0 : true;
+  const int64_t M = argc > 8 ? std::max(1ll, std::atoll(argv[8])) : 1;
   const int64_t Kp = round_up(K, kBlockK);
   const int64_t wbytes = packed_bytes(N, K);
   if (copies == 0) copies = std::max<int64_t>(1, (600ll << 20) / wbytes);
@@ -79,14 +81,16 @@ int main(int argc, char** argv) {
     for (int f = 0; f < 32; ++f) v |= (((r >> (2 * f)) & 3) % 3) << (2 * f);
     std::memcpy(w + i, &v, std::min<size_t>(8, total - i));
   }
-  std::vector<int8_t> xq(Kp, 0);
-  int32_t xsum = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    xq[k] = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
-    xsum += xq[k];
-  }
-  const float xscale = 1.0f, S = 1.0f;
-  std::vector<float> y(N * 1);
+  std::vector<int8_t> xq(M * Kp, 0);
+  std::vector<int32_t> xsum(M, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      xq[m * Kp + k] = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+      xsum[m] += xq[m * Kp + k];
+    }
+  const std::vector<float> xscale(M, 1.0f);
+  const float S = 1.0f;
+  std::vector<float> y(N * M);
   const int64_t groups = round_up(N, kGroupCols) / kGroupCols;
 
   std::atomic<int64_t> sink{0};
@@ -96,9 +100,9 @@ int main(int argc, char** argv) {
       sink += stream_read(w + c * wbytes + t * part, part);
       return;
     }
-    BitLinearProblem p{xq.data(), &xsum, &xscale, w + c * wbytes, &S, false, y.data(), 1, N, Kp};
+    BitLinearProblem p{xq.data(), xsum.data(), xscale.data(), w + c * wbytes, &S, false, y.data(), M, N, Kp};
     const int64_t g0 = groups * t / threads, g1 = groups * (t + 1) / threads;
-    ks.bitlinear(p, 0, 1, g0, g1);
+    ks.bitlinear(p, 0, M, g0, g1);
   };
   // A persistent worker per extra thread, released per copy through a generation counter.
   std::atomic<int64_t> generation{-1}, done{0};
@@ -134,8 +138,8 @@ int main(int argc, char** argv) {
   generation.store(-2);
   for (auto& th : workers) th.join();
   const double gb = static_cast<double>(total) / 1e9;
-  std::printf("%s K=%lld N=%lld threads=%d copies=%lld huge=%d: best %.1f GB/s, mean %.1f GB/s, %.1f us/call (best)\n",
-              stream ? "stream" : ks.bitlinear_name, (long long)K, (long long)N, threads, (long long)copies, huge ? 1 : 0,
+  std::printf("%s K=%lld N=%lld M=%lld threads=%d copies=%lld huge=%d: best %.1f GB/s, mean %.1f GB/s, %.1f us/call (best)\n",
+              stream ? "stream" : ks.bitlinear_name, (long long)K, (long long)N, (long long)M, threads, (long long)copies, huge ? 1 : 0,
               gb / best, gb * reps / sum, best / copies * 1e6);
   return sink == 42 ? 1 : 0;
 }

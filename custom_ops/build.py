@@ -169,8 +169,20 @@ def _build_lock(folder: Path):
         yield
 
 
+_adopted: Path | None = None  # a ready library used instead of a build (custom_ops/prebuilt.py)
+
+
+def adopt(library) -> None:
+    """Use `library` (checked by custom_ops.prebuilt.probe) instead of building one here."""
+    global _adopted
+    _adopted = Path(library)
+
+
 def ensure_built(force: bool = False) -> Path:
-    """Path of the library, compiling it first when missing, older than its sources, or forced."""
+    """Path of the library, compiling it first when missing, older than its sources, or forced
+    (an adopted library is returned as it is, unless forced)."""
+    if _adopted is not None and not force:
+        return _adopted
     library = build_dir() / LIBRARY_NAME
     if not force and not _is_stale(library):
         return library

@@ -1,4 +1,4 @@
-"""Command line: python -m export SOURCE --out DIR."""
+"""Command line: python -m export SOURCE --out DIR [--push-to-hub ORG/NAME [--private]]."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 
+from . import publish
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
 from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES
@@ -32,7 +33,18 @@ def main(argv=None) -> int:
                         help="MatMulNBits block size of the int2 baseline (default: %(default)s)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                        help="then publish DIR (with its model card) to this hub model repo "
+                             "(python -m export.publish; token: HF_TOKEN or `hf auth login`)")
+    publish.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.push_to_hub:  # refuse a bad id or a missing token before a long export, not after
+        try:
+            publish.check_repo_id(args.push_to_hub)
+            publish.resolve_token()
+        except publish.PublishError as e:
+            print(f"export not started: {e}", file=sys.stderr)
+            return 1
     # SIGTERM unwinds like Ctrl-C, so the partial output folder is removed on the way out.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -46,6 +58,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("export interrupted; no output written", file=sys.stderr)
         return 130
+    if args.push_to_hub:
+        try:
+            publish.publish_folder(args.out, args.push_to_hub, private=args.private,
+                                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            print(publish.space_instructions(args.out, args.push_to_hub))
+        except publish.PublishError as e:
+            print(f"exported to {args.out}, but publish failed: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

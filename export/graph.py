@@ -193,14 +193,16 @@ class DecoderGraph:
         self.pending = self._linear(f"{p}.mlp.down_proj", hidden, lw.down)
 
     def _keep_last_positions(self, hidden: str) -> str:
-        """Required input `num_logits_to_keep` (int64, a scalar or [1], the name and values
-        transformers.js and onnxruntime-genai feed): 0 = every position goes through the
-        lm_head, n > 0 = only the last n, so a prefill does not pay the [seq, vocab] head
-        for logits nobody reads. Required, not an initializer-backed optional input: ORT
-        warns about every such input at load (docs/ARCHITECTURE.md, "logits")."""
+        """Input `num_logits_to_keep` (int64, a scalar or [1], the name and values transformers.js
+        and onnxruntime-genai feed): 0 = every position goes through the lm_head, n > 0 = only
+        the last n, so a prefill does not pay the [seq, vocab] head for logits nobody reads.
+        Optional: an initializer of the same name gives it the default 0 (every position), so an
+        Optimum-style loop that feeds only input_ids, attention_mask and the past runs as is
+        (docs/ARCHITECTURE.md, "logits")."""
         b = self.b
         # No declared shape: scalar (transformers.js) and [1] (onnxruntime-genai) both fit.
         self._inputs.append(helper.make_tensor_value_info(NUM_LOGITS_TO_KEEP, TensorProto.INT64, None))
+        b.const(NUM_LOGITS_TO_KEEP, 0, np.int64)
         keep = b.op("Reshape", [NUM_LOGITS_TO_KEEP, b.const("shape_1", [1], np.int64)], name="num_logits_to_keep/1d")
         start = b.op("Neg", [keep], name="num_logits_to_keep/start")
         end = b.const("int64_max", [np.iinfo(np.int64).max], np.int64)

@@ -1,6 +1,6 @@
 """The playground's engines: built from the model folder on first use, warmed up, kept.
 
-The ternary engine is a runtime.batcher.BatchedEngine when `batch` > 0 (page visitors and API
+The ternary engine is a runtime.batcher.BatchedEngine when `batch` > 0 (runtime/serving.py) (page visitors and API
 clients share its decode steps); the baselines are plain Engines, and besides the ternary
 engine at most one baseline stays loaded (an fp32 2B model is ~10 GB).
 """
@@ -28,16 +28,14 @@ class EngineCache:
             if engine is not None:
                 return engine
             from runtime import Engine
+            from runtime.serving import serving_engine
 
             if variant != TERNARY:
                 for other in [v for v in self.engines if v != TERNARY]:
                     del self.engines[other]
             engine = Engine(folder, variant=variant, threads=self.threads)
             warm_up(engine)
-            if variant == TERNARY and self.batch:
-                from runtime.batcher import BatchedEngine
-
-                engine = BatchedEngine(engine, slots=self.batch)
+            engine = serving_engine(engine, self.batch)
             self.engines[variant] = engine
             return engine
 

@@ -3,9 +3,9 @@ requests); Stop withdraws a turn that is still waiting."""
 
 from __future__ import annotations
 
-from server.scheduler import Busy, Gate
+from runtime.gate import Busy, Gate
+from runtime.serving import DEFAULT_QUEUE_SIZE, serving_gate
 
-DEFAULT_QUEUE_SIZE = 16
 GATE_TIMEOUT_S = 120.0
 
 
@@ -16,7 +16,7 @@ class CpuBusy(RuntimeError):
 def page_gates(batch: int, gate: Gate | None = None) -> tuple[Gate, Gate]:
     """(the gate shared with the API, the baselines' own one-slot gate: they are not batched).
     The shared gate admits as many runs as the ternary batcher has slots."""
-    shared = gate or Gate(concurrency=max(1, batch), queue_size=DEFAULT_QUEUE_SIZE)
+    shared = gate or serving_gate(batch, DEFAULT_QUEUE_SIZE)
     return shared, Gate(concurrency=1, queue_size=DEFAULT_QUEUE_SIZE)
 
 

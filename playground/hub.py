@@ -12,10 +12,7 @@ from __future__ import annotations
 import os
 
 from runtime.errors import EngineError
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
-
-# What to fetch besides the variants' model files (genai_config.json: onnxruntime-genai's).
-FOLDER_FILES = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md")
+from runtime.folder import CONFIG_NAME, read_config
 
 
 class HubFolderError(Exception):
@@ -32,6 +29,8 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from export.publish import folder_files  # (the exporter's imports are not needed before this)
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -55,7 +54,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
     model_files = [listed[v] for v in wanted]
-    patterns = list(FOLDER_FILES) + [p for f in model_files for p in (f, f + ".data")]
+    patterns = folder_files(config, wanted)  # the operator library included, when published
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                    local_files_only=offline)
@@ -74,3 +73,61 @@ def _one_line(what: str, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     return f"{what}: {type(e).__name__}: {first}"
 
+
+
+def cached_folder(spec: str) -> str | None:
+    """The exported folder `spec` names, found without network: the folder itself, or the
+    snapshot of a hub repo holding an exported folder in the hub cache (None otherwise)."""
+    from runtime.folder import is_exported
+
+    if os.path.isdir(spec):
+        return spec if is_exported(spec) else None
+    if spec.count("/") != 1:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(spec, CONFIG_NAME)
+    except Exception:  # noqa: BLE001 - an id the cache cannot hold: not a cached folder
+        return None
+    return os.path.dirname(path) if isinstance(path, str) else None
+
+
+TRUST_ENV = "BITNET_TRUST_FOLDER_LIBRARY"
+
+
+def library_trust(spec: str) -> str | None:
+    """Why the operator library of the folder `spec` names may be loaded into this process
+    (None: it may not). Loading it runs its native code: a folder on this disk, or a hub repo
+    of the Space's own owner (SPACE_AUTHOR_NAME, set by Spaces) is trusted; another hub repo
+    only with BITNET_TRUST_FOLDER_LIBRARY=1, as code from a repo needs consent elsewhere too."""
+    if os.path.isdir(spec):
+        return "a folder on this disk"
+    if os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{TRUST_ENV}=1"
+    owner = os.environ.get("SPACE_AUTHOR_NAME", "").strip()
+    if owner and spec.split("/")[0].lower() == owner.lower():
+        return f"the Space's own repo ({owner})"
+    return None
+
+
+def choose_operator_library(spec: str):
+    """Before the model is prepared: use the operator library of the exported folder `spec`
+    names (a published repo in the hub cache, e.g. preloaded by a Space) when it is trusted
+    (library_trust) and runs here, so the start compiles nothing; returns
+    custom_ops.prebuilt.LibraryChoice (.message says which, and why)."""
+    from custom_ops.prebuilt import LibraryChoice, adopt_folder_library
+
+    folder = cached_folder(spec)
+    if folder is not None and library_trust(spec) is None:
+        choice = adopt_folder_library(None)  # the build as before (or the one already built)
+        if choice.source == "build":
+            return LibraryChoice("build", "", f"operator library: compiling it here, not loading the "
+                                              f"copy in {spec} (native code from a hub repo that is not "
+                                              f"this Space's; set {TRUST_ENV}=1 to use it)")
+        return choice
+    choice = adopt_folder_library(folder)
+    if folder is None and choice.source == "build":
+        return LibraryChoice("build", "", f"operator library: compiling it here ({spec} is not an "
+                                          "exported folder on disk or in the hub cache)")
+    return choice

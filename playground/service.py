@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 
-from runtime.batcher import DEFAULT_SLOTS
+from runtime.serving import DEFAULT_SLOTS
 from runtime.cpus import available_threads
 from runtime.folder import read_config
 

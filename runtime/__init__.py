@@ -7,9 +7,10 @@
         print(event.text, end="", flush=True)
 """
 
-from .engine import Engine, GenerationEvent, GenerationResult
+from .engine import Engine
 from .errors import EngineError, PromptTooLongError, VariantNotFoundError
 from .folder import VARIANTS
+from .generation import GenerationEvent, GenerationResult
 from .sampling import GenerationSettings, token_distribution
 from .stats import GenerationStats
 

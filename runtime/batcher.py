@@ -5,7 +5,7 @@
         ...  # the same GenerationEvents Engine.stream yields (stats: BatchStats)
 
 One scheduler thread owns the model. Each iteration it
-  1. admits waiting requests into free KV-cache slots (FIFO; runtime/batch_cache.py),
+  1. admits waiting requests into free KV-cache slots (FIFO; runtime/kv_cache.py SlotPool),
   2. ends the sequences whose caller cancelled, closed the stream or ran out of time
      (their slot is free for the next step),
   3. runs ONE decode step for every decoding sequence together (input_ids [B, 1]),
@@ -13,10 +13,11 @@ One scheduler thread owns the model. Each iteration it
 So a running stream waits at most one decode step plus one prefill chunk between tokens,
 however long a newcomer's prompt is, and sequences join and leave between steps.
 
-Each sequence keeps its own sampler (its seed), stop rules and limits, exactly as
-Engine.stream: since every kernel computes a row the same way whatever the batch
-(tests/test_batch_attention.py) and a prompt is always prefilled alone in the same chunks,
-a sequence's tokens do not depend on what else runs (tests/test_batcher.py).
+Each sequence is a Generation (runtime/generation.py: its sampler and seed, stop rules and
+limits), the same per-token object Engine.stream drives: since every kernel computes a row
+the same way whatever the batch (tests/test_batch_attention.py) and a prompt is always
+prefilled alone in the same chunks, a sequence's tokens do not depend on what else runs
+(tests/test_batcher.py).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .batch_cache import SlotPool
-from .engine import Engine, GenerationEvent, GenerationResult, Limits, _checked, _Finish
+from .engine import Engine
 from .errors import PromptTooLongError
-from .sampling import GenerationSettings, Sampler
+from .generation import Generation, GenerationEvent, GenerationResult, checked_settings, checked_token_ids
+from .kv_cache import SlotPool
+from .sampling import GenerationSettings
 from .stats import GenerationStats, peak_rss_mb, rss_mb
 
 
@@ -49,29 +51,28 @@ class BatchStats(GenerationStats):
     max_batch_size: int = 0
 
 
-class _Sequence:
-    """One request: its ids, settings, sampler, stop rules, limits, slot and stats."""
+class _Sequence(Generation):
+    """One request: a Generation plus its slot, its prefill progress and its event queue."""
 
     def __init__(self, ids, settings: GenerationSettings, cancel, started: float, batcher: "Batcher"):
-        engine = batcher.engine
-        self.ids, self.settings, self.started = ids, settings, started
-        self.max_new = min(settings.max_new_tokens, batcher.capacity - len(ids))
-        self.limits = Limits(cancel, settings.max_time_s, started)
-        self.finish = _Finish(engine, settings, self.max_new)
-        self.sampler = Sampler(settings, engine.vocab_size, ids)
+        stats = BatchStats(kv_cache_tokens=batcher.capacity, kv_cache_mb=batcher.pool.slot_nbytes / 2**20)
+        max_new = min(settings.max_new_tokens, batcher.capacity - len(ids))
+        super().__init__(batcher.engine, ids, settings, max_new=max_new, cancel=cancel, started=started, stats=stats)
         self.events: queue.Queue = queue.Queue()
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the cache
-        self.token: int | None = None  # the next token to feed (decoding)
-        self.closed = False  # the caller closed the stream (disconnect)
-        self.done = False
-        self.stats = BatchStats(prompt_tokens=len(ids), variant=engine.variant, threads=engine.threads,
-                                kv_cache_tokens=batcher.capacity, kv_cache_mb=batcher.pool.slot_nbytes / 2**20)
-        self.t_admitted = self.t_first = None
-        self._batch_sum = 0
+        # n > 1 (submit_many): the first sequence of a group prefills the prompt once and the
+        # others, holding their slots meanwhile, start from a copy of its cache
+        self.leader: _Sequence | None = None
+        self.followers: list[_Sequence] = []
+        self.steps = 0  # decode steps taken part in
+        self._batch_sum = 0  # their batch sizes, summed
 
-    def reason(self) -> str | None:
-        return "cancelled" if self.closed else self.limits.reason()
+    def took_step(self, batch_size: int) -> None:
+        self.steps += 1
+        self._batch_sum += batch_size
+        self.stats.batch_size = self._batch_sum / self.steps
+        self.stats.max_batch_size = max(self.stats.max_batch_size, batch_size)
 
 
 class BatchStream:
@@ -85,7 +86,7 @@ class BatchStream:
 
     @property
     def queue_position(self) -> int:
-        return self._batcher._position(self._seq)
+        return self._batcher._position(self._seq.leader or self._seq)
 
     def __iter__(self):
         return self
@@ -103,11 +104,11 @@ class BatchStream:
 
     def close(self) -> None:
         if not self._seq.done:
-            self._seq.closed = True
+            self._seq.early_stop.closed = True
             self._batcher._wake()
 
     def __del__(self):
-        self._seq.closed = True  # abandoned without close(): free the slot all the same
+        self._seq.early_stop.closed = True  # abandoned without close(): free the slot all the same
 
 
 class Batcher:
@@ -128,8 +129,7 @@ class Batcher:
         self.engine = engine
         self.capacity = min(int(capacity or engine.context_length), engine.context_length)
         self.prefill_chunk, self.max_queue = int(prefill_chunk), int(max_queue)
-        self.pool = SlotPool(engine.session, engine.num_layers, engine.kv_heads, engine.head_dim,
-                             engine.vocab_size, slots, self.capacity, keep_input=engine._keep_input)
+        self.pool = SlotPool(engine.new_cache(self.capacity, batch=slots, last_logits_only=True))
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._prefilling: list[_Sequence] = []
         self._decoding: dict[int, _Sequence] = {}  # slot -> sequence
@@ -138,27 +138,40 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._memory = (rss_mb(), peak_rss_mb())  # sampled once per iteration, for the stats
         self.steps = 0  # decode steps run so far
+        self.step_observers: list = []  # called with each decode step's batch size (metrics)
 
     # -- the interface callers use (Engine.stream's signature) ----------------------------
     def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                cancel=None) -> BatchStream:
         """Like Engine.stream (raises before any compute on bad input), through the batch."""
         started = time.perf_counter()
-        settings = _checked(settings)
+        settings = checked_settings(settings)
         return self._submit(self.engine.prompt_ids(prompt, messages, settings), settings, cancel, started)
 
     def submit(self, prompt_ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
         """Like Engine.stream_tokens: generate from token ids as they are."""
         started = time.perf_counter()
-        settings = _checked(settings)
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise ValueError("no prompt tokens")
-        if min(ids) < 0 or max(ids) >= self.engine.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.engine.vocab_size})")
-        return self._submit(ids, settings, cancel, started)
+        settings = checked_settings(settings)
+        return self._submit(checked_token_ids(prompt_ids, self.engine.vocab_size), settings, cancel, started)
 
     stream_tokens = submit
+
+    def stream_many(self, n: int, prompt: str | None = None, messages=None,
+                    settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        """`n` generations from one prompt (OpenAI's `n`): the prompt is prefilled once and the
+        n sequences decode side by side from copies of its cache. With a seed, sequence j
+        samples with seed + j (reproducible, and the n answers differ)."""
+        started = time.perf_counter()
+        settings = checked_settings(settings)
+        ids = self.engine.prompt_ids(prompt, messages, settings)
+        return self._submit(ids, settings, cancel, started, n)
+
+    def submit_many(self, n: int, prompt_ids, settings: GenerationSettings | None = None,
+                    cancel=None) -> list[BatchStream]:
+        """stream_many from token ids as they are."""
+        started = time.perf_counter()
+        settings = checked_settings(settings)
+        return self._submit(checked_token_ids(prompt_ids, self.engine.vocab_size), settings, cancel, started, n)
 
     def generate(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                  cancel=None) -> GenerationResult:
@@ -182,10 +195,22 @@ class Batcher:
             self._thread.join()
 
     # -- submission -----------------------------------------------------------------------
-    def _submit(self, ids: list[int], settings, cancel, started: float) -> BatchStream:
+    def _submit(self, ids: list[int], settings, cancel, started: float, n: int | None = None):
+        """One sequence (n None: its stream) or a group of n (a list of streams)."""
         if len(ids) >= self.capacity:
             raise PromptTooLongError(len(ids), self.capacity, " (the batcher's slot capacity)")
-        seq = _Sequence(ids, settings, cancel, started, self)
+        count = 1 if n is None else n
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= self.pool.slots:
+            raise ValueError(f"n must be an integer from 1 to the batcher's {self.pool.slots} slots, got {n!r}")
+        group = []
+        for j in range(count):
+            own = settings if j == 0 or settings.seed is None else \
+                dataclasses.replace(settings, seed=(settings.seed + j) % 2**64)
+            group.append(_Sequence(ids, own, cancel, started, self))
+        seq = group[0]
+        for follower in group[1:]:
+            follower.leader = seq
+        seq.followers = group[1:]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -197,7 +222,8 @@ class Batcher:
                 self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
-        return BatchStream(seq, self)
+        streams = [BatchStream(s, self) for s in group]
+        return streams[0] if n is None else streams
 
     def _position(self, seq: _Sequence) -> int:
         with self._cond:
@@ -232,35 +258,43 @@ class Batcher:
                 if self._prefilling:
                     self._prefill_chunk()
             except Exception as e:  # a bug here must not leave the callers waiting forever
-                for seq in self._prefilling + list(self._decoding.values()):
-                    self._fail(seq, e)
+                for seq in self._grouped(self._prefilling) + list(self._decoding.values()):
+                    if not seq.done:
+                        self._fail(seq, e)
                 self._prefilling.clear()
                 self._decoding.clear()
-        for seq in list(self._waiting) + self._prefilling + list(self._decoding.values()):
-            self._end(seq, "", "cancelled")
+        for seq in self._grouped(list(self._waiting) + self._prefilling) + list(self._decoding.values()):
+            if not seq.done:
+                self._end(seq, "cancelled")
+
+    @staticmethod
+    def _grouped(leaders) -> list[_Sequence]:
+        return [member for seq in leaders for member in [seq] + seq.followers]
 
     def _admit(self) -> None:
         """Waiting requests into free slots, in order; the ones already ended leave the queue."""
-        for seq in [s for s in self._waiting if s.reason()]:
+        for seq in [s for s in self._waiting if s.interrupted()]:
             self._waiting.remove(seq)
-            self._end(seq, "", seq.reason())
-        while self._waiting and self.pool.free_slots:
+            self._end_group(seq, seq.interrupted())
+        # FIFO: a group waits until it has a slot for each of its sequences
+        while self._waiting and self.pool.free_slots > len(self._waiting[0].followers):
             seq = self._waiting.popleft()
-            seq.slot = self.pool.acquire()
-            seq.t_admitted = time.perf_counter()
-            seq.stats.queue_wait_s = seq.t_admitted - seq.started
+            for member in [seq] + seq.followers:
+                member.slot = self.pool.acquire()
+                member.t_prefill = time.perf_counter()
+                member.stats.queue_wait_s = member.t_prefill - member.started
             self._prefilling.append(seq)
 
     def _reap(self) -> None:
         """End the running sequences whose caller cancelled, closed or ran out of time."""
-        for seq in [s for s in self._prefilling if s.reason()]:
+        for seq in [s for s in self._prefilling if s.interrupted()]:
             self._prefilling.remove(seq)
-            self._end(seq, "", seq.reason())
+            self._end_group(seq, seq.interrupted())
         for slot, seq in list(self._decoding.items()):
-            reason = seq.reason()
+            reason = seq.interrupted()
             if reason:
                 del self._decoding[slot]
-                self._end(seq, seq.finish.flush(), reason)
+                self._end(seq, reason)
 
     def _prefill_chunk(self) -> None:
         seq = self._prefilling[0]
@@ -275,19 +309,24 @@ class Batcher:
             logits = self.pool.prefill(seq.slot, chunk)
         except Exception as e:  # onnxruntime's error: this request fails, the others go on
             self._prefilling.pop(0)
-            self._fail(seq, e)
+            for member in [seq] + seq.followers:
+                self._fail(member, e)
             return
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.ids):
             return
         self._prefilling.pop(0)
-        now = time.perf_counter()
-        seq.stats.prefill_s = now - seq.t_admitted
-        seq.stats.prefill_tokens_per_s = len(seq.ids) / max(seq.stats.prefill_s, 1e-9)
-        token = seq.sampler(logits)
-        seq.t_first = time.perf_counter()
-        seq.stats.ttft_s = seq.t_first - seq.started
-        if self._emit(seq, token):
+        if seq.followers:
+            logits = logits.copy()  # a view of the step buffer; every member samples from it
+        for member in seq.followers:  # the prompt's cache, shared: copied, not recomputed
+            if member.interrupted():
+                self._end(member, member.interrupted())
+                continue
+            self.pool.copy(seq.slot, member.slot)
+            member.prefilled = seq.prefilled
+            if self._send(member, member.first(logits, self._memory)):
+                self._decoding[member.slot] = member
+        if self._send(seq, seq.first(logits, self._memory)):
             self._decoding[seq.slot] = seq
 
     def _decode_step(self) -> None:
@@ -300,28 +339,27 @@ class Batcher:
                 self._fail(seq, e)
             return
         self.steps += 1
+        for observe in self.step_observers:
+            observe(len(batch))
         for slot, seq in batch.items():
-            seq._batch_sum += len(batch)
-            seq.stats.max_batch_size = max(seq.stats.max_batch_size, len(batch))
-            if not self._emit(seq, seq.sampler(logits[slot])):
+            seq.took_step(len(batch))
+            if not self._send(seq, seq.next(logits[slot], self._memory)):
                 del self._decoding[slot]
 
-    def _emit(self, seq: _Sequence, token: int) -> bool:
-        """Hand the sampled token to the stream; False when that ended the sequence."""
-        text, reason = seq.finish.accept(token)
-        reason = reason or seq.reason()
-        if reason is not None and reason != "stop":
-            text += seq.finish.flush()
-        seq.token = token
-        self._send(seq, text, [token], reason)
-        if reason is not None:
+    def _send(self, seq: _Sequence, event: GenerationEvent) -> bool:
+        """Hand the event to the stream; False when it ended the sequence (its slot is free)."""
+        seq.events.put(event)
+        if event.done:
             self._release(seq)
-            return False
-        return True
+        return not event.done
 
-    def _end(self, seq: _Sequence, text: str, reason: str) -> None:
-        self._send(seq, text, [], reason)
-        self._release(seq)
+    def _end(self, seq: _Sequence, reason: str) -> None:
+        self._send(seq, seq.end(reason, self._memory))
+
+    def _end_group(self, seq: _Sequence, reason: str) -> None:
+        """End a sequence before its prompt was prefilled, and the group waiting on it."""
+        for member in [seq] + seq.followers:
+            self._end(member, member.interrupted() or reason)
 
     def _fail(self, seq: _Sequence, error: BaseException) -> None:
         seq.done = True
@@ -333,24 +371,6 @@ class Batcher:
         if seq.slot is not None:
             self.pool.release(seq.slot)
             seq.slot = None
-
-    def _send(self, seq: _Sequence, text: str, token_ids: list[int], reason: str | None) -> None:
-        s, now = seq.stats, time.perf_counter()
-        s.new_tokens += len(token_ids)
-        s.total_s = now - seq.started
-        if s.new_tokens > 1:
-            s.decode_s = now - seq.t_first
-            s.decode_tokens_per_s = (s.new_tokens - 1) / max(s.decode_s, 1e-9)
-        steps = max(s.new_tokens - 1, 0)
-        s.batch_size = seq._batch_sum / steps if steps else 0.0
-        s.rss_mb, s.peak_rss_mb = self._memory[0], max(self._memory)
-        seq.events.put(GenerationEvent(text=text, token_ids=token_ids, stats=dataclasses.replace(s),
-                                       done=reason is not None, finish_reason=reason))
-
-
-# The serving default (python -m server, app.py): 4 sequences per decode step suits a 2-core
-# box; --batch N changes it, --batch 0 serves one request at a time through the plain Engine.
-DEFAULT_SLOTS = 4
 
 
 class BatchedEngine:
@@ -369,6 +389,13 @@ class BatchedEngine:
     def stream(self, prompt: str | None = None, messages=None, settings: GenerationSettings | None = None,
                cancel=None) -> BatchStream:
         return self.batcher.stream(prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def stream_many(self, n: int, prompt: str | None = None, messages=None,
+                    settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        return self.batcher.stream_many(n, prompt=prompt, messages=messages, settings=settings, cancel=cancel)
+
+    def submit_many(self, n: int, ids, settings: GenerationSettings | None = None, cancel=None) -> list[BatchStream]:
+        return self.batcher.submit_many(n, ids, settings, cancel)
 
     def stream_tokens(self, ids, settings: GenerationSettings | None = None, cancel=None) -> BatchStream:
         return self.batcher.submit(ids, settings, cancel)

@@ -31,6 +31,12 @@ def _cgroup_quota(root: str = "/") -> float | None:
         return None
 
 
+def check_threads(threads) -> None:
+    """ValueError unless `threads` (a thread count option) is None or a positive integer."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+
+
 def available_threads(root: str = "/") -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup (v2 or v1) CPU quota.
 

@@ -2,73 +2,30 @@
 
 Shaped like gpt-fast's generate.py: a generation makes a KVCache (runtime/kv_cache.py: its
 buffers and IO binding), `prefill()` runs the prompt, `decode_step()` one token, and
-`_generate()` is the loop between them and the sampler (runtime/sampling.py). Several
+`_generate()` is the loop between them and a Generation (runtime/generation.py: sampler,
+stop rules, events; the batcher drives the same one). Several
 generations may run at once from different threads: each has its own cache; they share the
 session and its intra-op thread pool (runtime/README.md, concurrency).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
-from dataclasses import dataclass
 
-import numpy as np
-
-from .errors import EngineError, PromptTooLongError, VariantNotFoundError  # noqa: F401
-from .folder import NUM_LOGITS_TO_KEEP, VARIANTS, needs_custom_ops, read_config, variant_path  # noqa: F401
+from .cpus import check_threads
+from .errors import EngineError, PromptTooLongError, first_line
+from .folder import NUM_LOGITS_TO_KEEP, graph_input_names, needs_custom_ops, read_config, variant_path
+from .generation import EarlyStop, Generation, GenerationResult, checked_settings, checked_token_ids
 from .kv_cache import KVCache
-from .sampling import GenerationSettings, Sampler
+from .logprobs import TokenLogprob, token_logprob
+from .sampling import GenerationSettings
 from .session import check_custom_ops, open_session
-from .stats import GenerationStats, StatsClock
-from .text import StreamDecoder, clean_text, compile_template, normalize_messages
+from .stats import GenerationStats
+from .text import clean_text, compile_template, normalize_messages
 
 CACHE_BLOCK = 64  # KV cache capacity is rounded up to a multiple of this
-
-
-@dataclass
-class GenerationEvent:
-    text: str  # new text since the previous event (never a split character)
-    token_ids: list[int]  # new token ids since the previous event
-    stats: GenerationStats
-    done: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "time" | "cancelled" once done
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    finish_reason: str
-
-    @classmethod
-    def collect(cls, events) -> "GenerationResult":
-        """The whole generation from a stream of GenerationEvents (Engine's or the batcher's)."""
-        parts, ids, last = [], [], None
-        for event in events:
-            parts.append(event.text)
-            ids.extend(event.token_ids)
-            last = event
-        return cls("".join(parts), ids, last.stats, last.finish_reason)
-
-
-class Limits:
-    """The two reasons to end a generation early, checked between tokens: the caller's
-    `cancel` (anything with is_set(), e.g. a threading.Event) and settings.max_time_s."""
-
-    def __init__(self, cancel, max_time_s: float | None, started: float):
-        self.cancel = cancel
-        self.deadline = None if max_time_s is None else started + float(max_time_s)
-
-    def reason(self) -> str | None:
-        if self.cancel is not None and self.cancel.is_set():
-            return "cancelled"
-        if self.deadline is not None and time.perf_counter() >= self.deadline:
-            return "time"
-        return None
 
 
 class Engine:
@@ -95,8 +52,7 @@ class Engine:
         tok_path = os.path.join(model_dir, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise EngineError(f"{model_dir} has no tokenizer.json")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        check_threads(threads)
 
         self.variant = variant
         self.context_length = int(self.config["context_length"])
@@ -110,8 +66,7 @@ class Engine:
             self.session = open_session(model_path, threads=threads, custom_ops=self.uses_custom_ops,
                                         config=self.session_config)
         except Exception as e:  # onnxruntime raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EngineError(f"onnxruntime cannot load {model_path}: {first}") from None
+            raise EngineError(f"onnxruntime cannot load {model_path}: {first_line(e)}") from None
         self.threads = self.session.get_session_options().intra_op_num_threads
         self.model_file_bytes = sum(
             os.path.getsize(p) for p in (model_path, model_path + ".data") if os.path.exists(p))
@@ -124,7 +79,7 @@ class Engine:
         self.vocab_size = out_shape[-1] if isinstance(out_shape[-1], int) else int(c["vocab_size"])
         # The graph says what it needs: format 2 graphs take num_logits_to_keep; format 1
         # graphs (no such input) always return logits for every position.
-        inputs = {i.name for i in self.session.get_inputs()}
+        inputs = graph_input_names(self.session)
         self._keep_input = NUM_LOGITS_TO_KEEP in inputs
         self.last_logits_only = bool(last_logits_only) and self._keep_input
         self.stop_token_ids = [int(t) for t in c.get("stop_token_ids") or []]
@@ -215,48 +170,69 @@ class Engine:
         `cancel`: anything with is_set() (a threading.Event), checked between tokens.
         """
         started = time.perf_counter()
-        settings = _checked(settings)
+        settings = checked_settings(settings)
         return self._generate(self.prompt_ids(prompt, messages, settings), settings, cancel, started)
 
     def stream_tokens(self, ids, settings: GenerationSettings | None = None,
                       cancel: threading.Event | None = None):
         """stream() from token ids as they are (no tokenizer, no BOS added)."""
         started = time.perf_counter()
-        settings = _checked(settings)
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError("no prompt tokens")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        settings = checked_settings(settings)
+        ids = checked_token_ids(ids, self.vocab_size)
         if len(ids) >= self.context_length:
             raise PromptTooLongError(len(ids), self.context_length)
         return self._generate(ids, settings, cancel, started)
 
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `capacity` tokens."""
-        extra = {NUM_LOGITS_TO_KEEP: np.array([int(self.last_logits_only)], np.int64)} if self._keep_input else {}
+    def new_cache(self, capacity: int, batch: int = 1, last_logits_only: bool | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `capacity` tokens. `last_logits_only`
+        (None: the engine's) binds num_logits_to_keep when the graph has that input."""
+        last_only = self.last_logits_only if last_logits_only is None else last_logits_only
+        keep = int(bool(last_only)) if self._keep_input else None
         return KVCache(self.session, self.num_layers, self.kv_heads, self.head_dim, capacity,
-                       self.vocab_size, batch, extra)
+                       self.vocab_size, batch, keep)
 
-    def prefill(self, cache: KVCache, ids, limits: Limits | None = None) -> np.ndarray | None:
+    def prefill(self, cache: KVCache, ids, early_stop: EarlyStop | None = None) -> np.ndarray | None:
         """Run the prompt `ids` through the model in chunks of prefill_chunk tokens; the logits
-        of its last position ([vocab]), or None when `limits` ended it between chunks."""
-        prompt = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        chunk = self.prefill_chunk if self.prefill_chunk > 0 else prompt.shape[1]
-        for start in range(0, prompt.shape[1], chunk):
-            if limits is not None and limits.reason():
+        of its last position ([vocab]), or None when `early_stop` ended it between chunks."""
+        ids = list(ids)
+        chunk = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
+        for start in range(0, len(ids), chunk):
+            if early_stop is not None and early_stop.reason():
                 return None
-            part = prompt[:, start:start + chunk]
-            if self.last_logits_only or part.shape[1] == 1:
-                logits = cache.step_logits
-            else:  # every position's logits (format 1 folders, last_logits_only=False)
-                logits = np.empty((1, part.shape[1], self.vocab_size), np.float32)
-            cache.forward(part, logits)
-        return logits[0, -1]
+            logits = cache.prefill(0, ids[start:start + chunk])
+        return logits
+
+    def score(self, ids, top: int = 0, cancel=None) -> list[TokenLogprob] | None:
+        """How likely the model finds each token of `ids` after the ones before it (token ids
+        as they are; the first has no context and gets no score): the log-softmax of the
+        logits at every prompt position, with the `top` most likely tokens there. What an
+        evaluation harness sums for a loglikelihood. None when `cancel` was set between chunks."""
+        ids = checked_token_ids(ids, self.vocab_size)
+        if len(ids) > self.context_length:
+            raise PromptTooLongError(len(ids), self.context_length)
+        cache = self.new_cache(self._cache_capacity(len(ids), 0), last_logits_only=False)
+        chunk = self.prefill_chunk if self.prefill_chunk > 0 else len(ids)
+        scores: list[TokenLogprob] = []
+        for start in range(0, len(ids), chunk):
+            if cancel is not None and cancel.is_set():
+                return None
+            part = ids[start:start + chunk]
+            logits = cache.prefill(0, part, all_positions=True)
+            # row i of the chunk predicts token start + i + 1 (the last row of the prompt: none)
+            for i in range(min(len(part), len(ids) - 1 - start)):
+                scores.append(token_logprob(logits[i], ids[start + i + 1], top))
+        return scores
+
+    @property
+    def lm_head(self) -> str:
+        """Which lm_head computes this variant's logits (the logprobs' fidelity): "native"
+        (the checkpoint's own precision, exact), "i8" (our int8 table) or "nbits8" (stock
+        MatMulNBits 8-bit); "unknown" for folders that do not record it."""
+        return str((self.config.get("lm_head_kinds") or {}).get(self.variant, "unknown"))
 
     def decode_step(self, cache: KVCache, token: int) -> np.ndarray:
         """Feed one token; the logits of the next ([vocab], a view of the cache's buffer)."""
-        return cache.forward(np.array([[token]], np.int64), cache.step_logits)[0, -1]
+        return cache.decode({0: token})[0]
 
     def _cache_capacity(self, prompt_len: int, new_tokens: int) -> int:
         need = prompt_len + new_tokens
@@ -269,33 +245,22 @@ class Engine:
         try:
             max_new = min(settings.max_new_tokens, self.context_length - len(ids))
             cache = self.new_cache(self._cache_capacity(len(ids), max_new))
-            stats = GenerationStats(prompt_tokens=len(ids), variant=self.variant, threads=self.threads,
-                                    kv_cache_tokens=cache.capacity, kv_cache_mb=cache.nbytes / 2**20)
-            clock = StatsClock(stats, started, GenerationEvent)
-            limits = Limits(cancel, settings.max_time_s, started)
-            finish = _Finish(self, settings, max_new)
-            sampler = Sampler(settings, self.vocab_size, ids)
-
-            logits = None if limits.reason() else self.prefill(cache, ids, limits)
+            stats = GenerationStats(kv_cache_tokens=cache.capacity, kv_cache_mb=cache.nbytes / 2**20)
+            gen = Generation(self, ids, settings, max_new=max_new, cancel=cancel, started=started, stats=stats)
+            logits = None if gen.interrupted() else self.prefill(cache, ids, gen.early_stop)
             if logits is None:  # cancelled or out of time before the first token
-                yield clock.event(text="", token_ids=[], done=True, finish_reason=limits.reason())
+                yield gen.end(gen.interrupted())
                 return
-            clock.prefilled(len(ids))
-            token = sampler(logits)
-            clock.first_token()
+            event = gen.first(logits)
             while True:
-                text, reason = finish.accept(token)
-                reason = reason or limits.reason()
-                if reason is not None and reason != "stop":
-                    text += finish.flush()
-                yield clock.event(text=text, token_ids=[token], done=reason is not None, finish_reason=reason)
-                if reason is not None:
+                yield event
+                if event.done:
                     return
-                reason = limits.reason()  # set while the caller handled the event
+                reason = gen.interrupted()  # set while the caller handled the event
                 if reason is not None:
-                    yield clock.event(text=finish.flush(), token_ids=[], done=True, finish_reason=reason)
+                    yield gen.end(reason)
                     return
-                token = sampler(self.decode_step(cache, token))
+                event = gen.next(self.decode_step(cache, gen.token))
         finally:
             with self._lock:
                 self._active -= 1
@@ -303,32 +268,3 @@ class Engine:
     def __repr__(self):
         return f"Engine({self.model_dir!r}, variant={self.variant!r}, threads={self.threads})"
 
-
-def _checked(settings: GenerationSettings | None) -> GenerationSettings:
-    """A validated copy (the caller's object is never changed)."""
-    settings = dataclasses.replace(settings) if settings is not None else GenerationSettings()
-    settings.stop = [settings.stop] if isinstance(settings.stop, str) else list(settings.stop)
-    settings.validate()
-    return settings
-
-
-class _Finish:
-    """Per token: its text, and whether it ends the generation ("stop" or "length")."""
-
-    def __init__(self, engine: Engine, settings: GenerationSettings, max_new: int):
-        ids = engine.stop_token_ids if settings.stop_token_ids is None else settings.stop_token_ids
-        self.stop_ids, self.max_new = set(ids), max_new
-        self.decoder = StreamDecoder(engine.tokenizer, settings.stop)
-        self.count = 0
-
-    def accept(self, token: int) -> tuple[str, str | None]:
-        self.count += 1
-        if token in self.stop_ids:
-            return "", "stop"
-        text = self.decoder.add([token])
-        if self.decoder.stopped:
-            return text, "stop"
-        return text, "length" if self.count >= self.max_new else None
-
-    def flush(self) -> str:
-        return self.decoder.flush()

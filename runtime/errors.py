@@ -22,3 +22,12 @@ class PromptTooLongError(ValueError):
         super().__init__(
             f"prompt is {prompt_tokens} tokens but the context holds {context_length} "
             f"(at most {context_length - 1} prompt tokens leave room for one new token){detail}")
+
+
+def first_line(error) -> str:
+    """The first non-blank line of an exception's message (its type name when it has none), or
+    of a text: what a one-line error shows of a long one (onnxruntime's, a compiler's)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""

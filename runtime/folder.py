@@ -26,7 +26,8 @@ from .errors import EngineError, VariantNotFoundError
 CONFIG_NAME = "bitnet_onnx.json"
 FORMAT = "bitnet-onnx"
 # 1: graphs with an optional `logits_to_keep` (an initializer that is also an input);
-# 2: a required `num_logits_to_keep` input. The runtime reads both (docs/ARCHITECTURE.md).
+# 2: a `num_logits_to_keep` input (first required; now optional, default 0 = every position,
+# from an initializer of the same name). The runtime reads both (docs/ARCHITECTURE.md).
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -44,6 +45,20 @@ INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 # int64, scalar or [1] (what transformers.js and onnxruntime-genai feed): 0 = logits for every
 # position, n > 0 = for the last n positions only.
 NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+
+
+def graph_input_names(session) -> set[str]:
+    """Every input an onnxruntime session can be fed: the required ones (get_inputs) and the
+    ones with a default in the graph (an initializer of the same name, e.g. num_logits_to_keep)."""
+    return {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+
+
+def bind_constant_input(binding, name: str, value):
+    """Bind `value` (a numpy array, kept alive by the caller) as input `name` of an IO binding.
+    Through an OrtValue: bind_cpu_input cannot bind an input that has a default in the graph."""
+    import onnxruntime as ort
+
+    binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
 
 
 def past_name(layer: int, kind: str) -> str:

@@ -1,7 +1,9 @@
 """Generation settings and the logits processor / sampler (numpy, one vector at a time).
 
-Order of operations, as transformers' `generate` applies them:
-repetition penalty -> (greedy: argmax) | temperature -> top-k -> top-p -> softmax -> draw.
+Order of operations, as transformers' `generate` applies them, with OpenAI's frequency and
+presence penalties next to the repetition penalty (as vLLM and llama.cpp place them):
+repetition penalty -> frequency/presence penalties -> (greedy: argmax) | temperature -> top-k
+-> top-p -> softmax -> draw.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .logprobs import MAX_TOP
 
 
 @dataclass
@@ -18,7 +22,14 @@ class GenerationSettings:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; transformers' CTRL-style penalty
+    # OpenAI's penalties, in [-2, 2], 0 = off: logit -= frequency_penalty * count +
+    # presence_penalty * (count > 0), count = times the token was generated so far (not the prompt)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed per generation
+    # None: no log-probabilities; k >= 0: each generated token's log-probability under the model
+    # (log-softmax of the logits it was sampled from) and the k most likely tokens there
+    logprobs: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     # Extras beyond the minimal contract:
     stop_token_ids: list[int] | None = None  # None: the model's stop ids; []: never stop on ids
@@ -39,6 +50,14 @@ class GenerationSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 = off), got {value!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, (int, np.integer)) or not 0 <= self.logprobs <= MAX_TOP):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_TOP}], got {self.logprobs!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
                                       or self.seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
@@ -60,6 +79,16 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         return logits
     values = logits[seen]
     logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def apply_frequency_presence_penalties(logits: np.ndarray, counts: np.ndarray, frequency: float,
+                                       presence: float) -> np.ndarray:
+    """OpenAI's penalties: logits[j] -= counts[j] * frequency + (counts[j] > 0) * presence, where
+    counts[j] is how often token j was generated so far. In place."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    logits -= (counts * np.float32(frequency) + (counts > 0) * np.float32(presence)).astype(logits.dtype)
     return logits
 
 
@@ -93,12 +122,17 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def token_distribution(logits: np.ndarray, settings: GenerationSettings, seen=None) -> np.ndarray:
+def token_distribution(logits: np.ndarray, settings: GenerationSettings, seen=None,
+                       counts=None) -> np.ndarray:
     """The probabilities the sampler draws from for one step (float64, sums to 1).
+    `seen`: token ids for the repetition penalty (prompt and generated); `counts`: per-token
+    counts of the generated tokens [vocab] for the frequency/presence penalties.
     Greedy settings (temperature 0) give a one-hot vector. `logits` is not modified."""
     x = np.array(logits, dtype=np.float32, copy=True)
     if seen is not None:
         apply_repetition_penalty(x, np.asarray(seen, dtype=np.int64), settings.repetition_penalty)
+    if counts is not None:
+        apply_frequency_presence_penalties(x, counts, settings.frequency_penalty, settings.presence_penalty)
     if settings.temperature == 0:
         out = np.zeros(x.size, dtype=np.float64)
         out[int(np.argmax(x))] = 1.0
@@ -126,14 +160,18 @@ class Sampler:
             self._seen = np.zeros(vocab_size, dtype=bool)
             ids = np.asarray(list(prompt_ids), dtype=np.int64)
             self._seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        # For the frequency/presence penalties: how often each token was generated.
+        self._counts = None
+        if settings.frequency_penalty != 0.0 or settings.presence_penalty != 0.0:
+            self._counts = np.zeros(vocab_size, dtype=np.int32)
 
     def __call__(self, logits: np.ndarray) -> int:
         s = self.settings
-        if s.temperature == 0 and self._seen is None:
+        if s.temperature == 0 and self._seen is None and self._counts is None:
             token = int(np.argmax(logits))
         else:
             seen = None if self._seen is None else np.flatnonzero(self._seen)
-            probs = token_distribution(logits, s, seen)
+            probs = token_distribution(logits, s, seen, self._counts)
             if s.temperature == 0:
                 token = int(np.argmax(probs))
             else:
@@ -145,4 +183,6 @@ class Sampler:
                     token -= 1
         if self._seen is not None and 0 <= token < self._seen.size:
             self._seen[token] = True
+        if self._counts is not None and 0 <= token < self._counts.size:
+            self._counts[token] += 1
         return token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .cpus import available_threads
+from .cpus import available_threads, check_threads
 from .errors import EngineError
 
 
@@ -15,8 +15,7 @@ def session_options(threads: int | None = None, custom_ops: bool = False, config
     and only errors logged (ORT's warnings are not for the end user)."""
     import onnxruntime as ort
 
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    check_threads(threads)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or available_threads()
     so.inter_op_num_threads = 1
@@ -42,22 +41,12 @@ def open_session(model_path, *, threads: int | None = None, custom_ops: bool = F
 
 def check_custom_ops() -> None:
     """Raise EngineError with one line saying why the custom-op library (the ternary variant)
-    cannot run here and how to fix it; uses custom_ops.status() when the package has it."""
+    cannot run here and how to fix it: custom_ops.status(), the one answer to that question."""
     try:
         import custom_ops
     except ImportError as e:
         raise EngineError(f"the ternary variant needs the custom_ops package ({e}); run from the "
                           "repository root or use --variant int2") from None
-    status = getattr(custom_ops, "status", None)
-    if status is not None:  # custom_ops.status(): never raises, says why and how to fix
-        st = status()
-        if not st.ok:
-            raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} "
-                              "(or use --variant int2)")
-        return
-    try:
-        custom_ops.library_path()
-    except Exception as e:  # BuildError: no compiler, no headers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngineError(f"the ternary variant needs the bitnet custom-op library, which cannot be "
-                          f"built here: {first} (or use --variant int2)") from None
+    st = custom_ops.status()
+    if not st.ok:
+        raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} (or use --variant int2)")

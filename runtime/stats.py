@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
-import time
 from dataclasses import dataclass
 
 
@@ -63,31 +62,3 @@ class GenerationStats:
     def copy(self) -> "GenerationStats":
         return dataclasses.replace(self)
 
-
-class StatsClock:
-    """Fills a generation's GenerationStats as it goes and snapshots them into its events."""
-
-    def __init__(self, stats: GenerationStats, started: float, event_type):
-        self.stats, self.started, self.event_type = stats, started, event_type
-        self.t_prefill = time.perf_counter()
-        self.t_first = None
-
-    def prefilled(self, n_prompt: int) -> None:
-        self.stats.prefill_s = time.perf_counter() - self.t_prefill
-        self.stats.prefill_tokens_per_s = n_prompt / max(self.stats.prefill_s, 1e-9)
-
-    def first_token(self) -> None:
-        self.t_first = time.perf_counter()
-        self.stats.ttft_s = self.t_first - self.started
-
-    def event(self, **kw):
-        """An `event_type` (GenerationEvent) carrying a snapshot of the stats."""
-        s, now = self.stats, time.perf_counter()
-        s.new_tokens += len(kw["token_ids"])
-        s.total_s = now - self.started
-        if s.new_tokens > 1:
-            s.decode_s = now - self.t_first
-            s.decode_tokens_per_s = (s.new_tokens - 1) / max(s.decode_s, 1e-9)
-        s.rss_mb = rss_mb()
-        s.peak_rss_mb = max(peak_rss_mb(), s.rss_mb)
-        return self.event_type(stats=s.copy(), **kw)

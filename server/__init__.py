@@ -7,9 +7,10 @@ Gradio page, with limits, a bounded queue for the one CPU, and cancel on disconn
 See docs/SERVING.md for the limits, environment variables and measured behaviour.
 """
 
+from runtime.gate import Busy, Gate, QueueTimeout
+
 from .limits import API_KEY_ENV, Limits
 from .openai_api import ApiError, ApiState, ModelRegistry, attach_api, create_api, install_api
-from .scheduler import Busy, Gate, QueueTimeout
 
 __all__ = ["API_KEY_ENV", "ApiError", "ApiState", "Busy", "Gate", "Limits", "ModelRegistry",
            "QueueTimeout", "attach_api", "create_api", "install_api"]

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from runtime.batcher import DEFAULT_SLOTS
+from runtime.serving import DEFAULT_SLOTS
 
 
 def main(argv=None) -> int:
@@ -44,25 +44,21 @@ def main(argv=None) -> int:
     if args.batch < 0:
         p.error("--batch must be >= 0")
 
-    from runtime import Engine
-    from runtime.errors import EngineError
+    from runtime import Engine, EngineError
+    from runtime.serving import is_batched, serving_engine
 
     from . import Limits, attach_api, create_api
     from .console import print_urls
 
     try:
         engine = Engine(args.model_dir, variant=args.variant, threads=args.threads)
-        limits = Limits.from_env()
+        limits = Limits.for_batch(args.batch, args.variant)
     except (EngineError, ValueError, KeyError) as e:
         p.exit(2, f"python -m server: error: {e}\n")
-    if args.batch and args.variant != "ternary":
+    if args.batch and not is_batched(args.variant, args.batch):
         print(f"python -m server: the {args.variant} baseline serves one request at a time "
               "(batching is for the ternary engine)", file=sys.stderr)
-    elif args.batch:  # one shared decode step; the gate admits as many requests as there are slots
-        from runtime.batcher import BatchedEngine
-
-        engine = BatchedEngine(engine, slots=args.batch)
-        limits = Limits.from_env(concurrency=args.batch)
+    engine = serving_engine(engine, args.batch)
     name = args.name or os.path.basename(os.path.normpath(args.model_dir))
     host = f"[{args.host}]" if ":" in args.host else args.host
     if args.page:  # the page beside the API, attached the way app.py attaches it

@@ -10,6 +10,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from runtime.gate import Gate
+from runtime.serving import is_batched
+
 API_KEY_ENV = "BITNET_API_KEY"  # unset or empty: the API is open
 ENV_PREFIX = "BITNET_API_"
 
@@ -21,6 +24,7 @@ class Limits:
     max_messages: int = 256  # more messages: 400
     max_stop: int = 4  # stop strings per request (OpenAI's limit)
     max_stop_chars: int = 256  # characters per stop string
+    max_prompts: int = 64  # prompts in one /v1/completions request (an array of prompts)
     # generation
     default_max_tokens: int = 256  # when the request gives none (clamped to the context too)
     max_tokens_cap: int = 0  # upper bound for max_tokens; 0 = the model's context length
@@ -31,6 +35,7 @@ class Limits:
     queue_timeout_s: float = 120.0  # waited longer for the CPU: 503 with Retry-After
     generation_timeout_s: float = 300.0  # a generation running longer is stopped (finish "length")
     body_timeout_s: float = 15.0  # a request body that takes longer to arrive: 408
+    keepalive_s: float = 10.0  # a stream sends an SSE comment after this long without a byte
     history: int = 256  # finished generations remembered for /v1/health and tests
 
     @classmethod
@@ -52,14 +57,26 @@ class Limits:
         limits.validate()
         return limits
 
+    @classmethod
+    def for_batch(cls, batch: int, variant: str = "ternary", environ=None) -> "Limits":
+        """from_env for a server run with --batch `batch` (runtime/serving.py): when `variant`
+        is batched, `concurrency` is the batcher's slots (they share each decode step)."""
+        if is_batched(variant, batch):
+            return cls.from_env(environ, concurrency=batch)
+        return cls.from_env(environ)
+
+    def gate(self) -> Gate:
+        """A CPU gate with these limits' concurrency and queue size."""
+        return Gate(self.concurrency, self.queue_size)
+
     def validate(self) -> None:
-        for name in ("max_body_bytes", "max_messages", "default_max_tokens", "concurrency"):
+        for name in ("max_body_bytes", "max_messages", "default_max_tokens", "concurrency", "max_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limit {name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_size", "max_tokens_cap", "max_stop", "history"):
             if getattr(self, name) < 0:
                 raise ValueError(f"limit {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("queue_timeout_s", "generation_timeout_s", "body_timeout_s"):
+        for name in ("queue_timeout_s", "generation_timeout_s", "body_timeout_s", "keepalive_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"limit {name} must be > 0, got {getattr(self, name)}")
 

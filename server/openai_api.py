@@ -4,8 +4,10 @@
     attach_api(demo, {"bitnet-b1.58-2B-4T": engine})   # beside a launched Gradio page (app.py)
     uvicorn.run(create_api({"bitnet-b1.58-2B-4T": engine}), port=8000)   # or alone
 
-Requests are parsed by server/requests.py (pydantic models), models found by
-server/models.py (ModelRegistry), errors shaped by server/errors.py.
+Requests are read and validated by server/requests.py (pydantic models), models found by
+server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs),
+and every error of every route goes through `api_error` here (the one error handler: the
+routes' class, ApiRoute) into server/errors.py's shape.
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not),
 GET /v1/health (open even with a key: queue state only). Every error is JSON in OpenAI's shape
@@ -16,89 +18,113 @@ and 429/503 (with Retry-After) when the CPU is taken.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
-import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.responses import StreamingResponse
+
+from runtime.gate import Busy, Gate, QueueTimeout
 
 from .errors import ApiError, bad
 from .limits import API_KEY_ENV, Limits
+from .logprob_format import TokenText
+from .metrics import ApiMetrics, add_metrics_route
 from .models import ModelRegistry
-from .requests import ChatRequest, parse_chat_request
-from .scheduler import Busy, Gate, Job, JobRecord
+from .requests import parse_json, read_body, read_chat_request, read_completion_request, to_api_error
+from .responses import CHAT, TEXT, Meta, Results, collect, stream
+from .scheduler import ClientGone, JobRecord, Jobs
+from .work import Plan
 
 log = logging.getLogger("bitnet.api")
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_json(body: bytes):
-    if not body.strip():
-        raise bad("the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})", code="invalid_json") from None
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise bad("the JSON is nested too deeply", code="invalid_json") from None
-    except ValueError as e:  # JSONDecodeError is a ValueError
-        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-
-
-# -- the app ---------------------------------------------------------------------------------
 @dataclass
 class ApiState:
     registry: ModelRegistry
     gate: Gate
     limits: Limits
     api_key: str | None
-    jobs: dict = field(default_factory=dict)  # id -> Job, while running
+    scheduler: Jobs
+    metrics: ApiMetrics = None
+    batchers: list = field(default_factory=list)  # the batched engines served so far (metrics, health)
+    _names: dict = field(default_factory=dict)  # engine id -> TokenText
+
+    def __post_init__(self):
+        if self.metrics is None:
+            self.metrics = ApiMetrics(state=self.load)
+
+    def load(self) -> dict:
+        """Queue and batch occupancy for the metrics: requests waiting for the CPU (the gate's
+        queue and the batchers'), generations running, sequences decoding."""
+        batches = [b.stats() for b in self.batchers]
+        return {"waiting": self.gate.waiting + sum(b["waiting"] for b in batches),
+                "running": self.gate.running, "decoding": sum(b["decoding"] for b in batches)}
+
+    def token_text(self, engine) -> TokenText:
+        key = id(engine.tokenizer)
+        if key not in self._names:
+            self._names[key] = TokenText(engine.tokenizer)
+        return self._names[key]
+
+    @property
+    def jobs(self) -> dict:
+        """id -> Job of the recent generations (running ones included)."""
+        return self.scheduler.jobs
 
     def records(self) -> list[JobRecord]:
-        return list(self.gate.records)
+        return list(self.scheduler.records)
 
     def engine_idle(self) -> bool:
         """No generation running or waiting, and no worker thread inside an engine."""
-        return self.gate.idle() and not any(not j.finished.is_set() for j in list(self.jobs.values()))
+        return self.gate.idle() and not self.scheduler.active()
 
 
-async def _read_body(request, limits: Limits) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limits.max_body_bytes:
-                raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is "
-                                    f"{limits.max_body_bytes}", code="body_too_large")
-        except ValueError:
-            raise bad("Content-Length is not a number", code="invalid_header") from None
-    chunks, size = [], 0
+def api_error(e: Exception, request: Request | None = None) -> ApiError:
+    """The one error handler: any exception a route raises, as the ApiError to answer."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValidationError):
+        return to_api_error(e)
+    if isinstance(e, Busy):
+        return ApiError(429, str(e), "rate_limit_error", code="server_busy",
+                        headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, QueueTimeout):
+        return ApiError(503, str(e), "server_error", code="queue_timeout",
+                        headers={"Retry-After": str(e.retry_after_s)})
+    if isinstance(e, ClientGone):
+        return ApiError(499, str(e), code="client_closed")
+    # a bug: still JSON, with a message
+    log.error("internal error in %s", request.url.path if request is not None else "the API", exc_info=e)
+    return ApiError(500, f"internal server error: {type(e).__name__}: {e}", "server_error", code="internal_error")
 
-    async def read():
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise ApiError(413, f"the request body exceeds the limit of {limits.max_body_bytes} bytes",
-                               code="body_too_large")
-            chunks.append(chunk)
 
-    try:
-        await asyncio.wait_for(read(), limits.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s} s",
-                       code="body_timeout") from None
-    return b"".join(chunks)
+class ApiRoute(APIRoute):
+    """A route of the API: whatever its handler or dependencies raise is answered by
+    api_error, and every answer is counted into `metrics` (set by build_router's subclass)."""
+
+    metrics: ApiMetrics | None = None
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+        path = "/v1/models/{id}" if self.path.startswith("/v1/models/") else self.path
+
+        async def route(request: Request):
+            try:
+                response = await handler(request)
+            except Exception as e:
+                response = api_error(e, request).response()
+            if self.metrics is not None:
+                self.metrics.observe_request(path, response.status_code)
+            return response
+
+        return route
 
 
 def create_api(models, *, limits: Limits | None = None, api_key: str | None = ...,
@@ -125,8 +151,8 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
     limits = limits or Limits.from_env()
     if api_key is ...:
         api_key = os.environ.get(API_KEY_ENV) or None
-    gate = gate or Gate(limits.concurrency, limits.queue_size, limits.history)
-    state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key)
+    gate = gate or limits.gate()
+    state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key, Jobs(gate, limits.history))
     router = build_router(state)
     n_before = len(app.router.routes)
     app.include_router(router)
@@ -149,7 +175,7 @@ def build_router(state: ApiState):
     from fastapi import APIRouter
     from fastapi.responses import JSONResponse
 
-    router = APIRouter()
+    router = APIRouter(route_class=type("MeteredRoute", (ApiRoute,), {"metrics": state.metrics}))
     limits = state.limits
 
     def check_auth(request: Request) -> None:
@@ -165,94 +191,132 @@ def build_router(state: ApiState):
             raise ApiError(401, "invalid API key", "invalid_request_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    def guarded(handler):
-        @functools.wraps(handler)
-        async def wrapper(request: Request, **kw):
-            try:
-                check_auth(request)
-                return await handler(request, **kw)
-            except ApiError as e:
-                return e.response()
-            except Exception as e:  # a bug: still JSON, with a message
-                log.exception("internal error in %s", request.url.path)
-                return ApiError(500, f"internal server error: {type(e).__name__}: {e}", "server_error",
-                                code="internal_error").response()
-        return wrapper
-
-    @router.get("/v1/health")
     async def health():
+        """200 when the models are ready, 503 while they load (or cannot), the state in the body:
+        what a load balancer's or Kubernetes' probe reads."""
         try:
             names, status = state.registry.names(), "ok"
         except ApiError:
             names, status = [], "loading"
         except Exception as e:  # a provider that fails: say so, do not crash
             names, status = [], f"error: {type(e).__name__}: {e}"
-        return {"status": status, "models": names, **state.gate.snapshot(),
-                "active_jobs": sum(not j.finished.is_set() for j in list(state.jobs.values()))}
+        body = {"status": status, "models": names, **state.gate.snapshot(),
+                "active_jobs": state.scheduler.active(), "batchers": [b.stats() for b in state.batchers]}
+        ready = status == "ok"
+        return JSONResponse(body, status_code=200 if ready else 503,
+                            headers={} if ready else {"Retry-After": "10"})
 
-    async def list_models(request: Request):
+    async def list_models():
         mapping = await asyncio.to_thread(state.registry._mapping)
         return {"object": "list", "data": [state.registry.describe(n, v) for n, v in mapping.items()]}
 
-    async def get_model(request: Request, model_id: str):
+    async def get_model(model_id: str):
         mapping = await asyncio.to_thread(state.registry._mapping)
         model_id = state.registry.resolve(model_id, mapping, any_name=False)
         return state.registry.describe(model_id, mapping[model_id])
 
-    async def chat_completions(request: Request):
-        t0 = time.monotonic()
-        body = await _read_body(request, limits)
-        req = parse_chat_request(parse_json(body), limits)
-        engine = await asyncio.to_thread(state.registry.get, req.model)
-        req.model = await asyncio.to_thread(state.registry.resolve, req.model)  # the real id
+    def watch(engine) -> None:
+        """Count the decode steps of a batched engine into the metrics (once per engine)."""
+        batcher = getattr(engine, "batcher", None)
+        if batcher is not None and batcher not in state.batchers:
+            state.batchers.append(batcher)
+            batcher.step_observers.append(state.metrics.observe_batch)
 
-        try:
-            ticket = state.gate.admit()
-        except Busy as e:
-            raise ApiError(429, str(e), "rate_limit_error", code="server_busy",
-                           headers={"Retry-After": str(e.retry_after_s)}) from None
-        record = JobRecord(id=f"chatcmpl-{uuid.uuid4().hex[:24]}", model=req.model)
-        state.gate.records.append(record)
-        started_job = False
-        try:
-            settings = await asyncio.to_thread(_settings_for, engine, req, limits)
-            ok = await ticket.wait_async(limits.queue_timeout_s, request.is_disconnected)
-            if not ok:
-                record.state = "abandoned"
-                if await request.is_disconnected():
-                    record.stopped_by = "client"
-                    raise ApiError(499, "client closed the request", code="client_closed")
-                state.gate.counters["queue_timeouts"] += 1
-                retry = state.gate.retry_after_s()
-                raise ApiError(503, f"the server is busy: waited {limits.queue_timeout_s:g} s for the CPU; "
-                                    f"retry after {retry} s", "server_error", code="queue_timeout",
-                               headers={"Retry-After": str(retry)})
-            job = Job(ticket, engine, req.chat, settings, asyncio.get_running_loop(), record,
-                      limits.generation_timeout_s)
-            for key in [k for k, j in list(state.jobs.items()) if j.finished.is_set()]:
-                state.jobs.pop(key, None)
-            state.jobs[record.id] = job
-            job.start()
-            started_job = True
-            state.gate.counters["started"] += 1
-        finally:
-            if not started_job:
-                ticket.release()
-                if record.state == "queued":
-                    record.state = "refused"  # e.g. the prompt does not fit the context
+    async def engine_for(name: str):
+        engine = await asyncio.to_thread(state.registry.get, name)
+        watch(engine)
+        return engine, await asyncio.to_thread(state.registry.resolve, name)  # the real id
 
-        meta = {"id": record.id, "created": int(time.time()), "model": req.model,
-                "max_tokens": settings.max_new_tokens, "t0": t0}
-        headers = {"x-request-id": record.id, "x-bitnet-max-tokens": str(settings.max_new_tokens)}
+    async def respond(admitted, meta: Meta, results: Results, req, request: Request, headers: dict):
+        """The answer: SSE (the wait for the CPU inside the stream, with keep-alives) or JSON."""
+        run = state.scheduler.run(admitted, queue_timeout_s=limits.queue_timeout_s,
+                                  generation_timeout_s=limits.generation_timeout_s,
+                                  disconnected=request.is_disconnected)
         if req.stream:
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return _JobStream(_sse(job, req, meta, state), job, state, media_type="text/event-stream",
-                              headers=headers)
+            started: list = []  # the job, once it runs (JobStream stops it when the client leaves)
+            body = stream(run, meta, results, req.include_usage, limits.keepalive_s, started.append)
+            return JobStream(body, started, media_type="text/event-stream", headers=headers)
+        job = await run
         try:
-            return JSONResponse(await _collect(job, req, meta, request, state), headers=headers)
+            return JSONResponse(await collect(job, results, request), headers=headers)
         finally:
             if not job.finished.is_set():
                 job.stop("client")
+
+    def meta_for(kind: str, record_id: str, model: str, engine, plan, t0: float, **kw) -> Meta:
+        return Meta(id=record_id, created=int(time.time()), model=model, max_tokens=plan.settings.max_new_tokens,
+                    t0=t0, kind=kind, names=state.token_text(engine), stop_ids=set(engine.stop_token_ids),
+                    head=getattr(engine, "lm_head", "unknown"), n=plan.n, metrics=state.metrics, **kw)
+
+    async def chat_completions(request: Request):
+        t0 = time.monotonic()
+        req = await read_chat_request(request, limits)
+        engine, req.model = await engine_for(req.model)
+
+        def plan_for() -> Plan:
+            return Plan([req.prompt(engine)], req.settings(engine, limits), n=req.choices, messages=req.chat)
+
+        admitted = await state.scheduler.admit(engine, req.model, plan_for, user=req.user)
+        plan = admitted.plan
+        meta = meta_for(CHAT, admitted.record.id, req.model, engine, plan, t0, want_logprobs=bool(req.logprobs))
+        headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
+        return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
+
+    async def completions(request: Request):
+        t0 = time.monotonic()
+        req = await read_completion_request(request, limits)
+        engine, req.model = await engine_for(req.model)
+
+        def plan_for() -> Plan:
+            prompts = req.prompts(engine)
+            settings = req.settings(engine, limits, prompts)
+            score = req.logprobs if req.echo and req.logprobs is not None else None
+            return Plan(prompts, settings, n=req.choices, score_top=score)
+
+        admitted = await state.scheduler.admit(engine, req.model, plan_for, id_prefix="cmpl", user=req.user)
+        plan = admitted.plan
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
+                 for p in req.prompt]
+        meta = meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
+                        want_logprobs=req.logprobs is not None, prompt_texts=texts)
+        if plan.settings.max_new_tokens and plan.score_top is None and req.echo:
+            pass  # echo without logprobs: the prompt's text only, nothing to score
+        headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
+        return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
+
+    # -- the tokenizer, as vLLM serves it (lm-eval's remote tokenizer reads these) -------------
+    async def tokenizer_engine(model: str | None):
+        return (await engine_for(model or ""))[0]
+
+    async def tokenizer_info(model: str | None = None):
+        engine = await tokenizer_engine(model)
+        c = engine.config
+        return {"eos_token": c.get("eos_token"), "bos_token": c.get("bos_token"), "pad_token": c.get("pad_token"),
+                "chat_template": c.get("chat_template"), "model_max_length": engine.context_length,
+                "tokenizer_class": "PreTrainedTokenizerFast"}
+
+    async def tokenize(request: Request):
+        body = parse_json(await read_body(request, limits))
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise bad("send {\"prompt\": \"text\"} (and optionally \"add_special_tokens\": bool, \"model\")",
+                      "prompt", "invalid_type")
+        add = body.get("add_special_tokens", True)
+        if not isinstance(add, bool):
+            raise bad("add_special_tokens must be a boolean", "add_special_tokens", "invalid_type")
+        engine = await tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
+        ids = engine.tokenizer.encode(body["prompt"], add_special_tokens=add).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_length}
+
+    async def detokenize(request: Request):
+        body = parse_json(await read_body(request, limits))
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise bad("send {\"tokens\": [token ids]}", "tokens", "invalid_type")
+        engine = await tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
+        if tokens and not (0 <= min(tokens) and max(tokens) < engine.vocab_size):
+            raise bad(f"token ids must be in [0, {engine.vocab_size})", "tokens")
+        return {"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)}
 
     async def wrong_method(request: Request):
         raise ApiError(405, f"{request.method} is not allowed here; use POST /v1/chat/completions",
@@ -262,170 +326,37 @@ def build_router(state: ApiState):
         raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models "
                             f"and POST /v1/chat/completions", code="unknown_url")
 
-    router.add_api_route("/v1/models", guarded(list_models), methods=["GET"])
-    router.add_api_route("/v1/models/{model_id:path}", guarded(get_model), methods=["GET"])
-    router.add_api_route("/v1/chat/completions", guarded(chat_completions), methods=["POST"])
-    router.add_api_route("/v1/chat/completions", guarded(wrong_method),
-                         methods=["GET", "PUT", "PATCH", "DELETE"])
-    router.add_api_route("/v1/{rest:path}", guarded(not_found),
-                         methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    auth = [Depends(check_auth)]
+    router.add_api_route("/health", health, methods=["GET"])  # open even with a key
+    router.add_api_route("/v1/health", health, methods=["GET"])
+    add_metrics_route(router, state.metrics)  # open too: numbers, no request content
+    router.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=auth)
+    router.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=auth)
+    router.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=auth)
+    router.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=auth)
+    router.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=auth)
+    router.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], dependencies=auth)
+    router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
+    router.add_api_route("/v1/chat/completions", wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
+                         dependencies=auth)
+    router.add_api_route("/v1/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                         dependencies=auth)
     return router
 
 
-MIN_TEMPERATURE = 1e-4  # below this a temperature means greedy decoding
+class JobStream(StreamingResponse):
+    """A StreamingResponse that stops its generation when the client goes away
+    (Starlette cancels the body iterator on http.disconnect; this catches every path).
+    `started`: a list the body appends the job to once it runs."""
 
+    def __init__(self, content, started: list, **kw):
+        super().__init__(content, **kw)
+        self.started = started
 
-def _settings_for(engine, req: ChatRequest, limits: Limits):
-    """GenerationSettings for the request, max_tokens clamped to the context left after the
-    prompt (raises ApiError 400 when the prompt alone does not fit)."""
-    from runtime import GenerationSettings, PromptTooLongError
-
-    try:
-        prompt = engine.prompt_ids(messages=req.chat)
-    except PromptTooLongError as e:
-        # the API's own remedy (an HTTP client has no settings.truncate)
-        raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
-                            f"chat template, and this model's context holds {e.context_length} "
-                            "tokens for prompt and answer together; send fewer or shorter messages "
-                            "(drop the oldest turns)", param="messages",
-                       code="context_length_exceeded") from None
-    except ValueError as e:
-        raise bad(f"the messages cannot be used: {e}", "messages") from None
-    context = int(engine.context_length)
-    cap = min(limits.max_tokens_cap or context, context)
-    wanted = req.wanted_tokens if req.wanted_tokens is not None else limits.default_max_tokens
-    max_new = max(1, min(wanted, cap, context - len(prompt)))
-    temperature = limits.default_temperature if req.temperature is None else req.temperature
-    if temperature < MIN_TEMPERATURE:
-        # greedy: logits / a subnormal temperature overflow float32 and the runtime's sampler
-        # then draws from NaNs (found by the API fuzz; reported to the runtime)
-        temperature = 0.0
-    settings = GenerationSettings(max_new_tokens=max_new, temperature=float(temperature),
-                                  top_k=req.top_k or 0, top_p=max(float(req.top_p if req.top_p is not None else 1.0), 1e-9),
-                                  repetition_penalty=float(req.repetition_penalty or 1.0),
-                                  seed=req.seed, stop=req.stop_list)
-    try:
-        settings.validate()
-    except ValueError as e:
-        raise bad(str(e)) from None
-    return settings
-
-
-FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "length"}
-
-
-def _extras(event, record: JobRecord, meta: dict) -> dict:
-    stats = event.stats.as_dict() if event is not None else {}
-    stats.update(queue_wait_s=round(record.queued_s, 6), max_tokens=meta["max_tokens"],
-                 engine_finish_reason=record.finish_reason, stopped_by=record.stopped_by,
-                 latency_s=round(time.monotonic() - meta["t0"], 6))
-    return stats
-
-
-def _usage(event) -> dict:
-    p = event.stats.prompt_tokens if event is not None else 0
-    c = event.stats.new_tokens if event is not None else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-async def _collect(job: Job, req: ChatRequest, meta: dict, request, state: ApiState) -> dict:
-    parts, last = [], None
-
-    async def consume():
-        nonlocal last
-        async for event in job.events():
-            parts.append(event.text)
-            last = event
-
-    task = asyncio.ensure_future(consume())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.25)
-            if done:
-                break
-            if await request.is_disconnected():
-                job.stop("client")
-        task.result()
-    except ApiError:
-        raise
-    except Exception as e:
-        raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
-                       code="generation_failed") from None
-    finally:
-        if not task.done():
-            task.cancel()
-    reason = FINISH.get(last.finish_reason if last else None, "stop")
-    return {"id": meta["id"], "object": "chat.completion", "created": meta["created"],
-            "model": meta["model"], "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": reason, "logprobs": None}],
-            "usage": _usage(last), "bitnet": _extras(last, job.record, meta)}
-
-
-def _chunk(meta: dict, delta: dict, finish=None, **extra) -> str:
-    obj = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-           "model": meta["model"], "system_fingerprint": None,
-           "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    obj.update(extra)
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _sse(job: Job, req: ChatRequest, meta: dict, state: ApiState):
-    try:
-        yield _chunk(meta, {"role": "assistant", "content": ""})
-        last = None
+    async def __call__(self, scope, receive, send):
         try:
-            async for event in job.events():
-                last = event
-                if event.text:
-                    yield _chunk(meta, {"content": event.text})
-        except Exception as e:
-            err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
-                           code="generation_failed")
-            yield f"data: {json.dumps(err.body())}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        reason = FINISH.get(last.finish_reason if last else None, "stop")
-        extra = {"bitnet": _extras(last, job.record, meta)}
-        if req.include_usage:
-            yield _chunk(meta, {}, reason, **extra)
-            obj = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-                   "model": meta["model"], "choices": [], "usage": _usage(last)}
-            yield f"data: {json.dumps(obj)}\n\n"
-        else:
-            yield _chunk(meta, {}, reason, usage=_usage(last), **extra)
-        yield "data: [DONE]\n\n"
-    finally:
-        if not job.finished.is_set():
-            job.stop("client")
-
-
-def _job_stream_class():
-    from starlette.responses import StreamingResponse
-
-    class JobStream(StreamingResponse):
-        """A StreamingResponse that stops its generation when the client goes away
-        (Starlette cancels the body iterator on http.disconnect; this catches every path)."""
-
-        def __init__(self, content, job: Job, state: ApiState, **kw):
-            super().__init__(content, **kw)
-            self.job, self.state = job, state
-
-        async def __call__(self, scope, receive, send):
-            try:
-                await super().__call__(scope, receive, send)
-            finally:
-                if not self.job.finished.is_set():
-                    self.job.stop("client")
-
-    return JobStream
-
-
-class _Lazy:
-    cls = None
-
-
-def _JobStream(*args, **kw):
-    if _Lazy.cls is None:
-        _Lazy.cls = _job_stream_class()
-    return _Lazy.cls(*args, **kw)
+            await super().__call__(scope, receive, send)
+        finally:
+            for job in self.started:
+                if not job.finished.is_set():
+                    job.stop("client")

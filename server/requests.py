@@ -1,27 +1,31 @@
-"""The chat-completions request, as pydantic models (the shape FastAPI apps give their
-requests), and the one function that turns a validation error into OpenAI's error shape.
+"""The chat-completions request, from bytes to GenerationSettings, validated in one place.
 
-    req = parse_chat_request(json_body, limits)   # ChatRequest, or ApiError 400 naming the field
+    req = await read_chat_request(request, limits)   # ChatRequest, or ApiError naming the field
+    settings = req.settings(engine, limits)          # GenerationSettings, or ApiError 400
 
-The models say the types and ranges; `to_api_error` maps pydantic's first error to our codes
-(missing_field / invalid_type / invalid_value / unsupported*), with `param` from the error's
-location (`messages[0].content`). Limits that come from the server's configuration (how many
-messages, stop strings) are checked after validation.
+The body is read with its size limit (413) and read timeout (408), decoded as JSON whatever
+its content type (curl -d sends form encoding), and validated by the pydantic models below
+(the shape FastAPI apps give their requests): they say the types and ranges, and the limits
+from the server's configuration (how many messages, stop strings) through the validation
+context. `to_api_error` is the one translation of a validation error into OpenAI's error
+shape (missing_field / invalid_type / invalid_value / unsupported*, `param` the field's path
+such as `messages[0].content`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Literal, Optional, Union
+import asyncio
+import json
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import ApiError, bad
 from .limits import Limits
 
+MIN_TEMPERATURE = 1e-4  # below this a temperature means greedy decoding
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias")
 
 Int = Annotated[int, Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -33,7 +37,8 @@ def _type_name(v) -> str:
             int: "integer", float: "number"}.get(type(v), type(v).__name__)
 
 
-OUR_CODES = ("invalid_type", "unsupported", "unsupported_role", "unsupported_content")
+OUR_CODES = ("invalid_type", "invalid_value", "unsupported", "unsupported_role", "unsupported_content",
+             "too_many_messages")
 
 
 def _fail(code: str, message: str, param: str | None = None):
@@ -104,46 +109,139 @@ class ResponseFormat(BaseModel):
     type: Literal["text"]
 
 
-class ChatRequest(BaseModel):
-    """POST /v1/chat/completions. Unknown fields are accepted and ignored (OpenAI clients send
-    bookkeeping fields such as `user` and `metadata`)."""
+# Fields the API recognises but refuses (400 "unsupported" naming the field).
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+               "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "suffix")
+MAX_TOP_LOGPROBS = 20
+TokenIds = list[Annotated[int, Field(strict=True, ge=0)]]
 
-    model_config = ConfigDict(extra="allow")
+
+class SamplingRequest(BaseModel):
+    """The fields chat and text completions share. Every field acts or is refused: unknown
+    fields are a 400 (as OpenAI answers "Unrecognized request argument"), the recognised but
+    unsupported ones (UNSUPPORTED) too; `user` is kept in the request's record."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, Field(strict=True, min_length=1)]
-    messages: Annotated[list[Message], Field(min_length=1)]
     stream: Optional[Bool] = False
     stream_options: Optional[StreamOptions] = None
-    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
-    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     temperature: Optional[Annotated[Number, Field(ge=0.0, le=2.0)]] = None
     top_p: Optional[Annotated[Number, Field(ge=0.0, le=1.0)]] = None
     top_k: Optional[Annotated[int, Field(strict=True, ge=0)]] = None
     repetition_penalty: Optional[Annotated[Number, Field(gt=0.0, le=10.0)]] = None
-    frequency_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None  # accepted, ignored
-    presence_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None  # accepted, ignored
+    frequency_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None
+    presence_penalty: Optional[Annotated[Number, Field(ge=-2.0, le=2.0)]] = None
     n: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     seed: Optional[Int] = None
-    stop: Optional[Union[Annotated[str, Field(strict=True)], list[Annotated[str, Field(strict=True)]]]] = None
-    response_format: Optional[ResponseFormat] = None
+    stop: Any = None  # a string or an array of strings: see _stop
+    user: Optional[Annotated[str, Field(strict=True, max_length=256)]] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, stop):
+        if stop is None:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _fail("invalid_type", "must be a string or an array of strings")
+        return stop
 
     @model_validator(mode="before")
     @classmethod
-    def _unsupported(cls, body):
+    def _known_fields(cls, body):
         if not isinstance(body, dict):
             raise _fail("invalid_type", f"the request body must be a JSON object, got {_type_name(body)}")
         for name in UNSUPPORTED:
-            if body.get(name) not in (None, False, [], {}, "none"):
+            if body.get(name) not in (None, False, [], {}, "none", ""):
                 raise _fail("unsupported", f"{name} is not supported by this server", name)
-        if body.get("n") not in (None, 1) and isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) \
-                and body["n"] >= 1:
-            raise _fail("unsupported", "n must be 1 (one choice per request)", "n")
+        for name in body:
+            if name not in cls.model_fields and name not in UNSUPPORTED:
+                raise _fail("unsupported", f"unrecognized request argument {str(name)[:60]!r} (docs/SERVING.md "
+                                           "lists the fields this server takes)", str(name)[:60])
         return body
 
-    # what the engine gets
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo):
+        """The server's own limits (the validation context's Limits), and the seed as numpy takes it."""
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        stop = self.stop or []
+        if len(stop) > limits.max_stop:
+            raise _fail("invalid_value", f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
+        if any(len(s) > limits.max_stop_chars for s in stop):
+            raise _fail("invalid_value", f"a stop string may have at most {limits.max_stop_chars} characters",
+                        "stop")
+        if self.seed is not None:
+            self.seed %= 1 << 64  # any integer, as OpenAI accepts; numpy wants it non-negative
+        return self
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def check_n(self, engine) -> None:
+        """n > 1 shares the prompt's prefill through the batcher: refused on a plain engine and
+        beyond the batcher's slots (all n decode side by side)."""
+        if self.choices == 1:
+            return
+        batcher = getattr(engine, "batcher", None)
+        if batcher is None:
+            raise bad("n > 1 needs the continuous batcher (python -m server --batch SLOTS); this model "
+                      "serves one sequence at a time", "n", "unsupported")
+        if self.choices > batcher.pool.slots:
+            raise bad(f"n must be at most {batcher.pool.slots} (the batcher's slots: the n choices decode "
+                      f"together), got {self.choices}", "n")
+
+    def sampling(self, engine, limits: Limits, prompt_len: int, wanted: int | None, logprobs: int | None):
+        """GenerationSettings: `wanted` new tokens (None: the server's default) clamped to the
+        server's cap and to the context left after `prompt_len` tokens."""
+        from runtime import GenerationSettings
+
+        self.check_n(engine)
+        context = int(engine.context_length)
+        cap = min(limits.max_tokens_cap or context, context)
+        wanted = wanted if wanted is not None else limits.default_max_tokens
+        temperature = limits.default_temperature if self.temperature is None else self.temperature
+        # A temperature this small is greedy decoding in all but name; 0 says so exactly.
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
+        return GenerationSettings(max_new_tokens=max(1, min(wanted, cap, context - prompt_len)),
+                                  temperature=float(temperature), top_k=self.top_k or 0,
+                                  top_p=max(float(self.top_p if self.top_p is not None else 1.0), 1e-9),
+                                  repetition_penalty=float(self.repetition_penalty or 1.0),
+                                  frequency_penalty=float(self.frequency_penalty or 0.0),
+                                  presence_penalty=float(self.presence_penalty or 0.0),
+                                  seed=self.seed, stop=self.stop_list, logprobs=logprobs)
+
+
+class ChatRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    logprobs: Optional[Bool] = None
+    top_logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    response_format: Optional[ResponseFormat] = None
+
+    @model_validator(mode="after")
+    def _chat_limits(self, info: ValidationInfo):
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if len(self.messages) > limits.max_messages:
+            raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
+                                             f"{limits.max_messages})", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _fail("invalid_value", "top_logprobs needs logprobs: true", "top_logprobs")
+        return self
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -151,12 +249,111 @@ class ChatRequest(BaseModel):
         return min(given) if given else None
 
     @property
-    def stop_list(self) -> list[str]:
-        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @property
     def chat(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    @property
+    def top(self) -> int | None:
+        """settings.logprobs: None (off) or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt(self, engine) -> list[int]:
+        """The prompt's token ids with the chat template (ApiError 400 when it does not fit)."""
+        from runtime import PromptTooLongError
+
+        try:
+            return engine.prompt_ids(messages=self.chat)
+        except PromptTooLongError as e:
+            # the API's own remedy (an HTTP client has no settings.truncate)
+            raise ApiError(400, f"the messages are too long: they are {e.prompt_tokens} tokens with the "
+                                f"chat template, and this model's context holds {e.context_length} "
+                                "tokens for prompt and answer together; send fewer or shorter messages "
+                                "(drop the oldest turns)", param="messages",
+                           code="context_length_exceeded") from None
+        except ValueError as e:
+            raise bad(f"the messages cannot be used: {e}", "messages") from None
+
+    def settings(self, engine, limits: Limits):
+        """GenerationSettings for this request on `engine`: max_tokens clamped to the context
+        left after the prompt (ApiError 400 when the prompt alone does not fit)."""
+        return self.sampling(engine, limits, len(self.prompt(engine)), self.wanted_tokens, self.top)
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: a text or token-id prompt (or an array of them)."""
+
+    prompt: Any  # see _prompt
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=0)]] = None  # 0: score the prompt only
+    echo: Optional[Bool] = False
+    logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]] = None
+    best_of: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, prompt):
+        """A string, an array of strings, an array of token ids, or an array of such arrays:
+        always a list of prompts, each a str or a list of ints."""
+        def ids(value) -> bool:
+            return isinstance(value, list) and bool(value) and all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+        if isinstance(prompt, str):
+            return [prompt]
+        if ids(prompt):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+            return prompt
+        raise _fail("invalid_type", "must be a string, an array of strings, a non-empty array of token ids "
+                                    "(integers >= 0) or an array of such arrays")
+
+    @model_validator(mode="after")
+    def _completion_limits(self, info: ValidationInfo):
+        limits: Limits = (info.context or {}).get("limits") or Limits()
+        if len(self.prompt) > limits.max_prompts:
+            raise _fail("invalid_value", f"at most {limits.max_prompts} prompts per request, got "
+                                         f"{len(self.prompt)}", "prompt")
+        if self.best_of is not None and self.best_of != self.choices:
+            raise _fail("unsupported", "best_of must equal n (the server returns every choice it "
+                                       "generates; it does not rank them)", "best_of")
+        if self.max_tokens == 0 and self.stream:
+            raise _fail("invalid_value", "max_tokens 0 (scoring the prompt) does not stream; send "
+                                         "stream: false", "max_tokens")
+        return self
+
+    def prompts(self, engine) -> list[list[int]]:
+        """Each prompt's token ids: text through the tokenizer (BOS added as the model's
+        tokenizer adds it), ids as they are (checked against the vocabulary)."""
+        from runtime import PromptTooLongError
+
+        out = []
+        for i, prompt in enumerate(self.prompt):
+            where = "prompt" if len(self.prompt) == 1 else f"prompt[{i}]"
+            try:
+                if isinstance(prompt, str):
+                    ids = engine.prompt_ids(prompt=prompt)
+                else:
+                    ids = list(prompt)
+                    if max(ids) >= engine.vocab_size:
+                        raise ValueError(f"token ids must be below the vocabulary size {engine.vocab_size}")
+                    if len(ids) >= engine.context_length and not (self.max_tokens == 0 and
+                                                                  len(ids) == engine.context_length):
+                        raise PromptTooLongError(len(ids), engine.context_length)
+            except PromptTooLongError as e:
+                raise ApiError(400, f"{where} is {e.prompt_tokens} tokens; this model's context holds "
+                                    f"{e.context_length} tokens for prompt and completion together",
+                               param=where, code="context_length_exceeded") from None
+            except ValueError as e:
+                raise bad(f"{where} cannot be used: {e}", where) from None
+            out.append(ids)
+        return out
+
+    def settings(self, engine, limits: Limits, prompts: list[list[int]]):
+        """GenerationSettings (max_tokens: OpenAI's default 16 when not given) for the longest prompt."""
+        wanted = 16 if self.max_tokens is None else self.max_tokens
+        settings = self.sampling(engine, limits, max(len(p) for p in prompts), max(wanted, 1), self.logprobs)
+        if wanted == 0:
+            settings.max_new_tokens = 0  # scoring only: nothing is generated
+        return settings
 
 
 # pydantic's error types -> our codes (custom errors carry their code as their type)
@@ -166,22 +363,11 @@ _RANGE = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def _param(loc) -> str | None:
+    """A validation error's location as the client wrote the path: messages[0].content."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after[_null_content()]",) or "[" in str(part) and "(" in str(part):
-            continue
-        else:
-            out += ("." if out else "") + str(part)
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out or None
-
-
-def _field_param(loc) -> str | None:
-    """Only the named fields of the location (pydantic adds union member tags like 'str')."""
-    keep = [p for p in loc if isinstance(p, int) or p in ChatRequest.model_fields
-            or p in Message.model_fields or p in StreamOptions.model_fields or p in ("type",)]
-    return _param(keep)
 
 
 def to_api_error(err: ValidationError) -> ApiError:
@@ -189,13 +375,11 @@ def to_api_error(err: ValidationError) -> ApiError:
     names the field."""
     e = err.errors(include_url=False)[0]
     kind, loc = e["type"], e["loc"]
-    param = _field_param(loc) or (e.get("ctx") or {}).get("param")
+    param = _param(loc) or (e.get("ctx") or {}).get("param")
     if kind in OUR_CODES:  # raised by our validators: the message is written for the client
         code, msg = kind, e["msg"]
-        where = _field_param(loc)
+        where = _param(loc)
         message = msg if not where else f"{where}{msg}" if msg.startswith("[") else f"{where}: {msg}"
-    elif param == "stop" and kind.endswith("_type"):
-        code, message = "invalid_type", "stop must be a string or an array of strings"
     elif kind == "too_short" and param == "messages":
         code, message = "invalid_value", "messages must not be empty"
     elif kind in _RANGE:
@@ -226,22 +410,69 @@ def to_api_error(err: ValidationError) -> ApiError:
     return bad(message, param, code)
 
 
+def parse_completion_request(body, limits: Limits) -> CompletionRequest:
+    return CompletionRequest.model_validate(body, context={"limits": limits})
+
+
+async def read_completion_request(request, limits: Limits) -> CompletionRequest:
+    return parse_completion_request(parse_json(await read_body(request, limits)), limits)
+
+
 def parse_chat_request(body, limits: Limits) -> ChatRequest:
-    """A decoded JSON body as a ChatRequest; ApiError (400) naming the first problem."""
+    """A decoded JSON body as a ChatRequest; pydantic's ValidationError (see to_api_error)
+    for the first problem."""
+    return ChatRequest.model_validate(body, context={"limits": limits})
+
+
+async def read_chat_request(request, limits: Limits) -> ChatRequest:
+    """The request's body, read within the limits, as a validated ChatRequest."""
+    return parse_chat_request(parse_json(await read_body(request, limits)), limits)
+
+
+async def read_body(request, limits: Limits) -> bytes:
+    """The body: 413 beyond limits.max_body_bytes (declared or counted), 408 when it takes
+    longer than limits.body_timeout_s to arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limits.max_body_bytes:
+                raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is "
+                                    f"{limits.max_body_bytes}", code="body_too_large")
+        except ValueError:
+            raise bad("Content-Length is not a number", code="invalid_header") from None
+    chunks, size = [], 0
+
+    async def read():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise ApiError(413, f"the request body exceeds the limit of {limits.max_body_bytes} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+
     try:
-        req = ChatRequest.model_validate(body)
-    except ValidationError as e:
-        raise to_api_error(e) from None
-    if len(req.messages) > limits.max_messages:
-        raise bad(f"too many messages: {len(req.messages)} (the limit is {limits.max_messages})",
-                  "messages", "too_many_messages")
-    stop = req.stop_list
-    if len(stop) > limits.max_stop:
-        raise bad(f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
-    if any(len(s) > limits.max_stop_chars for s in stop):
-        raise bad(f"a stop string may have at most {limits.max_stop_chars} characters", "stop")
-    if req.seed is not None:
-        req.seed %= 1 << 64  # any integer, as OpenAI accepts; numpy wants it non-negative
-    if req.temperature is not None and not math.isfinite(req.temperature):
-        raise bad("temperature must be finite", "temperature")
-    return req
+        await asyncio.wait_for(read(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s} s",
+                       code="body_timeout") from None
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes):
+    if not body.strip():
+        raise bad("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"the request body is not UTF-8 text ({e.reason} at byte {e.start})", code="invalid_json") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad("the JSON is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from runtime.folder import needs_custom_ops, read_config, variant_path
+from runtime.folder import bind_constant_input, needs_custom_ops, read_config, variant_path
 from runtime.session import open_session
 
 
@@ -39,8 +39,11 @@ def make_session(folder, variant: str = "ternary") -> ort.InferenceSession:
 
 
 class GrowingCache:
-    def __init__(self, session, cfg):
+    def __init__(self, session, cfg, feed_num_logits_to_keep: bool = True):
+        """feed_num_logits_to_keep=False: only input_ids, attention_mask and the past, as an
+        Optimum-style loop written for other decoders feeds them (the graph's default applies)."""
         self.session, self.cfg = session, cfg
+        self.extra = {"num_logits_to_keep": ALL_POSITIONS} if feed_num_logits_to_keep else {}
         shape = (1, cfg["num_key_value_heads"], 0, cfg["head_dim"])
         self.past = {}
         for i in range(cfg["num_layers"]):
@@ -53,7 +56,7 @@ class GrowingCache:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self.length += ids.shape[1]
         feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length), np.int64),
-                "num_logits_to_keep": ALL_POSITIONS, **self.past}
+                **self.extra, **self.past}
         outputs = dict(zip(self.output_names, self.session.run(None, feed)))
         for name in self.past:
             present = outputs[name.replace("past_key_values", "present")]
@@ -78,7 +81,7 @@ class SharedBuffer:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, self.length), np.int64))
-        binding.bind_cpu_input("num_logits_to_keep", ALL_POSITIONS)
+        bind_constant_input(binding, "num_logits_to_keep", ALL_POSITIONS)
         binding.bind_output("logits")  # first, so it is output 0 below
         for (i, kind), value in self.buffers.items():
             binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)

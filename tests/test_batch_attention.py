@@ -35,8 +35,8 @@ import onnxruntime as ort
 import pytest
 
 from export import export_checkpoint
-from runtime.folder import (ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, past_name, present_name,
-                            variant_path)
+from runtime.folder import (ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, bind_constant_input, past_name,
+                            present_name, variant_path)
 from runtime.session import open_session
 from tests.export_harness import load_config, make_session
 
@@ -95,7 +95,7 @@ class Rows:
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, tokens)
         binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(mask, np.int64))
-        binding.bind_cpu_input(NUM_LOGITS_TO_KEEP, LAST)
+        bind_constant_input(binding, NUM_LOGITS_TO_KEEP, LAST)
         binding.bind_output(LOGITS)
         for i in range(self.cfg["num_layers"]):
             for j, kind in enumerate(("key", "value")):

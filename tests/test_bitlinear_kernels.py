@@ -62,6 +62,21 @@ def test_rows_of_any_batch_equal_the_reference_and_the_row_alone(kernel, k, n):
 
 
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("k,n", [(200, 70), (100, 33), (1104, 96)])
+def test_multi_row_tiles_of_every_height_are_batch_invariant(kernel, k, n):
+    """Batches of M = 1..17 and past the 16- and 32-row tiles (AMX row tiles, VNNI 6-row tiles,
+    AVX2 2-row tiles with their remainders), odd K and N: every row is the reference's and the
+    row run alone."""
+    w, scale = layer(k, n, seed=3 * k + n)
+    sess = bitlinear_session(w, scale, kernel)
+    x = np.random.default_rng(k + 7 * n).standard_normal((50, k)).astype(np.float32)
+    alone = np.concatenate([sess.run(None, {"X": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(alone, reference.bitlinear(x, w, scale))
+    for m in [*range(2, 18), 31, 32, 33, 48, 50]:
+        np.testing.assert_array_equal(sess.run(None, {"X": x[:m]})[0], alone[:m], err_msg=f"M={m}")
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 def test_extreme_codes_and_activations_do_not_overflow(kernel):
     """All weights +1 (code 2, the largest unsigned operand) or all -1, against activations
     that quantize to -127 or +127 everywhere (the extremes absmax quantization produces): the

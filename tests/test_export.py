@@ -162,16 +162,17 @@ def test_prompt_in_chunks_matches_one_prefill(exported, runner_class):
 
 @pytest.mark.parametrize("variant", ["ternary", "int2"])
 def test_num_logits_to_keep_returns_the_last_positions(exported, variant):
-    """Required input num_logits_to_keep: 0 = all positions, n = the last n only; a scalar
-    (as transformers.js feeds it) and a [1] tensor (as onnxruntime-genai does) both work."""
+    """Input num_logits_to_keep: 0 = all positions, n = the last n only; a scalar (as
+    transformers.js feeds it) and a [1] tensor (as onnxruntime-genai does) both work; left out,
+    the graph's default is 0 (all positions, what an Optimum-style caller expects)."""
     session = make_session(exported["out"], variant)
     cfg = exported["cfg"]
     empty = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
     feed = {"input_ids": np.array([PROMPT], np.int64), "attention_mask": np.ones((1, len(PROMPT)), np.int64)}
     feed.update({f"past_key_values.{i}.{k}": empty for i in range(cfg["num_layers"]) for k in ("key", "value")})
-    with pytest.raises(Exception, match="num_logits_to_keep"):  # required: never silently all positions
-        session.run(["logits"], feed)
+    omitted = session.run(["logits"], feed)[0]
     full = session.run(["logits"], dict(feed, num_logits_to_keep=np.array(0, np.int64)))[0]
+    np.testing.assert_array_equal(omitted, full)
     full_1d = session.run(["logits"], dict(feed, num_logits_to_keep=np.zeros([1], np.int64)))[0]
     last = session.run(["logits"], dict(feed, num_logits_to_keep=np.array([1], np.int64)))[0]
     two = session.run(["logits"], dict(feed, num_logits_to_keep=np.array(2, np.int64)))[0]
@@ -179,6 +180,34 @@ def test_num_logits_to_keep_returns_the_last_positions(exported, variant):
     np.testing.assert_array_equal(full, full_1d)
     np.testing.assert_allclose(last[0, 0], full[0, -1], rtol=0, atol=1e-5 * np.abs(full).max())
     np.testing.assert_allclose(two[0], full[0, -2:], rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("variant", ["ternary", "int2"])
+def test_optimum_style_loop_on_plain_onnxruntime(exported, variant):
+    """A loop that knows only input_ids, attention_mask and past_key_values (present fed back
+    as past), on an InferenceSession with onnxruntime's default options: the logits of every
+    position and the greedy tokens are transformers'."""
+    import onnxruntime as ort
+
+    from runtime.folder import variant_path
+
+    options = ort.SessionOptions()
+    if variant == "ternary":
+        import custom_ops
+
+        options.register_custom_ops_library(custom_ops.library_path())
+    session = ort.InferenceSession(variant_path(exported["out"], variant), options,
+                                   providers=["CPUExecutionProvider"])
+    assert "num_logits_to_keep" not in {i.name for i in session.get_inputs()}  # nothing more to feed
+    runner = GrowingCache(session, exported["cfg"], feed_num_logits_to_keep=False)
+    expected = exported["logits"]
+    scale = max(float(np.abs(x).max()) for x in expected)
+    got = [runner.step(PROMPT)] + [runner.step([t]) for t in STEPS]
+    assert got[0].shape[0] == len(PROMPT)  # every position, as Optimum expects
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and float(np.abs(g - e).max()) <= RELATIVE_TOLERANCE[variant] * scale
+    runner = GrowingCache(session, exported["cfg"], feed_num_logits_to_keep=False)
+    assert greedy(runner, PROMPT, 32) == exported["greedy"]
 
 
 def test_shared_buffers_need_no_clearing(exported):

@@ -8,7 +8,6 @@ HF_HUB_OFFLINE=1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import pytest
 
 from playground.hub import HubFolderError, exported_snapshot
 from runtime.folder import CONFIG_NAME
+from tests.hub_fakes import put_in_hub_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "models", "shakespeare-bitnet")
@@ -30,26 +30,6 @@ def demo_export(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "export", DEMO, "--out", str(out)], cwd=REPO, check=True,
                    capture_output=True, timeout=300)
     return str(out)
-
-
-def put_in_hub_cache(hub_cache, repo_id: str, folder: str, skip=(), revision_seed: str = "r1") -> str:
-    """Lay `folder`'s files out as huggingface_hub's cache does; returns the snapshot folder."""
-    repo_dir = os.path.join(hub_cache, "models--" + repo_id.replace("/", "--"))
-    revision = hashlib.sha1((repo_id + revision_seed).encode()).hexdigest()
-    snapshot = os.path.join(repo_dir, "snapshots", revision)
-    os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
-    os.makedirs(snapshot, exist_ok=True)
-    for name in sorted(os.listdir(folder)):
-        if name in skip or not os.path.isfile(os.path.join(folder, name)):
-            continue
-        with open(os.path.join(folder, name), "rb") as f:
-            blob = hashlib.sha256(f.read()).hexdigest()
-        shutil.copyfile(os.path.join(folder, name), os.path.join(repo_dir, "blobs", blob))
-        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snapshot, name))
-    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
-    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
-        f.write(revision)
-    return snapshot
 
 
 @pytest.fixture

@@ -313,7 +313,7 @@ def test_max_time_ends_with_finish_reason_time(engine):
 
 def test_cancel_between_prefill_chunks(tiny):
     """The cancel handle is also checked between prompt chunks: no token after it is set."""
-    from runtime.engine import Limits
+    from runtime.generation import EarlyStop
 
     class CountingEvent:  # set once the first chunk has been checked
         def __init__(self):
@@ -326,7 +326,7 @@ def test_cancel_between_prefill_chunks(tiny):
     engine = Engine(tiny["dir"], "ternary", threads=1, prefill_chunk=2)
     cache = engine.new_cache(64)
     ids = engine.prompt_ids(PROMPT_A)
-    assert engine.prefill(cache, ids, Limits(CountingEvent(), None, 0.0)) is None
+    assert engine.prefill(cache, ids, EarlyStop(CountingEvent(), None, 0.0)) is None
     assert 0 < int(cache.lengths[0]) < len(ids)
     result = engine.generate(prompt=PROMPT_A, cancel=CountingEvent())
     assert result.finish_reason == "cancelled" and result.token_ids == []

@@ -10,6 +10,16 @@
 #define BITNET_X86_SIMD 0
 #endif
 
+// The x86 instruction-set levels a kernel may be compiled for (per-function target attributes;
+// each level also enables the AVX2 + FMA + F16C baseline every SIMD kernel assumes).
+#if BITNET_X86_SIMD
+#define BITNET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define BITNET_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c")))
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define BITNET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define BITNET_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#endif
+
 // target_clones needs ifunc, which only ELF platforms have (not macOS, not Windows).
 #if BITNET_X86_SIMD && defined(__ELF__) && !defined(__clang__)
 #define BITNET_TARGET_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))

@@ -1,9 +1,13 @@
-// Which kernel each op runs: a pure function of the CPU's feature bits (kernels_for_features),
-// the CPU's bits (cpu_features), and the BITNET_KERNEL levels that force a subset of them.
+// Which kernel each op runs: each op's kernel list, a pure function of the CPU's feature bits
+// (kernels_for_features), the CPU's bits (cpu_features), and the BITNET_KERNEL levels that
+// force a subset of them.
 
+#include <cstdio>
 #include <string>
 
 #include "kernels.h"
+#include "kernels_arm.h"
+#include "kernels_x86.h"
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>  // getauxval(AT_HWCAP)
@@ -19,6 +23,10 @@
 #elif BITNET_X86_SIMD
 #include <cpuid.h>
 #endif
+#if BITNET_X86_SIMD && defined(__linux__)
+#include <sys/syscall.h>  // arch_prctl: permission for the AMX tile state
+#include <unistd.h>
+#endif
 
 namespace bitnet {
 
@@ -32,6 +40,7 @@ struct Level {
   const char* needs;  // for error messages and skip reasons
 };
 constexpr Level kLevels[] = {
+    {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, "AMX-TILE/AMX-INT8 + AVX-512 VNNI"},
     {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, "AVX-512 F/BW/VL/VNNI + AVX2/FMA/F16C"},
     {"avx512", kFeatAvx2 | kFeatAvx512, "AVX-512 F/BW/VL + AVX2/FMA/F16C"},
     {"avxvnni", kFeatAvx2 | kFeatAvxVnni, "AVX-VNNI + AVX2/FMA/F16C"},
@@ -80,6 +89,17 @@ uint64_t xgetbv0() {  // the register state the OS saves: AVX and AVX-512 need i
   return (static_cast<uint64_t>(hi) << 32) | lo;
 #endif
 }
+// Linux hands out the 8 KiB tile state only to processes that ask for it, once.
+bool amx_permitted() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool permitted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return permitted;
+#else
+  return false;  // other systems: no AMX kernel
+#endif
+}
+
 uint32_t x86_features() {
   const CpuidRegs l1 = cpuid(1, 0);
   const bool osxsave = (l1.c >> 27) & 1, avx = (l1.c >> 28) & 1, fma = (l1.c >> 12) & 1, f16c = (l1.c >> 29) & 1;
@@ -98,11 +118,65 @@ uint32_t x86_features() {
     if ((l7.c >> 11) & 1) f |= kFeatAvx512Vnni;
   }
   if ((l71.a >> 4) & 1) f |= kFeatAvxVnni;
+  const bool amx_cpu = ((l7.d >> 24) & 1) && ((l7.d >> 25) & 1);  // AMX-TILE, AMX-INT8
+  const bool amx_state = (xcr0 & 0x60000) == 0x60000;             // XTILECFG, XTILEDATA
+  if ((f & kFeatAvx512Vnni) && amx_cpu && amx_state && amx_permitted()) f |= kFeatAmxInt8;
   return f;
 }
 #endif
 
 }  // namespace
+
+// ---- Kernel lists, best first ---------------------------------------------------------------
+
+const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
+  static const KernelChoice<BitLinearKernel> list[] = {
+#if BITNET_X86_SIMD
+      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, bitlinear_amx},
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_avx512vnni},
+      {"avx2", kFeatAvx2, bitlinear_avx2},
+#endif
+#if defined(__aarch64__)
+      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
+      {"neon", kFeatNeon, bitlinear_neon},
+#endif
+      {"reference", 0, bitlinear_reference},
+  };
+  return list;
+}
+
+const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
+  static const KernelChoice<MatMulF16Kernel> list[] = {
+#if BITNET_X86_SIMD
+      {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
+      {"avx2", kFeatAvx2, matmul_f16_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_f16_neon},
+#endif
+      {"reference", 0, matmul_f16_reference},
+  };
+  return list;
+}
+
+const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
+  static const KernelChoice<MatMulI8Kernel> list[] = {
+#if BITNET_X86_SIMD
+      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, matmul_i8_amx},
+      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, matmul_i8_avx512vnni},
+      {"avx512bw", kFeatAvx2 | kFeatAvx512, matmul_i8_avx512bw},
+      {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
+      {"avx2", kFeatAvx2, matmul_i8_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_i8_neon},
+#endif
+      {"reference", 0, matmul_i8_reference},
+  };
+  return list;
+}
+
+// ---- This CPU -------------------------------------------------------------------------------
 
 uint32_t cpu_features() {
   uint32_t f = 0;
@@ -144,8 +218,32 @@ bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
     *out = kernels_for_features(level.features);
     return true;
   }
-  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avxvnni, avx512, avx512vnni, neon, dotprod or auto";
+  *error = "BITNET_KERNEL=" + name + " is not a kernel name; use reference, avx2, avxvnni, avx512, avx512vnni, amx, neon, dotprod or auto";
   return false;
 }
 
 }  // namespace bitnet
+
+// For custom_ops/__init__.py (via ctypes), so Python keeps no copy of the table above: the
+// levels of the architecture this library was built for, weakest first, one "name features\n"
+// line each (features: CpuFeature bits). Writes at most size - 1 bytes and a NUL; returns the
+// table's whole length.
+extern "C" BITNET_EXPORT size_t bitnet_kernel_levels(char* out, size_t size) {
+  using bitnet::kFeatDotProd;
+  using bitnet::kFeatNeon;
+#if defined(__x86_64__) || defined(_M_X64)
+  const uint32_t other_arch = kFeatNeon | kFeatDotProd;
+#elif defined(__aarch64__) || defined(_M_ARM64)
+  const uint32_t other_arch = ~(kFeatNeon | kFeatDotProd);
+#else
+  const uint32_t other_arch = ~0u;  // the reference only
+#endif
+  std::string table;
+  for (size_t i = sizeof(bitnet::kLevels) / sizeof(bitnet::kLevels[0]); i-- > 0;) {
+    const bitnet::Level& level = bitnet::kLevels[i];
+    if ((level.features & other_arch) == 0)
+      table += std::string(level.name) + " " + std::to_string(level.features) + "\n";
+  }
+  if (size > 0) std::snprintf(out, size, "%s", table.c_str());
+  return table.size();
+}

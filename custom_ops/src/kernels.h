@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "compiler.h"
@@ -52,6 +53,19 @@ using BitLinearKernel = void (*)(const BitLinearProblem& p, int64_t m0, int64_t 
 void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1,
                    int8_t* xq, int32_t* xsum, float* xscale);
 
+// The epilogue every BitLinear kernel shares: y = (xq . w) / s * S, two IEEE operations.
+// (static: internal linkage, so no unit built for a newer ISA exports a copy the linker could pick)
+static inline float bitlinear_output(const BitLinearProblem& p, int64_t m, int64_t n, int32_t dot) {
+  return static_cast<float>(dot) / p.xscale[m] * p.S[p.per_channel_scale ? n : 0];
+}
+
+// Four int8 activations as one int32 (memcpy: no aliasing or alignment assumptions).
+static inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 // ---- MatMulF16: y[M, N] = x[M, K] @ w[N, K]^T with float16 weights (the tied embedding) ----
 
 struct MatMulF16Problem {
@@ -62,7 +76,7 @@ struct MatMulF16Problem {
 };
 using MatMulF16Kernel = void (*)(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
-// ---- MatMulI8: the 8-bit lm_head (head_kernels.cc) ----------------------------------------
+// ---- MatMulI8: the 8-bit lm_head ---------------------------------------------------------
 //
 // y[m, n] = ((xq[m] . w[n]) / s[m] + (rq[m] . w[n]) / r[m]) * S[n]: x in two int8 terms,
 // xq/s = quantize_rows(x) (BitLinear's quantization) and rq/r = quantize_rows(x - xq / s);
@@ -83,6 +97,17 @@ struct MatMulI8Problem {
 };
 constexpr int64_t kI8PadK = 64;  // xq rows are padded to a multiple of this
 using MatMulI8Kernel = void (*)(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// The epilogue every MatMulI8 kernel shares, from the two exact int32 dot products.
+static inline float head_output(const MatMulI8Problem& p, int64_t m, int64_t n, int32_t hi, int32_t lo) {
+  return (static_cast<float>(hi) / p.xscale[m] + static_cast<float>(lo) / p.rscale[m]) * p.S[p.per_row_scale ? n : 0];
+}
+
+// vpdpbusd / udot-style kernels see w + 128 (u8): (dot + 128 * xsum) - 128 * xsum in wrapping
+// int32 arithmetic (no signed-overflow UB).
+static inline int32_t remove_offset(int32_t biased, int32_t xsum) {
+  return static_cast<int32_t>(static_cast<uint32_t>(biased) - 128u * static_cast<uint32_t>(xsum));
+}
 
 // The head kernels' loop (MatMulF16, MatMulI8): weight rows outermost, each read once from
 // memory and then from L1 for the next rows of x, which go in tiles of 4, 3, 2 and 1 rows.
@@ -113,6 +138,7 @@ enum CpuFeature : uint32_t {
   kFeatAvxVnni = 1u << 3,     // AVX-VNNI, the 256-bit VEX form (Alder Lake, Sapphire Rapids)
   kFeatNeon = 1u << 4,        // ARM64 Advanced SIMD (every ARMv8-A CPU)
   kFeatDotProd = 1u << 5,     // ARM64 sdot/udot (ARMv8.2 FEAT_DotProd: Cortex-A55/A76+, Neoverse, Apple M1+)
+  kFeatAmxInt8 = 1u << 6,     // AMX tiles + int8 (Sapphire Rapids and later), the OS letting this process use them
 };
 
 template <typename Fn>
@@ -122,14 +148,20 @@ struct KernelChoice {
   Fn fn;
 };
 
-// Each op's kernels, best first, ending with the reference (needs nothing). Defined next to
-// the kernels themselves (kernels.cc, head_kernels.cc).
+// The portable reference kernels (kernels_reference.cc): every SIMD kernel's twin, and what
+// runs where no SIMD kernel applies. The SIMD kernels are declared per architecture in
+// kernels_x86.h and kernels_arm.h; dispatch.cc lists them all.
+void bitlinear_reference(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_reference(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+// Each op's kernels, best first, ending with the reference (needs nothing).
 const KernelChoice<BitLinearKernel>* bitlinear_kernels();
 const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels();
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels();
 
 struct KernelSet {
-  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, neon or dotprod
+  const char* name;  // the level: reference, avx2, avxvnni, avx512, avx512vnni, amx, neon or dotprod
   BitLinearKernel bitlinear;
   const char* bitlinear_name;
   MatMulF16Kernel matmul_f16;
@@ -141,7 +173,7 @@ struct KernelSet {
 uint32_t cpu_features();                          // this CPU's CpuFeature bits
 KernelSet kernels_for_features(uint32_t features);  // pure: each op's best kernel for these features
 
-// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|neon|dotprod|auto,
+// The kernel set named by BITNET_KERNEL (reference|avx2|avxvnni|avx512|avx512vnni|amx|neon|dotprod|auto,
 // default auto: the best this CPU runs). Returns false with a message when the name is
 // unknown or the CPU lacks the instructions (the message names them).
 bool select_kernels(const char* requested, KernelSet* out, std::string* error);

@@ -1,0 +1,42 @@
+// x86-64 kernels of the bitnet custom ops (kernels_x86_avx2.cc: AVX2 and AVX-VNNI;
+// kernels_x86_avx512.cc: AVX-512 F/BW/VL and AVX-512 VNNI). Each is a twin of its reference in
+// kernels_reference.cc; dispatch.cc lists them with the CPU features they need.
+//
+// MatMulI8's integer products differ by ISA (all exact, so every kernel gives the same bits):
+// - AVX2 and AVX-512BW: vpmaddubsw takes u8 x s8, so |w| x (x with w's sign) -- the sign moved
+//   onto x. |w| <= 128 and |x| <= 127: a pair of products sums to at most 32512, no int16
+//   saturation. vpmaddwd with ones widens to int32.
+// - AVX-VNNI and AVX-512 VNNI: vpdpbusd takes u8 x s8 into int32 directly; w ^ 0x80 is the
+//   unsigned w + 128, so the sum is (w . x) + 128 * sum(x) and the kernel subtracts the second
+//   term (remove_offset, kernels.h).
+// Each weight row is loaded once per 32 or 64 bytes and feeds two independent accumulator
+// chains (the two terms) per row of x.
+#pragma once
+
+#include "kernels.h"
+
+#if BITNET_X86_SIMD
+
+#include <cstdint>
+
+namespace bitnet {
+
+constexpr int64_t kF16PrefetchHalves = 1024;  // MatMulF16: 2 KiB ahead on the weight stream
+constexpr int64_t kI8PrefetchBytes = 2048;    // MatMulI8: ahead on the weight stream
+
+void bitlinear_avx2(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+void bitlinear_avx512vnni(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+void bitlinear_amx(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1);
+
+void matmul_f16_avx2(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_f16_avx512(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+void matmul_i8_avx2(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_avxvnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_avx512bw(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_avx512vnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_amx(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+
+}  // namespace bitnet
+
+#endif  // BITNET_X86_SIMD

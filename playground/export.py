@@ -53,7 +53,7 @@ def to_markdown(turns, title: str, model: str | None) -> str:
     out = [f"# {title}", ""]
     if model:
         out += [f"Model: {model}", ""]
-    system = (turns[0].get("settings") or {}).get("system") if turns else ""
+    system = (turns[-1].get("settings") or {}).get("system") if turns else ""  # as in to_json
     if system:
         out += ["**System prompt:**", "", system, ""]
     for n, turn in enumerate(turns, 1):

@@ -187,9 +187,13 @@ class PageHandlers:
                                 session=session)
             first = True
             with contextlib.closing(states):  # a cancelled request closes the engine's loop
-                for turns, _final in states:
-                    yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) \
-                        + (dumps(turns),)
+                for turns, final in states:
+                    views = render(turns, pg)
+                    if views[5] is None and not final:
+                        # a branch with no finished turn yet (an edited first message): the
+                        # charts stay as they are until it ends, rather than going blank
+                        views = views[:5] + (gr.skip(), gr.skip()) + views[7:]
+                    yield (("" if first and not keep_box else gr.skip()),) + views + (dumps(turns),)
                     first = False
         except TooLong as e:
             yield self._refused(message, conv, str(e), "Message too long")

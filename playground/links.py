@@ -15,7 +15,7 @@ import base64
 import json
 import zlib
 
-from .conversation import turns_of
+from .conversation import thinned, turns_of
 from .settings import PageSettings
 
 VERSION = 1
@@ -33,20 +33,9 @@ def _pack(doc: dict) -> str:
     return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
 
 
-def _thin(turn: dict) -> dict:
-    answers = {}
-    for variant, answer in turn["answers"].items():
-        timeline = answer.get("timeline") or []
-        if len(timeline) > TIMELINE_POINTS:
-            step = len(timeline) / TIMELINE_POINTS
-            timeline = [timeline[int(i * step)] for i in range(TIMELINE_POINTS - 1)] + [timeline[-1]]
-        answers[variant] = dict(answer, timeline=timeline)
-    return dict(turn, answers=answers)
-
-
 def encode(turns, settings: PageSettings) -> tuple[str, int]:
     """(payload, turns kept): the newest turns that fit in MAX_PAYLOAD_CHARS."""
-    turns = [_thin(t) for t in turns_of(turns)]
+    turns = [thinned(t, TIMELINE_POINTS) for t in turns_of(turns)]
     keep = len(turns)
     while True:
         payload = _pack({"v": VERSION, "settings": settings.as_dict(), "turns": turns[len(turns) - keep:]})

@@ -75,7 +75,7 @@ class PageErrors:
         self.expected: list[str] = []
 
     def watch(self, page):
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e} {(e.stack or '')[:400]}"))
         page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}")
                 if m.type == "error" else None)
         return page

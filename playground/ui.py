@@ -42,6 +42,9 @@ CSS = """
               padding: 4px 0; flex-wrap: nowrap !important; gap: 4px}
   #input-row > * {min-width: 0 !important}
   #plots {flex-direction: column}
+  #page-links-note {font-size: 0.8em}
+  #library-row {gap: 4px}
+  #library-row button {flex: 1 1 28% !important; min-width: 0 !important}
 }
 """
 # No visitor or model text can make the page fetch a remote image (tracking pixels in shared
@@ -77,8 +80,9 @@ READ_LINK_JS = """() => {
 }"""
 COST_NOTE = ("**Cost per token** (under each pane's stats): *CPU time* is the process CPU time of "
              "that answer divided by the tokens it generated, shared equally among the streams of "
-             "a batch: CPU time, not measured energy. *Weights read* is the variant's weight bytes, "
-             "which every decode step streams once, divided by the batch.")
+             "a batch: CPU time, not measured energy (work outside its batch that ran at the same time, "
+             "another visitor's baseline or API request, counts too). *Weights read* is the "
+             "variant's weight bytes, which every decode step streams once, divided by the batch.")
 
 
 def chat_pane(label: str, elem_id: str) -> gr.Chatbot:
@@ -95,7 +99,7 @@ def build_demo(pg) -> gr.Blocks:
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
         gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
-        with gr.Row(elem_id="page-links", equal_height=True):
+        with gr.Row(elem_id="page-links", equal_height=False):
             # Gradio's footer has both; it hides its API link on narrow screens, this one opens
             # the same panel everywhere
             api_page = gr.Button("Use via API", size="sm", elem_id="api-page", scale=0,

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 
-from playground.hub import choose_operator_library
 from playground.models import DEFAULT_MODEL
 from playground.service import Playground
 from playground.ui import build_demo, launch_kwargs
@@ -88,7 +87,6 @@ def main(argv=None) -> int:
         args.share = False  # ignored on Spaces anyway
     limits = Limits.for_batch(args.batch)
     pg = create_playground(args, limits)
-    pg.progress(choose_operator_library(args.model).message)  # before anything builds it
     pg.start(background=True)
     demo = create_demo(pg, args.queue_size)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True,

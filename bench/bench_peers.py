@@ -1,6 +1,8 @@
-"""Peer benchmark: our engine against llama.cpp's ternary types on the same checkpoint, one run.
+"""Peer benchmark: our engine against llama.cpp's and ik_llama.cpp's ternary types on the same
+checkpoint, one run.
 
     python bench/bench_peers.py CHECKPOINT --ours DIR[@VARIANT][=LABEL] [--ours DIR2=LABEL2 ...]
+        [--ik-source DIR] [--depth 1536] [--depth-threads 2]
         [--work bench/out/peers] [--threads 1,2] [--rounds 3] [--markdown-out FILE]
 
 CHECKPOINT is a BitNet b1.58 checkpoint folder in the 2B4T format (bench/make_2b4t_checkpoint.py
@@ -21,12 +23,20 @@ from it (LABEL names the row, e.g. "default" or "fp16 head"). Steps, each cached
    fraction of nonzeros).
 3. `convert_hf_to_gguf.py --outtype f16`, then `llama-quantize` to TQ2_0 and TQ1_0, each with
    f16 and with q8_0 token embedding / output (the tied lm_head).
+   With --ik-source DIR (an ik_llama.cpp source tree; a partial snapshot is extracted file by
+   file with bench/extract_git_tree.py), its llama-bench and llama-quantize are built the same
+   way (bench/out/ik), the f16 GGUF is copied with its architecture renamed to ik's `bitnet-25`
+   (bench/gguf_arch.py: the same tensors, which ik runs with the 2B4T graph), and quantized to
+   IQ2_BN (q8_0 and f16 head) and IQ2_BN_R4 (q8_0 head).
 4. Timing, interleaved round by round and thread count by thread count: `llama-bench -p 128
    -n 64 -t T -r 1` per GGUF, and our engine through bench/bench_e2e.py's worker (a fresh
-   process: load, warm up, prefill 128 random ids, decode 64 greedily), plus the streaming-read
-   bandwidth (ORT ReduceSum over 256 MiB, bench_ops.StreamReader) before each round. Medians over
-   rounds; one markdown table with ratios to llama.cpp TQ2_0 at the same threads, the CPU's
-   ISA, load average, date, bandwidth and the command.
+   process: load, warm up, prefill 128 random ids, decode 64 greedily), plus the memory floor
+   before each round: bench/stream_floor.cc, plain loads over 1 GiB in 2 MiB pages, best of 7,
+   at each thread count. With --depth D, a decode row after a D-token context (`-d D` in
+   llama.cpp, `-gp D,64` in ik, a D-token prompt in ours) at --depth-threads. Medians over
+   rounds; one markdown table with ratios to llama.cpp TQ2_0 at the same threads and to the
+   floor (stream GB/s / the engine's weight file bytes, read once per decoded token), the
+   CPU's ISA, load average, date, bandwidth and the command.
 """
 
 from __future__ import annotations
@@ -53,8 +63,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 LLAMA_DIR = REPO / "bench" / "out" / "llama"
+IK_DIR = REPO / "bench" / "out" / "ik"
 LLAMA_TARGETS = ["llama-bench", "llama-quantize"]
 QUANTS = [("TQ2_0", "f16"), ("TQ2_0", "q8_0"), ("TQ1_0", "f16"), ("TQ1_0", "q8_0")]
+IK_QUANTS = [("IQ2_BN", "q8_0"), ("IQ2_BN", "f16"), ("IQ2_BN_R4", "q8_0")]
+IK_ARCH = "bitnet-25"
 SUB_NORM_NAMES = {"self_attn.attn_sub_norm": "self_attn.inner_attn_ln", "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}
 
 
@@ -99,6 +112,21 @@ def build_llama() -> tuple[Path, Path, str]:
                 _cmake_build(src, build)
     version = src.parent.parent.name.split("-")[-1]
     return src, binaries, version
+
+
+def build_ik(src: Path) -> Path:
+    """ik_llama.cpp's bin dir, built from the source folder `src` when a binary is missing."""
+    if not (src / "CMakeLists.txt").exists():
+        raise SystemExit(f"--ik-source {src}: no CMakeLists.txt (extract the tree with bench/extract_git_tree.py)")
+    build = IK_DIR / "build"
+    binaries = build / "bin"
+    if not all((binaries / t).exists() for t in LLAMA_TARGETS):
+        IK_DIR.mkdir(parents=True, exist_ok=True)
+        with open(IK_DIR / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not all((binaries / t).exists() for t in LLAMA_TARGETS):
+                _cmake_build(src, build)
+    return binaries
 
 
 def _cmake_build(src: Path, build: Path) -> None:
@@ -228,7 +256,55 @@ def make_ggufs(src: Path, binaries: Path, unpacked: Path, work: Path) -> dict[st
     return out
 
 
+def make_ik_ggufs(ik_binaries: Path, f16: Path, work: Path) -> dict[str, Path]:
+    """The f16 GGUF under ik's architecture name, quantized to ik's ternary types."""
+    from bench.gguf_arch import rename_architecture
+
+    renamed = work / f"model-f16-{IK_ARCH}.gguf"
+    if not renamed.exists():
+        log(f"writing {renamed} (architecture {IK_ARCH})")
+        rename_architecture(f16, renamed, IK_ARCH)
+    out = {}
+    for qtype, head in IK_QUANTS:
+        path = work / f"model-ik-{qtype.lower()}-{head}.gguf"
+        if not path.exists():
+            run([ik_binaries / "llama-quantize", "--token-embedding-type", head, "--output-tensor-type", head,
+                 renamed, str(path) + ".partial", qtype])
+            os.replace(str(path) + ".partial", path)
+        out[f"ik_llama.cpp {qtype} ({head} head)"] = path
+    return out
+
+
 # ---- 4. timing --------------------------------------------------------------------------------
+
+def build_floor_reader(work: Path) -> Path:
+    """bench/stream_floor.cc compiled for this CPU (the plain-load memory floor)."""
+    binary = work / "stream_floor"
+    source = REPO / "bench" / "stream_floor.cc"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        run(["g++", "-O3", "-march=native", "-std=c++17", "-pthread", source, "-o", binary])
+    return binary
+
+
+def floor_bandwidth(reader: Path, threads: int) -> float:
+    """GB/s of the best of 7 plain-load passes over 1 GiB with `threads` threads."""
+    p = subprocess.run([str(reader), str(threads)], capture_output=True, text=True, check=True)
+    return float(json.loads(p.stdout.strip().splitlines()[-1])["gb_per_s"])
+
+
+def time_llama_depth(binaries: Path, model: Path, threads: int, depth: int, new: int, ik: bool) -> dict:
+    """Decode tok/s after a `depth`-token context: `-gp depth,new` (ik), `-d depth` (llama.cpp)."""
+    shape = ["-gp", f"{depth},{new}", "-p", "0", "-n", "0"] if ik else ["-d", str(depth), "-p", "0", "-n", str(new)]
+    p = subprocess.run([str(binaries / "llama-bench"), "-m", str(model), *shape, "-t", str(threads), "-r", "1",
+                        "-o", "json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    for row in json.loads(p.stdout):
+        at_depth = row.get("n_prompt") == depth if ik else row.get("n_depth") == depth
+        if at_depth and row.get("n_gen") == new:
+            return {"decode_tokens_per_s": row["avg_ts"]}
+    return {"error": "llama-bench printed no row at that depth"}
+
 
 def time_llama(binaries: Path, model: Path, threads: int, prompt: int, new: int) -> dict:
     p = subprocess.run([str(binaries / "llama-bench"), "-m", str(model), "-p", str(prompt), "-n", str(new),
@@ -278,6 +354,14 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def weight_bytes(folder: Path, variant: str) -> int:
+    """Bytes of an exported variant's weight files (read about once per decoded token)."""
+    from runtime.folder import variant_file
+
+    stem = Path(variant_file(variant)).name
+    return sum(f.stat().st_size for f in folder.glob(stem + "*") if f.is_file())
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -294,6 +378,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--ik-source", type=Path, default=None,
+                   help="ik_llama.cpp source tree (bench/extract_git_tree.py extracts a partial snapshot)")
+    p.add_argument("--depth", type=int, default=0, help="also time decode after this many context tokens (0: no)")
+    p.add_argument("--depth-threads", default="2", help="thread counts of the depth rows")
     p.add_argument("--prepare-only", action="store_true", help="build, convert and quantize, then stop")
     p.add_argument("--markdown-out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -304,6 +392,13 @@ def main(argv=None) -> int:
     unpacked = prepare_checkpoint(args.checkpoint, args.work / "unpacked")
     src, binaries, version = build_llama()
     ggufs = make_ggufs(src, binaries, unpacked, args.work)
+    bin_of = {name: binaries for name in ggufs}
+    if args.ik_source:
+        ik_binaries = build_ik(args.ik_source)
+        ik_ggufs = make_ik_ggufs(ik_binaries, args.work / "model-f16.gguf", args.work)
+        ggufs.update(ik_ggufs)
+        bin_of.update({name: ik_binaries for name in ik_ggufs})
+    floor_reader = build_floor_reader(args.work)
     if args.prepare_only:
         return 0
 
@@ -316,25 +411,32 @@ def main(argv=None) -> int:
         ours[f"{engine} ({label or Path(folder).name})"] = (Path(folder), variant)
     engines = list(ours) + list(ggufs)
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import bench_ops
-
-    reader = bench_ops.StreamReader()
+    depth_threads = [int(t) for t in args.depth_threads.split(",") if t] if args.depth else []
     load_start = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results: dict[tuple[str, int], list[dict]] = {}
+    depth_results: dict[tuple[str, int], list[dict]] = {}
     bandwidth: dict[int, list[float]] = {}
     for r in range(args.rounds):
         for t in threads:
-            bandwidth.setdefault(t, []).append(reader.bandwidth(t))
+            bandwidth.setdefault(t, []).append(floor_bandwidth(floor_reader, t))
             order = engines[r % len(engines):] + engines[:r % len(engines)]  # rotate who goes first
             for name in order:
                 if name in ours:
                     res = time_ours(*ours[name], t, args.prompt_tokens, args.new_tokens, args.timeout)
                 else:
-                    res = time_llama(binaries, ggufs[name], t, args.prompt_tokens, args.new_tokens)
+                    res = time_llama(bin_of[name], ggufs[name], t, args.prompt_tokens, args.new_tokens)
                 log(f"round {r + 1} threads {t} {name}: {res.get('error') or '%.2f prefill, %.2f decode tok/s' % (res.get('prefill_tokens_per_s', 0), res.get('decode_tokens_per_s', 0))}")
                 results.setdefault((name, t), []).append(res)
+        for t in depth_threads:
+            for name in engines[r % len(engines):] + engines[:r % len(engines)]:
+                if name in ours:
+                    res = time_ours(*ours[name], t, args.depth, args.new_tokens, args.timeout)
+                else:
+                    res = time_llama_depth(bin_of[name], ggufs[name], t, args.depth, args.new_tokens,
+                                           ik=name.startswith("ik_llama.cpp"))
+                log(f"round {r + 1} threads {t} depth {args.depth} {name}: {res.get('error') or '%.2f decode tok/s' % res.get('decode_tokens_per_s', 0)}")
+                depth_results.setdefault((name, t), []).append(res)
     load_end = os.getloadavg()
 
     lines = [f"Measured {started} on {cpu_model()} ({os.cpu_count()} CPUs; ISA: {cpu_isa()}), "
@@ -343,11 +445,12 @@ def main(argv=None) -> int:
              "",
              f"Load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, at end "
              f"{load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}"
-             + (" (loaded machine)" if max(load_start[0], load_end[0]) >= 0.5 else "") + ". Stream read "
-             "(ORT ReduceSum over 256 MiB): " + ", ".join(f"{median(v):.1f} GB/s at {t} thread(s)" for t, v in bandwidth.items()) + ".",
+             + (" (loaded machine)" if max(load_start[0], load_end[0]) >= 0.5 else "") + ". Memory floor "
+             "(bench/stream_floor.cc: plain loads over 1 GiB in 2 MiB pages, best of 7, median over rounds): "
+             + ", ".join(f"{median(v):.1f} GB/s at {t} thread(s)" for t, v in bandwidth.items()) + ".",
              "", f"Command: `{command}`", "",
-             "| engine | threads | prefill tok/s | decode tok/s | decode / llama.cpp TQ2_0 (q8_0 head) | decode / llama.cpp TQ2_0 (f16 head) | prefill / llama.cpp TQ2_0 (q8_0 head) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| engine | threads | prefill tok/s | decode tok/s | decode / llama.cpp TQ2_0 (q8_0 head) | decode / llama.cpp TQ2_0 (f16 head) | prefill / llama.cpp TQ2_0 (q8_0 head) | weight MB / token | decode / floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in threads:
         ref = {h: median([x.get("decode_tokens_per_s") for x in results.get((f"llama.cpp TQ2_0 ({h} head)", t), [])])
                for h in ("q8_0", "f16")}
@@ -358,17 +461,32 @@ def main(argv=None) -> int:
             dec = median([x.get("decode_tokens_per_s") for x in rows])
             pre = median([x.get("prefill_tokens_per_s") for x in rows])
             if dec is None:
-                lines.append(f"| {name} | {t} | error: {errors[0] if errors else '?'} | | | | |")
+                lines.append(f"| {name} | {t} | error: {errors[0] if errors else '?'} | | | | | | |")
                 continue
             ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "-"  # noqa: E731
+            weight = weight_bytes(ours[name][0], ours[name][1]) if name in ours else ggufs[name].stat().st_size
+            floor_rate = median(bandwidth[t]) * 1e9 / weight if weight else None
             lines.append(f"| {name} | {t} | {pre:.1f} | {dec:.2f} | {ratio(dec, ref['q8_0'])} | "
-                         f"{ratio(dec, ref['f16'])} | {ratio(pre, ref_p)} |")
+                         f"{ratio(dec, ref['f16'])} | {ratio(pre, ref_p)} | {weight / 1e6:.0f} | "
+                         f"{ratio(dec, floor_rate)} |")
+    if depth_results:
+        lines += ["", f"Decode after a {args.depth}-token context (tok/s, medians):", "",
+                  "| engine | threads | decode tok/s at depth | / llama.cpp TQ2_0 (q8_0 head) | / ik_llama.cpp IQ2_BN (q8_0 head) |",
+                  "|---|---:|---:|---:|---:|"]
+        for t in depth_threads:
+            refs = [median([x.get("decode_tokens_per_s") for x in depth_results.get((ref, t), [])])
+                    for ref in ("llama.cpp TQ2_0 (q8_0 head)", "ik_llama.cpp IQ2_BN (q8_0 head)")]
+            for name in engines:
+                dec = median([x.get("decode_tokens_per_s") for x in depth_results.get((name, t), [])])
+                cells = " | ".join(f"{dec / ref:.2f}x" if dec and ref else "-" for ref in refs)
+                lines.append(f"| {name} | {t} | {f'{dec:.2f}' if dec else 'error'} | {cells} |")
     table = "\n".join(lines)
     print(table)
     if args.markdown_out:
         args.markdown_out.write_text(table + "\n")
     (args.work / "results.json").write_text(json.dumps(
-        {"results": {f"{k[0]}|{k[1]}": v for k, v in results.items()}, "bandwidth": bandwidth}, indent=1))
+        {"results": {f"{k[0]}|{k[1]}": v for k, v in results.items()},
+         "depth": {f"{k[0]}|{k[1]}": v for k, v in depth_results.items()}, "bandwidth": bandwidth}, indent=1))
     return 0
 
 

@@ -25,33 +25,23 @@ from .build import BuildError, ensure_built
 from .operator_status import Status, cpu_model, status
 
 DOMAIN = "bitnet"
-# BITNET_KERNEL levels of this machine's architecture, weakest first, and the CPU features each
-# needs (bits of custom_ops/src/kernels.h's CpuFeature).
+# The CPU feature bits the library's queries take and return (custom_ops/src/kernels.h's
+# CpuFeature), with names for messages. Which features each BITNET_KERNEL level needs is the
+# library's own table: KERNELS and LEVEL_FEATURES below are read from it.
 FEATURE_AVX2, FEATURE_AVX512, FEATURE_AVX512VNNI, FEATURE_AVXVNNI = 1, 2, 4, 8
 FEATURE_NEON, FEATURE_DOTPROD, FEATURE_AMX = 16, 32, 64
 FEATURE_NAMES = {FEATURE_AVX2: "AVX2/FMA/F16C", FEATURE_AVX512: "AVX-512 F/BW/VL",
                  FEATURE_AVX512VNNI: "AVX-512 VNNI", FEATURE_AVXVNNI: "AVX-VNNI",
                  FEATURE_NEON: "ARM64 NEON", FEATURE_DOTPROD: "ARM64 dot product (sdot)",
                  FEATURE_AMX: "AMX-TILE/AMX-INT8 (and the OS's permission)"}
-LEVEL_FEATURES = {
-    "reference": 0,
-    "avx2": FEATURE_AVX2,
-    "avxvnni": FEATURE_AVX2 | FEATURE_AVXVNNI,
-    "avx512": FEATURE_AVX2 | FEATURE_AVX512,
-    "avx512vnni": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI,
-    "amx": FEATURE_AVX2 | FEATURE_AVX512 | FEATURE_AVX512VNNI | FEATURE_AMX,
-    "neon": FEATURE_NEON,
-    "dotprod": FEATURE_NEON | FEATURE_DOTPROD,
-}
 ARM64 = platform.machine().lower() in ("aarch64", "arm64")
-KERNELS = ("reference", "neon", "dotprod") if ARM64 else ("reference", "avx2", "avxvnni", "avx512", "avx512vnni", "amx")
 
 GROUP_COLS = 32  # output columns per packed group: two 16-lane halves of a 128-byte block
 HALF_COLS = 16   # columns per 64-byte half (one int32 lane each in a 512-bit register)
 BLOCK_K = 16     # reduction values per block
 
 __all__ = ["DOMAIN", "KERNELS", "BuildError", "library_path", "pack_ternary", "packed_shape",
-           "available_kernels", "session_options", "cpu_features", "kernel_table", "missing_features",
+           "available_kernels", "kernel_levels", "session_options", "cpu_features", "kernel_table", "missing_features",
            "quantize_head_table", "status", "Status", "cpu_model", "resolve_kernel"]
 
 
@@ -103,7 +93,29 @@ def _library() -> ctypes.CDLL:
     lib.bitnet_resolve_kernel.argtypes = [ctypes.c_char_p]
     lib.bitnet_cpu_features.restype = ctypes.c_uint32
     lib.bitnet_kernel_table.argtypes = [ctypes.c_uint32, ctypes.c_char_p, ctypes.c_size_t]
+    lib.bitnet_kernel_levels.restype = ctypes.c_size_t
+    lib.bitnet_kernel_levels.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     return lib
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_levels() -> dict[str, int]:
+    """{BITNET_KERNEL level: the CPU feature bits it needs}, weakest first, for the architecture
+    the library was built for: the dispatch's own table (custom_ops/src/dispatch.cc)."""
+    lib = _library()
+    buf = ctypes.create_string_buffer(lib.bitnet_kernel_levels(None, 0) + 1)
+    lib.bitnet_kernel_levels(buf, len(buf))
+    return {name: int(bits) for name, bits in (line.split() for line in buf.value.decode().splitlines())}
+
+
+def __getattr__(name: str):
+    # KERNELS (the levels, weakest first) and LEVEL_FEATURES ({level: bits}) load the library
+    # on first use, so importing custom_ops never builds it.
+    if name == "KERNELS":
+        return tuple(kernel_levels())
+    if name == "LEVEL_FEATURES":
+        return dict(kernel_levels())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_kernel(requested: str = "auto") -> str:
@@ -113,7 +125,7 @@ def resolve_kernel(requested: str = "auto") -> str:
 
 def available_kernels() -> list[str]:
     """The kernels this CPU can run, reference first."""
-    return [k for k in KERNELS if resolve_kernel(k) == k]
+    return [k for k in kernel_levels() if resolve_kernel(k) == k]
 
 
 def cpu_features() -> int:
@@ -132,7 +144,7 @@ def kernel_table(features: int) -> dict:
 
 def missing_features(level: str) -> list[str]:
     """The CPU features a BITNET_KERNEL level needs that this CPU lacks (names)."""
-    lacking = LEVEL_FEATURES[level] & ~cpu_features()
+    lacking = kernel_levels()[level] & ~cpu_features()
     return [name for bit, name in FEATURE_NAMES.items() if lacking & bit]
 
 

@@ -20,6 +20,8 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
+from .errors import first_line
+
 
 @dataclass(frozen=True)
 class Status:
@@ -28,11 +30,6 @@ class Status:
     fix: str            # one line: how to make it run ("" when ok)
     kernel: str | None  # the kernel level the dispatch chose (e.g. "avx512vnni", "neon"); None when not ok
     cpu: str            # the CPU model, for the hardware line
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 # ARM Ltd (implementer 0x41) CPU parts, for /proc/cpuinfo on ARM64 Linux, which names no model.
@@ -83,7 +80,7 @@ def cpu_model() -> str:
 def _fix_for(error: Exception) -> str:
     fix = getattr(error, "fix", "")
     if fix:
-        return _one_line(fix)
+        return first_line(fix)
     return ("see the README's 'Build on Linux / macOS / Windows' section; meanwhile the stock "
             "variants (int2, int4, fp32) run without the operator")
 
@@ -96,21 +93,21 @@ def status() -> Status:
         from . import _library, library_path
         from .build import BuildError
     except Exception as e:  # a broken install: still answer
-        return Status(False, f"custom_ops cannot be imported: {_one_line(e) or type(e).__name__}",
+        return Status(False, f"custom_ops cannot be imported: {first_line(e) or type(e).__name__}",
                       "reinstall the repository's requirements (pip install -r requirements.txt)", None, cpu)
     try:
         path = library_path()
     except BuildError as e:
-        return Status(False, _one_line(e), _fix_for(e), None, cpu)
+        return Status(False, first_line(e), _fix_for(e), None, cpu)
     except Exception as e:
-        return Status(False, f"building the custom-op library failed: {_one_line(e) or type(e).__name__}",
+        return Status(False, f"building the custom-op library failed: {first_line(e) or type(e).__name__}",
                       _fix_for(e), None, cpu)
     try:
         import onnxruntime as ort
 
         ort.SessionOptions().register_custom_ops_library(path)  # what every session does
     except Exception as e:
-        message = _one_line(e) or type(e).__name__
+        message = first_line(e) or type(e).__name__
         if "BITNET_KERNEL" in message:
             fix = "unset BITNET_KERNEL or set it to a level this CPU runs (see custom_ops.available_kernels())"
         else:
@@ -119,6 +116,6 @@ def status() -> Status:
     try:
         kernel = _library().bitnet_resolve_kernel(os.environ.get("BITNET_KERNEL", "auto").encode()).decode()
     except Exception as e:
-        return Status(False, f"the custom-op library does not answer its kernel query: {_one_line(e)}",
+        return Status(False, f"the custom-op library does not answer its kernel query: {first_line(e)}",
                       "rebuild with `python -m custom_ops build --force`", None, cpu)
     return Status(True, "", "", kernel or None, cpu)

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import build
+from .errors import first_line
 
 # Entry points custom_ops/__init__.py calls through ctypes, besides ORT's RegisterCustomOps.
-ENTRY_POINTS = ("RegisterCustomOps", "bitnet_resolve_kernel", "bitnet_cpu_features", "bitnet_kernel_table")
+ENTRY_POINTS = ("RegisterCustomOps", "bitnet_resolve_kernel", "bitnet_cpu_features", "bitnet_kernel_table",
+                "bitnet_kernel_levels")
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,13 @@ class LibraryChoice:
     message: str  # one line for the start-up log
 
 
-def _one_line(text) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else ""
-
-
 def probe(path) -> str:
     """"" when the library at `path` runs here, else one line saying why it does not."""
     path = os.fspath(path)
     try:
         lib = ctypes.CDLL(os.path.realpath(path))
     except OSError as e:  # another architecture, a newer C/C++ runtime, not a library at all
-        return f"it does not load on this {platform.machine()} system ({_one_line(e)})"
+        return f"it does not load on this {platform.machine()} system ({first_line(e)[:300]})"
     missing = [name for name in ENTRY_POINTS if not hasattr(lib, name)]
     if missing:
         return f"it lacks {', '.join(missing)} (made by another version of bitnet-onnx)"
@@ -57,7 +54,7 @@ def probe(path) -> str:
     try:
         return _check_a_bitlinear_node(os.path.realpath(path))
     except Exception as e:  # noqa: BLE001 - whatever onnxruntime says, in one line
-        return f"onnxruntime cannot use it ({_one_line(e) or type(e).__name__})"
+        return f"onnxruntime cannot use it ({first_line(e)[:300] or type(e).__name__})"
 
 
 def _check_a_bitlinear_node(path: str) -> str:

@@ -7,12 +7,13 @@ import time
 
 import numpy as np
 
+from runtime.folder import write_config
+
 from .checkpoint import Checkpoint, linear_prefixes, open_checkpoint
 from .errors import ExportError
 from .external_data import ExternalDataWriter, save_model
 from .graph import DecoderGraph, LayerWeights, Projection
-from .model_folder import (atomic_output_dir, check_output_dir, copy_tokenizer_files, model_config,
-                           tokenizer_metadata, write_config)
+from .model_folder import atomic_output_dir, check_output_dir, copy_tokenizer_files, model_config, tokenizer_metadata
 from .source import resolve_source
 from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES, make_variant, resolve_lm_head
 

@@ -30,7 +30,7 @@ import sys
 
 from custom_ops.build import LIBRARY_NAME
 from runtime import folder as model_folder
-from runtime.errors import EngineError
+from runtime.errors import EngineError, first_line
 
 GENAI_CONFIG_NAME = "genai_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -175,7 +175,7 @@ def write_genai_files(folder: str, config: dict, progress=print, variant: str | 
         try:
             install(folder)
         except BuildError as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             progress(f"onnxruntime-genai: the custom-op library is not in the folder ({reason}); "
                      f"add it later with: python -m custom_ops install DIR")
 

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, is_exported, write_config  # noqa: F401
+from runtime.folder import CONFIG_NAME, CUSTOM_OP_DOMAIN, TOKENIZER_FILES, is_exported
 
 from .checkpoint import ModelSpec
 from .errors import ExportError

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from runtime.errors import first_line
+
 from .errors import ExportError
 
 # Only what the export needs: no *.bin / *.pt / original training files.
@@ -35,6 +37,6 @@ def resolve_source(source: str, revision: str | None = None) -> str:
             f"{source}: no such local folder, and not in the hub cache while the hub cannot be "
             "reached (offline or HF_HUB_OFFLINE=1); download it once with network access") from None
     except HfHubHTTPError as e:
-        raise ExportError(f"could not download {source} from the hub: {str(e).splitlines()[0]}") from None
+        raise ExportError(f"could not download {source} from the hub: {first_line(e)}") from None
     except OSError as e:
         raise ExportError(f"could not download {source}: {e}") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from export.publish import folder_files
 from runtime.errors import EngineError
 from runtime.folder import CONFIG_NAME, read_config
 
@@ -30,6 +29,8 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     """
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from export.publish import folder_files  # (the exporter's imports are not needed before this)
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:

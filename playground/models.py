@@ -107,6 +107,7 @@ class _DownloadWatcher:
         self.folder = Path(HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "blobs"
         self.progress, self.every_s = progress, every_s
         self._stop = threading.Event()
+        self._initial = self._size()
         self._thread = threading.Thread(target=self._run, name="download-watcher", daemon=True)
         self._thread.start()
 
@@ -117,7 +118,7 @@ class _DownloadWatcher:
             return 0
 
     def _run(self) -> None:
-        last = -1
+        last = self._initial  # what the cache already held is not a download
         while not self._stop.wait(self.every_s):
             size = self._size()
             if size != last:

@@ -11,6 +11,7 @@ import custom_ops
 
 from .conversation import NO_BASELINE, TERNARY
 from .hardware import hardware_line
+from .hub import choose_operator_library
 
 log = logging.getLogger("bitnet-onnx.app")
 
@@ -20,6 +21,7 @@ def prepare(pg) -> None:
     the page); its progress goes to pg.progress."""
     pg.state = "preparing"
     try:
+        pg.progress(choose_operator_library(pg.model_spec).message)  # the folder's, or a build
         pg.ops = custom_ops.status()  # never raises: .ok .reason .fix .kernel .cpu
         pg.hardware = {"cpu": pg.ops.cpu, "kernel": pg.ops.kernel, "threads": pg.threads,
                        "custom_ops": "ok" if pg.ops.ok else pg.ops.reason}

@@ -3,6 +3,7 @@ Hugging Face Hub applies when a Space is pushed.
 
     meta = read_front_matter("README.md")
     problems = front_matter_problems(meta, gradio_pin=gradio_pin("requirements.txt"))
+    python -m playground.space_config [REPO_DIR]   # the same checks, plus binaries outside LFS
 
 Keys and value types follow the Hub's "Spaces Configuration Reference" (hub-docs,
 docs/hub/spaces-config-reference.md, version of 2026-08-22); the 60-character limit of
@@ -220,3 +221,34 @@ def binaries_without_lfs_rule(repo, limit: int = BINARY_LIMIT) -> list[str]:
         return []
     filters = lfs_filter_of(repo, big)
     return [p for p in big if filters.get(p) != "lfs"]
+
+
+def main(argv=None) -> int:
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m playground.space_config",
+                                     description="Check a Space's repository as the Hub would on a push: "
+                                                 "README.md front matter, binaries over 1 MB outside LFS/Xet.")
+    parser.add_argument("repo", nargs="?", default=".", help="the Space's repository folder (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        meta = read_front_matter(os.path.join(args.repo, "README.md"))
+    except (OSError, FrontMatterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    requirements = os.path.join(args.repo, "requirements.txt")
+    problems = front_matter_problems(meta, gradio_pin(requirements) if os.path.isfile(requirements) else None)
+    if os.path.isdir(os.path.join(args.repo, ".git")) or os.path.isfile(os.path.join(args.repo, ".git")):
+        problems += [f"{p}: a binary over 1 MB with no filter=lfs rule in .gitattributes"
+                     for p in binaries_without_lfs_rule(args.repo)]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"{os.path.join(args.repo, 'README.md')}: the Hub accepts this Space configuration")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .cpus import available_threads, check_threads
-from .errors import EngineError, first_line
+from .errors import EngineError
 
 
 def session_options(threads: int | None = None, custom_ops: bool = False, config: dict | None = None):
@@ -41,21 +41,12 @@ def open_session(model_path, *, threads: int | None = None, custom_ops: bool = F
 
 def check_custom_ops() -> None:
     """Raise EngineError with one line saying why the custom-op library (the ternary variant)
-    cannot run here and how to fix it; uses custom_ops.status() when the package has it."""
+    cannot run here and how to fix it: custom_ops.status(), the one answer to that question."""
     try:
         import custom_ops
     except ImportError as e:
         raise EngineError(f"the ternary variant needs the custom_ops package ({e}); run from the "
                           "repository root or use --variant int2") from None
-    status = getattr(custom_ops, "status", None)
-    if status is not None:  # custom_ops.status(): never raises, says why and how to fix
-        st = status()
-        if not st.ok:
-            raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} "
-                              "(or use --variant int2)")
-        return
-    try:
-        custom_ops.library_path()
-    except Exception as e:  # BuildError: no compiler, no headers
-        raise EngineError(f"the ternary variant needs the bitnet custom-op library, which cannot be "
-                          f"built here: {first_line(e)} (or use --variant int2)") from None
+    st = custom_ops.status()
+    if not st.ok:
+        raise EngineError(f"the ternary variant cannot run here: {st.reason}; {st.fix} (or use --variant int2)")

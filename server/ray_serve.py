@@ -18,6 +18,7 @@ onto that cluster. Note: Ray binds its services to the host's network address ev
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -215,8 +216,7 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
+        importlib.import_module("ray.serve")
     except ImportError as e:
         print(f"error: --ray needs Ray Serve ({e}); install it with: pip install -r requirements-ray.txt",
               file=sys.stderr)

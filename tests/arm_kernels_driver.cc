@@ -6,6 +6,7 @@
 //
 // BitLinear: bit for bit (memcmp) against the reference, at the 2B4T shapes, odd K and N,
 // M = 1..9 and 128, with the work split into row x group ranges the way ops.cc splits it.
+// MatMulI8: bit for bit against the reference (exact integer sums), whole and split.
 // MatMulF16: the NEON kernel has its own fixed summation order (like the x86 kernels), so it
 // is checked bit for bit against a scalar model of that order, for batch invariance (a row's
 // result does not depend on M), and against the reference within a float32 error bound.
@@ -173,6 +174,42 @@ static void check_matmul_f16(const KernelSet& ref, const KernelSet& arm, int64_t
   check(close_ok, std::string("MatMulF16 ") + arm.matmul_f16_name + " within float32 error of the reference" + shape);
 }
 
+// ---- MatMulI8 ------------------------------------------------------------------------------
+
+// Bit for bit against the reference, whole and split into odd row blocks and column slices,
+// with |w| = 128 and |x| = 127 entries (the int16 pair sums at their bound).
+static void check_matmul_i8(const KernelSet& ref, const KernelSet& arm, int64_t M, int64_t K, int64_t N) {
+  std::mt19937 rng(static_cast<uint32_t>(M * 257 + K * 13 + N));
+  const int64_t Kp = round_up(K, kI8PadK);
+  std::vector<int8_t> w(static_cast<size_t>(N * K));
+  for (size_t i = 0; i < w.size(); ++i) w[i] = static_cast<int8_t>(i % 7 == 0 ? -128 : static_cast<int>(rng() % 256) - 128);
+  std::vector<float> S(static_cast<size_t>(N));
+  for (auto& s : S) s = 0.25f + static_cast<float>(rng() % 1000) / 1000.0f;
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> x(static_cast<size_t>(M * K)), residual(static_cast<size_t>(M * K));
+  for (auto& v : x) v = normal(rng);
+  if (M >= 2) for (int64_t k = 0; k < K; ++k) x[K + k] = -1.0f;  // every xq = -127
+  std::vector<int8_t> q(static_cast<size_t>(2 * M * Kp));
+  std::vector<int32_t> sums(static_cast<size_t>(2 * M));
+  std::vector<float> scales(static_cast<size_t>(2 * M));
+  quantize_rows(x.data(), K, Kp, 0, M, q.data(), sums.data(), scales.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) residual[m * K + k] = x[m * K + k] - static_cast<float>(q[m * Kp + k]) / scales[m];
+  quantize_rows(residual.data(), K, Kp, 0, M, q.data() + M * Kp, sums.data() + M, scales.data() + M);
+  auto run = [&](MatMulI8Kernel kernel, int64_t rows, int64_t cols) {
+    std::vector<float> y(static_cast<size_t>(M * N), -1.0f);
+    MatMulI8Problem p{q.data(), sums.data(), scales.data(), q.data() + M * Kp, sums.data() + M, scales.data() + M,
+                      w.data(), S.data(), true, y.data(), M, N, K, Kp};
+    for (int64_t n0 = 0; n0 < N; n0 += cols)
+      for (int64_t m0 = 0; m0 < M; m0 += rows) kernel(p, m0, std::min(m0 + rows, M), n0, std::min(n0 + cols, N));
+    return y;
+  };
+  const std::vector<float> expected = run(ref.matmul_i8, M, N);
+  const bool ok = same_bits(run(arm.matmul_i8, M, N), expected) && same_bits(run(arm.matmul_i8, 3, 5), expected);
+  check(ok, std::string("MatMulI8 ") + arm.matmul_i8_name + " == reference bit for bit: M=" + std::to_string(M) +
+                " K=" + std::to_string(K) + " N=" + std::to_string(N));
+}
+
 // ---- main ----------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
@@ -229,6 +266,13 @@ int main(int argc, char** argv) {
   check_matmul_f16(ref, arm[0], 1, 2560, 64);
   check_matmul_f16(ref, arm[0], 5, 2563, 9);
   check_matmul_f16(ref, arm[0], 128, 67, 5);
+
+  // MatMulI8 (same NEON kernel at both levels): 2B4T's K, odd K and N, M = 1..9 and 33.
+  check(std::string(arm[0].matmul_i8_name) == "neon", std::string("kernel table: MatMulI8 ") + arm[0].matmul_i8_name);
+  for (int64_t M = 1; M <= 9; ++M) check_matmul_i8(ref, arm[0], M, 37, 7);
+  check_matmul_i8(ref, arm[0], 1, 2560, 64);
+  check_matmul_i8(ref, arm[0], 4, 2563, 9);
+  check_matmul_i8(ref, arm[0], 33, 67, 5);
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;

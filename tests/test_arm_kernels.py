@@ -2,8 +2,8 @@
 cross-compiled with Debian's aarch64 compiler and run under qemu-user, once on a CPU model with
 the dot-product extension (-cpu max) and once without it (-cpu cortex-a53), so both dispatch
 paths run. The driver (tests/arm_kernels_driver.cc) checks BitLinear bit for bit at the 2B4T
-shapes, odd K and N, M = 1..9 and 128, and MatMulF16 against a scalar model of its summation
-order. CI installs the tools (.ci/run); elsewhere: apt-get install g++-aarch64-linux-gnu qemu-user.
+shapes, odd K and N, M = 1..9 and 128, MatMulI8 bit for bit, and MatMulF16 against a scalar
+model of its summation order. CI installs the tools (.ci/run); elsewhere: apt-get install g++-aarch64-linux-gnu qemu-user.
 Speed on ARM cannot be measured this way (qemu translates every instruction).
 """
 
@@ -74,6 +74,17 @@ def test_arm_kernels_match_reference_under_qemu(driver, cpu, dotprod):
         assert not any("BitLinear dotprod" in line for line in lines)
         assert any("BITNET_KERNEL=dotprod refused" in line for line in lines)
     assert any("MatMulF16 neon == scalar model" in line for line in lines)
+
+
+def test_arm_matmul_i8_runs_neon_bit_for_bit_under_qemu(driver):
+    """The 8-bit head has an ARM64 kernel (NEON smull/smlal2 + sadalp), equal to the reference
+    bit for bit at 2B4T's K, odd K and N, M = 1..9 and 33."""
+    result = subprocess.run([QEMU, "-cpu", "cortex-a53", str(driver), "--expect-dotprod", "0"],
+                            capture_output=True, text=True, timeout=600)
+    checked = [line for line in result.stdout.splitlines() if "MatMulI8" in line]
+    assert checked and all(line.startswith("ok") for line in checked), "\n".join(checked)
+    assert sum("MatMulI8 neon == reference" in line for line in checked) >= 12
+    assert any("K=2560" in line for line in checked) and any("M=33" in line for line in checked)
 
 
 def test_library_cross_compiles_for_arm64(tmp_path):

@@ -330,6 +330,21 @@ def test_matmul_i8_is_batch_invariant(kernel):
     batch_invariance(lambda x: sess.run(None, {"X": x})[0], 2560)
 
 
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+@pytest.mark.parametrize("k,n", [(191, 77), (2563, 100)])
+def test_matmul_i8_rows_of_every_batch_height_equal_the_reference_and_the_row_alone(kernel, k, n):
+    """M = 1..17 and 33 (the AMX kernel's 16-row blocks and 32-table-row tiles with their
+    remainders, the 4-row tiles of the others), odd K and N."""
+    rng = np.random.default_rng(k + n)
+    codes, scales = int8_table(rng, n, k)
+    sess = session(matmul_i8_model(codes, scales), kernel)
+    x = rng.standard_normal((33, k)).astype(np.float32) * 3
+    alone = np.concatenate([sess.run(None, {"X": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(alone, reference.matmul_i8(x, codes, scales))
+    for m in [*range(2, 18), 33]:
+        np.testing.assert_array_equal(sess.run(None, {"X": x[:m]})[0], alone[:m], err_msg=f"M={m}")
+
+
 def test_matmul_i8_shapes_and_errors():
     codes, scales = int8_table(np.random.default_rng(5), 6, 8)
     sess = session(matmul_i8_model(codes, scales), KERNELS[-1])
@@ -370,7 +385,7 @@ DISPATCH_TABLE = {
         ("avx512vnni", "avx512vnni", "avx512", "avx512vnni")),
     "Sapphire Rapids with AMX tiles": (
         F.FEATURE_AVX2 | F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI | F.FEATURE_AVXVNNI | F.FEATURE_AMX,
-        ("amx", "amx", "avx512", "avx512vnni")),
+        ("amx", "amx", "avx512", "amx")),
     "AMX bits without AVX-512 VNNI (inconsistent)": (F.FEATURE_AVX2 | F.FEATURE_AMX, ("avx2",) * 4),
     # features the SIMD kernels build on missing: nothing above the reference is usable
     "AVX-512 bits without AVX2 (inconsistent)": (F.FEATURE_AVX512 | F.FEATURE_AVX512VNNI, ("reference",) * 4),

@@ -118,6 +118,7 @@ void* RegisterCustomOps(void* options, const void* api_base) { return nullptr; }
 const char* bitnet_resolve_kernel(const char* requested) { return "reference"; }
 uint32_t bitnet_cpu_features() { return 0; }
 void bitnet_kernel_table(uint32_t features, char* out, size_t size) {}
+size_t bitnet_kernel_levels(char* out, size_t size) { return 0; }
 #endif
 }
 """
@@ -161,3 +162,26 @@ def test_a_folder_without_a_copy_builds(tmp_path, monkeypatch, no_adoption):
     monkeypatch.setenv("BITNET_BUILD_DIR", str(tmp_path / "empty"))
     choice = prebuilt.adopt_folder_library(tmp_path)
     assert choice.source == "build" and "the model folder carries none" in choice.message
+
+
+def test_a_preloaded_cache_is_not_reported_as_a_download(tmp_path, monkeypatch):
+    """The download watcher reports growth of the repo's blobs, not what preload_from_hub put
+    there at build time (a Space's start downloads nothing and must not say it does)."""
+    import time
+
+    from playground import models
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    blobs = tmp_path / "models--org--name" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "preloaded").write_bytes(b"0" * 2**20)
+    lines = []
+    watcher = models._DownloadWatcher("org/name", lines.append, every_s=0.05)
+    time.sleep(0.3)
+    assert lines == []
+    (blobs / "new.incomplete").write_bytes(b"0" * 2**20)
+    deadline = time.time() + 5
+    while not lines and time.time() < deadline:
+        time.sleep(0.05)
+    watcher.stop()
+    assert lines and lines[0].startswith("downloading: ")

@@ -133,3 +133,15 @@ def test_the_binary_check_finds_a_binary_without_a_rule(tmp_path):
     assert binaries_without_lfs_rule(tmp_path) == ["weights.bin"]
     (tmp_path / ".gitattributes").write_text("*.bin filter=lfs diff=lfs merge=lfs -text\n")
     assert binaries_without_lfs_rule(tmp_path) == []
+
+
+def test_command_line_check(tmp_path, capsys):
+    from playground.space_config import main
+
+    assert main([ROOT]) == 0
+    assert "the Hub accepts this Space configuration" in capsys.readouterr().out
+    text = open(README, encoding="utf-8").read().replace(
+        "short_description: ", "short_description: A much longer description that the Hub refuses - ", 1)
+    (tmp_path / "README.md").write_text(text, encoding="utf-8")
+    assert main([str(tmp_path)]) == 1
+    assert "short_description" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 // (kernels_for_features), the CPU's bits (cpu_features), and the BITNET_KERNEL levels that
 // force a subset of them.
 
+#include <cstdio>
 #include <string>
 
 #include "kernels.h"
@@ -161,10 +162,14 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
   static const KernelChoice<MatMulI8Kernel> list[] = {
 #if BITNET_X86_SIMD
+      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, matmul_i8_amx},
       {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, matmul_i8_avx512vnni},
       {"avx512bw", kFeatAvx2 | kFeatAvx512, matmul_i8_avx512bw},
       {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
       {"avx2", kFeatAvx2, matmul_i8_avx2},
+#endif
+#if defined(__aarch64__)
+      {"neon", kFeatNeon, matmul_i8_neon},
 #endif
       {"reference", 0, matmul_i8_reference},
   };
@@ -218,3 +223,27 @@ bool select_kernels(const char* requested, KernelSet* out, std::string* error) {
 }
 
 }  // namespace bitnet
+
+// For custom_ops/__init__.py (via ctypes), so Python keeps no copy of the table above: the
+// levels of the architecture this library was built for, weakest first, one "name features\n"
+// line each (features: CpuFeature bits). Writes at most size - 1 bytes and a NUL; returns the
+// table's whole length.
+extern "C" BITNET_EXPORT size_t bitnet_kernel_levels(char* out, size_t size) {
+  using bitnet::kFeatDotProd;
+  using bitnet::kFeatNeon;
+#if defined(__x86_64__) || defined(_M_X64)
+  const uint32_t other_arch = kFeatNeon | kFeatDotProd;
+#elif defined(__aarch64__) || defined(_M_ARM64)
+  const uint32_t other_arch = ~(kFeatNeon | kFeatDotProd);
+#else
+  const uint32_t other_arch = ~0u;  // the reference only
+#endif
+  std::string table;
+  for (size_t i = sizeof(bitnet::kLevels) / sizeof(bitnet::kLevels[0]); i-- > 0;) {
+    const bitnet::Level& level = bitnet::kLevels[i];
+    if ((level.features & other_arch) == 0)
+      table += std::string(level.name) + " " + std::to_string(level.features) + "\n";
+  }
+  if (size > 0) std::snprintf(out, size, "%s", table.c_str());
+  return table.size();
+}

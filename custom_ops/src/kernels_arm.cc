@@ -1,4 +1,4 @@
-// ARM64 NEON twins of kernels_reference.cc's BitLinear and MatMulF16 references (Advanced SIMD is part
+// ARM64 NEON twins of kernels_reference.cc's BitLinear, MatMulF16 and MatMulI8 references (Advanced SIMD is part
 // of every ARMv8-A CPU, so nothing here needs a run-time check). The dot-product BitLinear is
 // in kernels_arm_dotprod.cc; dispatch.cc chooses between them from HWCAP.
 
@@ -121,6 +121,50 @@ void matmul_f16_neon_rows(const MatMulF16Problem& p, int64_t m0, int64_t n) {
   }
 }
 
+// ---- MatMulI8: NEON ----------------------------------------------------------------------
+// Weight rows outermost (one sequential stream), each 16-byte load shared by up to four rows
+// of x and both terms. smull + smlal2 give eight int16 lanes of two products each: |w| <= 128
+// and |x| <= 127, so a lane is at most 2 * 16256 = 32512 (exact); sadalp folds lane pairs into
+// int32. The last K % 16 values go one by one (no byte past the table is read). Exact integer
+// sums, so the bits are the reference's for every M.
+int32_t dot_i8_tail(const int8_t* w, const int8_t* x, int64_t k, int64_t K) {
+  int32_t s = 0;
+  for (; k < K; ++k) s += static_cast<int32_t>(w[k]) * x[k];
+  return s;
+}
+
+template <int MR>
+void matmul_i8_neon_rows(const MatMulI8Problem& p, int64_t m0, int64_t n) {
+  const int8_t* w = p.w + n * p.K;
+  const int8_t* xr[MR][2];
+  int32x4_t acc[MR][2];  // every loop over it unrolled: registers, not stack (see above)
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    xr[m][0] = p.xq + (m0 + m) * p.Kp;
+    xr[m][1] = p.rq + (m0 + m) * p.Kp;
+    acc[m][0] = acc[m][1] = vdupq_n_s32(0);
+  }
+  int64_t k = 0;
+  for (; k + 16 <= p.K; k += 16) {
+    __builtin_prefetch(w + k + kArmPrefetchBytes);
+    const int8x16_t wv = vld1q_s8(w + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        const int8x16_t xv = vld1q_s8(xr[m][t] + k);
+        const int16x8_t prod = vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(xv)), wv, xv);
+        acc[m][t] = vpadalq_s16(acc[m][t], prod);
+      }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; ++m) {
+    const int32_t hi = vaddvq_s32(acc[m][0]) + dot_i8_tail(w, xr[m][0], k, p.K);
+    const int32_t lo = vaddvq_s32(acc[m][1]) + dot_i8_tail(w, xr[m][1], k, p.K);
+    p.y[(m0 + m) * p.N + n] = head_output(p, m0 + m, n, hi, lo);
+  }
+}
+
 }  // namespace
 
 void bitlinear_neon(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
@@ -142,6 +186,11 @@ void matmul_f16_neon(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t 
       default: break;
     }
   }
+}
+
+void matmul_i8_neon(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  walk_row_tiles<matmul_i8_neon_rows<4>, matmul_i8_neon_rows<3>, matmul_i8_neon_rows<2>, matmul_i8_neon_rows<1>>(
+      p, m0, m1, n0, n1);
 }
 
 }  // namespace bitnet

@@ -35,6 +35,7 @@ void matmul_i8_avx2(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0
 void matmul_i8_avxvnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void matmul_i8_avx512bw(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 void matmul_i8_avx512vnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+void matmul_i8_amx(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 
 }  // namespace bitnet
 

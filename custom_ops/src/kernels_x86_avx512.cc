@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <immintrin.h>
 
@@ -161,7 +162,7 @@ BITNET_AVX512VNNI void bitlinear_avx512vnni(const BitLinearProblem& p, int64_t m
 // place; tdpbssd adds sum(x * c) over the 64 k into C tiles of up to 16 rows x 16 int32 columns.
 // Two row tiles share each unpacked chunk, so the weights are unpacked once per 32 rows, and
 // one 16 x 16 x 64 tdpbssd replaces 64 vpdpbusd. The sums are exact int32, so the results are
-// the VNNI kernel's bits. One row (decode) runs the VNNI row kernel, which streams faster.
+// the VNNI kernel's bits. Below kAmxMinRows rows (decode) the VNNI kernels run: they stream faster.
 //
 // Tiles: tmm0/tmm1 C of row tile 0 (halves 0/1), tmm2/tmm3 C of row tile 1, tmm4/tmm5 A of row
 // tiles 0/1, tmm6/tmm7 B (halves 0/1). With one row tile, tmm2/tmm3 sum the odd chunks: two
@@ -179,6 +180,10 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kAmxChunkBlocks = 4;  // 64 k: the depth of one tdpbssd
 constexpr int64_t kAmxRows = 16;        // rows of an A or C tile
+// Fewer rows run the AVX-512 VNNI kernels. Measured inside ONNX Runtime with the weights coming
+// from memory (bench/bench_rows.py, CPU time): at 2 rows the VNNI tiles were 1.2x (BitLinear)
+// and 1.3x (MatMulI8) faster, at 4 rows even, from 8 rows on AMX won (1.35x / 1.6x at 8).
+constexpr int64_t kAmxMinRows = 4;
 
 BITNET_AMX static void amx_configure(int rows0, int rows1) {
   TileConfig cfg;
@@ -285,7 +290,7 @@ BITNET_AMX static void bitlinear_amx_tile(const BitLinearProblem& p, int64_t m0,
 }
 
 BITNET_AMX void bitlinear_amx(const BitLinearProblem& p, int64_t m0, int64_t m1, int64_t g0, int64_t g1) {
-  if (m1 - m0 == 1) {
+  if (m1 - m0 < kAmxMinRows) {
     bitlinear_avx512vnni(p, m0, m1, g0, g1);
     return;
   }
@@ -404,6 +409,109 @@ BITNET_AVX512VNNI static void matmul_i8_vnni_rows(const MatMulI8Problem& p, int6
 BITNET_AVX512VNNI void matmul_i8_avx512vnni(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   walk_row_tiles<matmul_i8_vnni_rows<4>, matmul_i8_vnni_rows<3>, matmul_i8_vnni_rows<2>, matmul_i8_vnni_rows<1>>(
       p, m0, m1, n0, n1);
+}
+
+// ---- MatMulI8: AMX-INT8 tiles, for 2 to 16 rows of x ---------------------------------------
+// Here the weight table is the A operand, read in place: a tile is 16 table rows x 64 bytes of
+// k (stride K). The rows of x, both terms, are laid out once per call as B tiles (row r of a
+// 64-k chunk holds, for each row m of x, its four values at k = 4r .. 4r+3), so tdpbssd adds
+// w[n] . xq[m] for 16 table rows x up to 16 rows of x at once: the instruction's cost depends
+// on the table rows, not on M, so a batch reads the table at about the speed of one row.
+// Exact int32 sums, so the bits are the other kernels'. Below kAmxMinRows rows the VNNI kernel runs.
+//
+// Tiles: tmm0/tmm1 C of table tile 0 (xq and rq terms), tmm2/tmm3 C of table tile 1, tmm4/tmm5
+// A (table tiles 0/1), tmm6/tmm7 B (the xq and rq terms of the chunk).
+
+BITNET_AMX static void amx_configure_head(int rows0, int rows1, int m) {
+  TileConfig cfg;
+  const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, kAmxRows, kAmxRows};
+  const int colsb[8] = {4 * m, 4 * m, 4 * m, 4 * m, 64, 64, 4 * m, 4 * m};
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
+    cfg.colsb[t] = static_cast<uint16_t>(rows[t] ? colsb[t] : 0);
+  }
+  asm volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+}
+
+// Rows [m0, m0 + mr) of x (mr <= 16), table rows [n0, n1).
+BITNET_AMX static void matmul_i8_amx_rows(const MatMulI8Problem& p, int64_t m0, int mr, int64_t n0, int64_t n1) {
+  const int64_t chunks = (p.K + 63) / 64;  // xq rows are padded to a multiple of 64 (kI8PadK)
+  // B tiles of both terms: [chunk][term][16 rows][64 bytes], 4 bytes per row of x.
+  static thread_local std::vector<int8_t> layout;
+  layout.assign(static_cast<size_t>(chunks * 2 * kAmxRows * 64), 0);
+  for (int term = 0; term < 2; ++term) {
+    const int8_t* q = (term == 0 ? p.xq : p.rq) + m0 * p.Kp;
+    for (int m = 0; m < mr; ++m)
+      for (int64_t quad = 0; quad < chunks * kAmxRows; ++quad) {
+        const int64_t c = quad / kAmxRows, r = quad % kAmxRows;
+        std::memcpy(&layout[static_cast<size_t>(((c * 2 + term) * kAmxRows + r) * 64 + 4 * m)], q + m * p.Kp + 4 * quad, 4);
+      }
+  }
+  alignas(64) int8_t tail_w[2 * kAmxRows][64];  // the last partial chunk of the table rows, zero padded
+  alignas(64) int32_t sums[4][kAmxRows][kAmxRows];  // [C tile][table row][row of x]
+  constexpr long kSumStride = sizeof(sums[0][0]);
+  int configured = -1;
+  for (int64_t n = n0; n < n1; n += 2 * kAmxRows) {
+    const int rows0 = static_cast<int>(std::min<int64_t>(kAmxRows, n1 - n));
+    const int rows1 = static_cast<int>(std::min<int64_t>(kAmxRows, n1 - n - rows0));
+    if (rows0 * 32 + rows1 != configured) {
+      amx_configure_head(rows0, rows1, mr);
+      configured = rows0 * 32 + rows1;
+    }
+    asm volatile("tilezero %%tmm0\n\ttilezero %%tmm1" ::: "memory");
+    if (rows1) asm volatile("tilezero %%tmm2\n\ttilezero %%tmm3" ::: "memory");
+    const int8_t* w0 = p.w + n * p.K;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k = 64 * c;
+      const int8_t* a0 = w0 + k;
+      long a_stride = static_cast<long>(p.K);
+      if (k + 64 > p.K) {  // A would read past the table rows' end: copy, zero padded
+        for (int r = 0; r < rows0 + rows1; ++r) {
+          std::memset(tail_w[r], 0, 64);
+          std::memcpy(tail_w[r], w0 + r * p.K + k, static_cast<size_t>(p.K - k));
+        }
+        a0 = tail_w[0];
+        a_stride = 64;
+      } else {
+        for (int r = 0; r < rows0 + rows1; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + r * p.K + k + kI8PrefetchBytes / 2), _MM_HINT_T0);
+      }
+      const int8_t* b = &layout[static_cast<size_t>(c * 2 * kAmxRows * 64)];
+      asm volatile(
+          "tileloadd (%0,%1,1), %%tmm6\n\t"
+          "tileloadd (%2,%1,1), %%tmm7\n\t"
+          "tileloadd (%3,%4,1), %%tmm4\n\t"
+          "tdpbssd %%tmm6, %%tmm4, %%tmm0\n\t"
+          "tdpbssd %%tmm7, %%tmm4, %%tmm1"
+          ::"r"(b), "r"(64L), "r"(b + kAmxRows * 64), "r"(a0), "r"(a_stride) : "memory");
+      if (rows1)
+        asm volatile(
+            "tileloadd (%0,%1,1), %%tmm5\n\t"
+            "tdpbssd %%tmm6, %%tmm5, %%tmm2\n\t"
+            "tdpbssd %%tmm7, %%tmm5, %%tmm3"
+            ::"r"(a0 + kAmxRows * a_stride), "r"(a_stride) : "memory");
+    }
+    asm volatile("tilestored %%tmm0, (%0,%1,1)\n\ttilestored %%tmm1, (%2,%1,1)"
+                 ::"r"(sums[0]), "r"(kSumStride), "r"(sums[1]) : "memory");
+    if (rows1)
+      asm volatile("tilestored %%tmm2, (%0,%1,1)\n\ttilestored %%tmm3, (%2,%1,1)"
+                   ::"r"(sums[2]), "r"(kSumStride), "r"(sums[3]) : "memory");
+    for (int r = 0; r < rows0 + rows1; ++r) {
+      const int tile = r < rows0 ? 0 : 2, row = r < rows0 ? r : r - rows0;
+      for (int m = 0; m < mr; ++m)
+        p.y[(m0 + m) * p.N + n + r] = head_output(p, m0 + m, n + r, sums[tile][row][m], sums[tile + 1][row][m]);
+    }
+  }
+}
+
+BITNET_AMX void matmul_i8_amx(const MatMulI8Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m1 - m0 < kAmxMinRows) {
+    matmul_i8_avx512vnni(p, m0, m1, n0, n1);
+    return;
+  }
+  for (int64_t m = m0; m < m1; m += kAmxRows)
+    matmul_i8_amx_rows(p, m, static_cast<int>(std::min(kAmxRows, m1 - m)), n0, n1);
+  asm volatile("tilerelease" ::: "memory");
 }
 
 }  // namespace bitnet

@@ -412,9 +412,10 @@ struct MatMulI8KernelState {
     MatMulI8QuantizeWork quantize{&p, X.GetTensorData<float>(), residual.data(), xq.data(), xq.data() + M * Kp,
                                   xsum.data(), xsum.data() + M, xscale.data(), xscale.data() + M};
     parallel_for(ctx, quantize_items(M), matmul_i8_quantize_item, &quantize);
-    // Decode: slices of 4096 weight rows (few pool tasks, each one long sequential stream);
-    // more rows: blocks of 16 rows x 256 weight rows, so both stay in cache while paired.
-    TileWork<bitnet::MatMulI8Problem> work{&p, kernels.matmul_i8, 16, M == 1 ? 4096 : 256};
+    // Up to 16 rows (decode, batches): slices of 4096 weight rows (few pool tasks, each one long
+    // sequential stream, and the AMX kernel lays x out once per slice); more rows: blocks of 16
+    // rows x 256 weight rows, so both stay in cache while paired.
+    TileWork<bitnet::MatMulI8Problem> work{&p, kernels.matmul_i8, 16, M <= 16 ? 4096 : 256};
     work.run_all(ctx);
     return nullptr;
   }

@@ -235,3 +235,25 @@ def test_a_queued_stream_gets_keepalives_within_the_clients_read_timeout(engine)
     assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
     texts = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
     assert texts[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_python_m_server_loads_in_the_background_and_reports_a_failed_load(tmp_path):
+    """The folder and variant are checked at once (exit 2); the model then loads while /health
+    answers 503; a model that cannot load stops the server with exit code 2 and the reason."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.api_support import free_port
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir(), folder)
+    (folder / "model.int2.onnx").write_bytes(b"not an onnx model")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    p = subprocess.run([sys.executable, "-m", "server", str(folder), "--variant", "int2", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "cannot load" in p.stderr, (p.returncode, p.stderr[-2000:])
+    p = subprocess.run([sys.executable, "-m", "server", str(tmp_path / "missing"), "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]

@@ -3,7 +3,7 @@
     python -m server MODEL_DIR [--variant ternary] [--name ID] [--host 127.0.0.1] [--port 8000]
                                [--batch SLOTS (default 4; 0: one request at a time)]
     python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--autoscale MIN:MAX]
-        (the same API on Ray Serve, one engine per replica: server/ray_serve.py)
+        (the same API on Ray Serve, one batched engine per replica: server/ray_serve.py)
 
 The playground (app.py) mounts its own page the same way; this is for API-only hosting,
 benchmarks and tests. Limits come from BITNET_API_* variables, the key from BITNET_API_KEY.

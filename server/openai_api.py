@@ -5,12 +5,15 @@
     uvicorn.run(create_api({"bitnet-b1.58-2B-4T": engine}), port=8000)   # or alone
 
 Requests are read and validated by server/requests.py (pydantic models), models found by
-server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs),
-and every error of every route goes through `api_error` here (the one error handler: the
-routes' class, ApiRoute) into server/errors.py's shape.
+server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs)
+with server/work.py (what a request runs), answers shaped by server/responses.py, and every
+error of every route goes through `api_error` here (the one error handler: the routes'
+class, ApiRoute, which also counts each answer into server/metrics.py).
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not),
-GET /v1/health (open even with a key: queue state only). Every error is JSON in OpenAI's shape
+Routes (docs/SERVING.md lists them with every field): POST /v1/chat/completions and
+/v1/completions (stream or not), GET /v1/models[/{id}], GET /health and /v1/health (open even
+with a key; 503 while loading), GET /metrics (open), POST /tokenize, /detokenize and
+GET /tokenizer_info. Every error is JSON in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for what the client did
 and 429/503 (with Retry-After) when the CPU is taken.
 """

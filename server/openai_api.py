@@ -283,8 +283,6 @@ def build_router(state: ApiState):
                  for p in req.prompt]
         meta = meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
                         want_logprobs=req.logprobs is not None, prompt_texts=texts)
-        if plan.settings.max_new_tokens and plan.score_top is None and req.echo:
-            pass  # echo without logprobs: the prompt's text only, nothing to score
         headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
         return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
 
@@ -322,12 +320,12 @@ def build_router(state: ApiState):
         return {"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)}
 
     async def wrong_method(request: Request):
-        raise ApiError(405, f"{request.method} is not allowed here; use POST /v1/chat/completions",
+        raise ApiError(405, f"{request.method} is not allowed here; use POST {request.url.path}",
                        code="method_not_allowed", headers={"Allow": "POST"})
 
     async def not_found(request: Request, rest: str):
-        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models "
-                            f"and POST /v1/chat/completions", code="unknown_url")
+        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models, "
+                            f"POST /v1/chat/completions and POST /v1/completions", code="unknown_url")
 
     auth = [Depends(check_auth)]
     router.add_api_route("/health", health, methods=["GET"])  # open even with a key
@@ -340,8 +338,8 @@ def build_router(state: ApiState):
     router.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=auth)
     router.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], dependencies=auth)
     router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
-    router.add_api_route("/v1/chat/completions", wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
-                         dependencies=auth)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        router.add_api_route(path, wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"], dependencies=auth)
     router.add_api_route("/v1/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                          dependencies=auth)
     return router

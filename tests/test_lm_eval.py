@@ -42,37 +42,16 @@ TINY_ITEMS = [{"question": "w5 w17 w33", "choices": [" w100", " w7 w250", " w9"]
               {"question": "w12 w40", "choices": [" w99 w3", " w200"], "answer": 0}]
 
 
-def write_tasks(folder: Path, mc_items, gen_items=None, prefix="bitnet") -> list[str]:
-    """YAML tasks over JSONL files in `folder`; returns the task names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in mc_items))
-    (folder / f"{prefix}_mc.yaml").write_text(f"""task: {prefix}_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
+MC_TASK = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
 metric_list:
   - metric: acc
-""")
-    names = [f"{prefix}_mc"]
-    if gen_items:
-        (folder / "gen.jsonl").write_text("".join(json.dumps(i) + "\n" for i in gen_items))
-        (folder / f"{prefix}_gen.yaml").write_text(f"""task: {prefix}_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'gen.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-target_delimiter: ""
+"""
+GEN_TASK = """output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{target}}"
 generation_kwargs:
   until: ["\\n", "."]
   max_gen_toks: 12
@@ -80,8 +59,24 @@ generation_kwargs:
   temperature: 0
 metric_list:
   - metric: exact_match
-""")
-        names.append(f"{prefix}_gen")
+"""
+
+
+def write_task(folder: Path, name: str, items, body: str) -> str:
+    """A YAML task `name` over a JSONL file of `items` in `folder` (json dataset: no download)."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                         f"    test: {data}\ntest_split: test\ntarget_delimiter: \"\"\n" + body)
+    return name
+
+
+def write_tasks(folder: Path, mc_items, gen_items=None, prefix="bitnet") -> list[str]:
+    """The multiple-choice task (and the generation task) in `folder`; their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [write_task(folder, f"{prefix}_mc", mc_items, MC_TASK)]
+    if gen_items:
+        names.append(write_task(folder, f"{prefix}_gen", gen_items, GEN_TASK))
     return names
 
 

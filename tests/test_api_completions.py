@@ -257,3 +257,15 @@ def test_python_m_server_loads_in_the_background_and_reports_a_failed_load(tmp_p
     p = subprocess.run([sys.executable, "-m", "server", str(tmp_path / "missing"), "--port", str(free_port())],
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0]"),
+    ({"messages": PROMPT, "stream_options": {"include_usage": True, "continuous": True}}, "stream_options"),
+])
+def test_unknown_keys_inside_parts_are_refused(served, body, param):
+    r = post(served[0], "/v1/chat/completions", dict(body, model="tiny", max_tokens=1))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # null is as good as absent: a previous answer's message sent back as it came
+    again = [{"role": "assistant", "content": "w5", "refusal": None, "tool_calls": None}, PROMPT[0]]
+    assert post(served[0], "/v1/chat/completions", {"model": "tiny", "messages": again, "max_tokens": 1}).status_code == 200

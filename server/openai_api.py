@@ -279,7 +279,7 @@ def build_router(state: ApiState):
 
         admitted = await state.scheduler.admit(engine, req.model, plan_for, id_prefix="cmpl", user=req.user)
         plan = admitted.plan
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True)
                  for p in req.prompt]
         meta = meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
                         want_logprobs=req.logprobs is not None, prompt_texts=texts)

@@ -57,9 +57,17 @@ def prepare(work: str, layers: int | None = None) -> None:
         log(f"exporting it ({VARIANTS}) into {export}")
         subprocess.run([sys.executable, "-m", "export", ckpt, "--out", export, "--variants", VARIANTS,
                         "--overwrite"], cwd=ROOT, check=True)
+    from custom_ops.build import LIBRARY_NAME
+    from custom_ops.install import install
+    from custom_ops.prebuilt import probe
     from export.publish import check_folder
 
     hub = os.path.join(work, "hub")
+    stale = probe(os.path.join(export, LIBRARY_NAME))
+    if stale:  # exported by an older version of this code: publish today's library with it
+        log(f"the export's operator library is stale ({stale}); replacing it with this checkout's")
+        install(export)
+        shutil.rmtree(os.path.join(hub, "models--" + PUBLISHED_ID.replace("/", "--")), ignore_errors=True)
     lay_out(hub, PUBLISHED_ID, export, check_folder(export))  # exactly what publishing uploads
     lay_out(hub, CHECKPOINT_ID, ckpt, sorted(os.listdir(ckpt)))
 
@@ -153,6 +161,7 @@ def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> 
     env.pop("HF_HOME", None)
     if case == "published":
         env["CXX"] = os.path.join(scratch, "no-compiler")  # a compile attempt would fail
+        env["SPACE_AUTHOR_NAME"] = PUBLISHED_ID.split("/")[0]  # as on the owner's Space
     else:
         env["ORT_INCLUDE_DIR"] = headers_dir()
     url = f"http://127.0.0.1:{port}/"
@@ -216,6 +225,10 @@ def measure(work: str, case: str, threads: int, port: int, timeout_s: float) -> 
               "timeline": timeline}
     if answer_s is None:
         result["error"] = "no answer within the timeout; see the log"
+    elif case == "published" and "using the model folder's copy" not in library:
+        result["error"] = "not case (a): the folder's operator library was not used"
+    elif "ternary engine loaded" not in text:
+        result["error"] = "the ternary engine did not load; see the log"
     return result
 
 

@@ -125,14 +125,15 @@ def build_ik(src: Path) -> Path:
         with open(IK_DIR / ".build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not all((binaries / t).exists() for t in LLAMA_TARGETS):
-                _cmake_build(src, build)
+                _cmake_build(src, build, examples=True)
     return binaries
 
 
-def _cmake_build(src: Path, build: Path) -> None:
+def _cmake_build(src: Path, build: Path, examples: bool = False) -> None:
+    """Release build of llama-bench and llama-quantize (ik_llama.cpp keeps them under examples/)."""
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     run(["cmake", "-S", src, "-B", build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", f"-DLLAMA_BUILD_EXAMPLES={'ON' if examples else 'OFF'}",
          "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"])
     run(["cmake", "--build", build, "--target", *LLAMA_TARGETS, "-j", str(os.cpu_count() or 2)])
 

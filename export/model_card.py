@@ -130,7 +130,8 @@ def render_card(folder: str, config: dict, *, source_folder: str | None = None,
               "python -m runtime \"$(hf download --quiet ORG/NAME)\" --prompt \"Hello\"   # --quiet: prints only the local folder",
               "python -m server \"$(hf download --quiet ORG/NAME)\" --port 8000         # the OpenAI-compatible API",
               "```", "",
-              "`ORG/NAME` is the repo this folder was uploaded to (`hf upload ORG/NAME DIR .`, DIR being this folder).",
+              "`ORG/NAME` is the repo this folder was uploaded to (`python -m export.publish DIR ORG/NAME`, or "
+              "`hf upload ORG/NAME DIR .`, DIR being this folder).",
               ""]
     return "\n".join(lines)
 

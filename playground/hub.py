@@ -93,13 +93,39 @@ def cached_folder(spec: str) -> str | None:
     return os.path.dirname(path) if isinstance(path, str) else None
 
 
+TRUST_ENV = "BITNET_TRUST_FOLDER_LIBRARY"
+
+
+def library_trust(spec: str) -> str | None:
+    """Why the operator library of the folder `spec` names may be loaded into this process
+    (None: it may not). Loading it runs its native code: a folder on this disk, or a hub repo
+    of the Space's own owner (SPACE_AUTHOR_NAME, set by Spaces) is trusted; another hub repo
+    only with BITNET_TRUST_FOLDER_LIBRARY=1, as code from a repo needs consent elsewhere too."""
+    if os.path.isdir(spec):
+        return "a folder on this disk"
+    if os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{TRUST_ENV}=1"
+    owner = os.environ.get("SPACE_AUTHOR_NAME", "").strip()
+    if owner and spec.split("/")[0].lower() == owner.lower():
+        return f"the Space's own repo ({owner})"
+    return None
+
+
 def choose_operator_library(spec: str):
     """Before the model is prepared: use the operator library of the exported folder `spec`
-    names (a published repo in the hub cache, e.g. preloaded by a Space) when it runs here, so
-    the start compiles nothing; returns custom_ops.prebuilt.LibraryChoice (.message says which)."""
+    names (a published repo in the hub cache, e.g. preloaded by a Space) when it is trusted
+    (library_trust) and runs here, so the start compiles nothing; returns
+    custom_ops.prebuilt.LibraryChoice (.message says which, and why)."""
     from custom_ops.prebuilt import LibraryChoice, adopt_folder_library
 
     folder = cached_folder(spec)
+    if folder is not None and library_trust(spec) is None:
+        choice = adopt_folder_library(None)  # the build as before (or the one already built)
+        if choice.source == "build":
+            return LibraryChoice("build", "", f"operator library: compiling it here, not loading the "
+                                              f"copy in {spec} (native code from a hub repo that is not "
+                                              f"this Space's; set {TRUST_ENV}=1 to use it)")
+        return choice
     choice = adopt_folder_library(folder)
     if folder is None and choice.source == "build":
         return LibraryChoice("build", "", f"operator library: compiling it here ({spec} is not an "

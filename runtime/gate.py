@@ -91,14 +91,12 @@ class Ticket:
 class Gate:
     """FIFO admission: `concurrency` slots and `queue_size` waiting places."""
 
-    def __init__(self, concurrency: int = 1, queue_size: int = 8, history: int = 256):
+    def __init__(self, concurrency: int = 1, queue_size: int = 8):
         self.concurrency, self.queue_size = concurrency, queue_size
         self._cond = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: set[Ticket] = set()
         self._numbers = itertools.count(1)
-        # The last `history` API jobs (server.scheduler.JobRecord), for /v1/health and the tests.
-        self.records: collections.deque = collections.deque(maxlen=max(history, 1))
         self.counters = collections.Counter()  # admitted, refused_busy, queue_timeouts, ...
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
 

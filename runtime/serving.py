@@ -43,6 +43,6 @@ def concurrency(batch: int) -> int:
     return max(1, check_batch(batch))
 
 
-def serving_gate(batch: int, queue_size: int = DEFAULT_QUEUE_SIZE, history: int = 256) -> Gate:
+def serving_gate(batch: int, queue_size: int = DEFAULT_QUEUE_SIZE) -> Gate:
     """The CPU gate for a server that batches `batch` streams (see concurrency)."""
-    return Gate(concurrency(batch), queue_size, history)
+    return Gate(concurrency(batch), queue_size)

@@ -66,8 +66,8 @@ class Limits:
         return cls.from_env(environ)
 
     def gate(self) -> Gate:
-        """A CPU gate with these limits' concurrency, queue size and history."""
-        return Gate(self.concurrency, self.queue_size, self.history)
+        """A CPU gate with these limits' concurrency and queue size."""
+        return Gate(self.concurrency, self.queue_size)
 
     def validate(self) -> None:
         for name in ("max_body_bytes", "max_messages", "default_max_tokens", "concurrency", "max_prompts"):

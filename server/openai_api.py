@@ -82,7 +82,7 @@ class ApiState:
         return self.scheduler.jobs
 
     def records(self) -> list[JobRecord]:
-        return list(self.gate.records)
+        return list(self.scheduler.records)
 
     def engine_idle(self) -> bool:
         """No generation running or waiting, and no worker thread inside an engine."""
@@ -155,7 +155,7 @@ def install_api(app, models, *, limits: Limits | None = None, api_key: str | Non
     if api_key is ...:
         api_key = os.environ.get(API_KEY_ENV) or None
     gate = gate or limits.gate()
-    state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key, Jobs(gate))
+    state = ApiState(ModelRegistry(models, default_name), gate, limits, api_key, Jobs(gate, limits.history))
     router = build_router(state)
     n_before = len(app.router.routes)
     app.include_router(router)

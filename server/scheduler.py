@@ -6,7 +6,7 @@
     async for item in job.events(): ...
     job.cancel.set()                 # the engine stops at its next token (one decode step)
 
-    jobs = Jobs(gate)                # the API's lifecycle of those steps, with its records
+    jobs = Jobs(gate, history=256)   # the API's lifecycle of those steps, with its records
     admitted = await jobs.admit(engine, model, plan_for)           # 429 / 400 before any wait
     job = await jobs.run(admitted, queue_timeout_s=..., generation_timeout_s=...,
                          disconnected=request.is_disconnected)    # or jobs.start: both
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import threading
 import time
@@ -156,8 +157,9 @@ class Jobs:
     prompts' token ids and settings), the wait for the CPU, a Job in its worker thread, and the
     records /v1/health and tests read."""
 
-    def __init__(self, gate: Gate):
+    def __init__(self, gate: Gate, history: int = 256):
         self.gate = gate
+        self.records: collections.deque[JobRecord] = collections.deque(maxlen=max(history, 1))
         self.jobs: dict[str, Job] = {}  # id -> Job; finished ones leave when the next one starts
 
     def active(self) -> int:
@@ -170,7 +172,7 @@ class Jobs:
         a thread: it tokenizes; what it raises refuses the request)."""
         ticket = self.gate.admit()
         record = JobRecord(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", model=model, user=user)
-        self.gate.records.append(record)
+        self.records.append(record)
         try:
             plan = await asyncio.to_thread(plan_for)
         except BaseException:

@@ -67,7 +67,8 @@ def test_a_space_start_serves_the_published_folder_without_compiler_download_or_
     build_dir, export_cache = tmp_path / "no-build-here", tmp_path / "export-cache"
     env = {"HF_HUB_CACHE": published["hub"], "HF_HUB_OFFLINE": "1", "BITNET_BUILD_DIR": str(build_dir),
            "BITNET_ONNX_CACHE": str(export_cache), "CXX": str(tmp_path / "no-compiler"),
-           "BITNET_MODEL": REPO_ID}  # the Space variable naming the model
+           "BITNET_MODEL": REPO_ID,  # the Space variable naming the model
+           "SPACE_AUTHOR_NAME": "someone"}  # what Spaces sets: the Space's owner publishes the repo
     with AppServer(REPO_ID, tmp_path, env=env) as server:
         log = server.log_text()
         assert "operator library: using the model folder's copy" in log, log
@@ -75,6 +76,8 @@ def test_a_space_start_serves_the_published_folder_without_compiler_download_or_
         assert "exporting" not in log and "compiling" not in log, log
         assert server.status["state"] == "ready"
         assert "ternary engine loaded" in log and "BitLinear kernel: unavailable" not in log, log
+        with urllib.request.urlopen(server.url, timeout=60) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
         answer = post_json(server.url + "v1/chat/completions", {
             "model": REPO_ID, "messages": [{"role": "user", "content": "Good morrow"}],
             "max_tokens": 8, "temperature": 0})
@@ -89,6 +92,7 @@ def test_the_folder_copy_is_adopted_only_without_an_up_to_date_build(published, 
 
     monkeypatch.setenv("BITNET_BUILD_DIR", str(tmp_path / "empty"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", published["hub"])
+    monkeypatch.setenv("SPACE_AUTHOR_NAME", "someone")
     assert os.path.realpath(cached_folder(REPO_ID)) == os.path.realpath(published["snapshot"])
     choice = choose_operator_library(REPO_ID)
     assert choice.source == "folder" and custom_ops.library_path() == choice.path
@@ -185,3 +189,22 @@ def test_a_preloaded_cache_is_not_reported_as_a_download(tmp_path, monkeypatch):
         time.sleep(0.05)
     watcher.stop()
     assert lines and lines[0].startswith("downloading: ")
+
+
+def test_a_library_from_someone_elses_repo_needs_consent(published, tmp_path, monkeypatch, no_adoption):
+    """Loading the folder's library runs its native code: a hub repo that is not the Space
+    owner's is only used with BITNET_TRUST_FOLDER_LIBRARY=1; without it the start builds."""
+    from playground.hub import TRUST_ENV, choose_operator_library, library_trust
+
+    monkeypatch.setenv("BITNET_BUILD_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", published["hub"])
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    monkeypatch.setenv("SPACE_AUTHOR_NAME", "somebody-else")
+    choice = choose_operator_library(REPO_ID)
+    assert choice.source == "build" and build._adopted is None
+    assert f"not loading the copy in {REPO_ID}" in choice.message and f"set {TRUST_ENV}=1" in choice.message
+    monkeypatch.delenv("SPACE_AUTHOR_NAME")
+    assert library_trust(REPO_ID) is None
+    monkeypatch.setenv(TRUST_ENV, "1")
+    assert choose_operator_library(REPO_ID).source == "folder"
+    assert library_trust(str(tmp_path)) == "a folder on this disk"

@@ -269,3 +269,15 @@ def test_unknown_keys_inside_parts_are_refused(served, body, param):
     # null is as good as absent: a previous answer's message sent back as it came
     again = [{"role": "assistant", "content": "w5", "refusal": None, "tool_calls": None}, PROMPT[0]]
     assert post(served[0], "/v1/chat/completions", {"model": "tiny", "messages": again, "max_tokens": 1}).status_code == 200
+
+
+def test_streamed_completion_with_echo(client, engine):
+    expected = engine.generate(prompt=TEXT, settings=GenerationSettings(max_new_tokens=5))
+    for logprobs in (None, 1):
+        chunks = list(client.completions.create(model="tiny", prompt=TEXT, max_tokens=5, temperature=0, echo=True,
+                                                logprobs=logprobs, stream=True))
+        text = "".join(c.text for ch in chunks for c in ch.choices)
+        assert text == TEXT + expected.text
+        if logprobs:
+            lps = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
+            assert lps[0] is None and len(lps) == len(engine.prompt_ids(prompt=TEXT)) + len(expected.token_ids)

@@ -281,3 +281,15 @@ def test_streamed_completion_with_echo(client, engine):
         if logprobs:
             lps = [v for ch in chunks for c in ch.choices if c.logprobs for v in c.logprobs.token_logprobs]
             assert lps[0] is None and len(lps) == len(engine.prompt_ids(prompt=TEXT)) + len(expected.token_ids)
+
+
+def test_every_accepted_and_refused_field_is_documented():
+    """docs/SERVING.md names every field the request models take and every one they refuse."""
+    from pathlib import Path
+
+    from server.requests import UNSUPPORTED, ChatRequest, CompletionRequest
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "SERVING.md").read_text()
+    fields = set(ChatRequest.model_fields) | set(CompletionRequest.model_fields) | set(UNSUPPORTED)
+    missing = sorted(f for f in fields if f"`{f}`" not in doc and f"`{f}:" not in doc)
+    assert not missing, missing

@@ -23,6 +23,7 @@ import gradio as gr
 from . import library as lib
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
 from .export import ImportFailed, from_json, to_json, to_markdown
+from .links import BadLink, decode, encode
 from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .gates import CpuBusy
 from .settings import PageSettings
@@ -80,6 +81,9 @@ class Layout:
     export_md: gr.DownloadButton
     export_json: gr.DownloadButton
     import_button: gr.UploadButton
+    branch: gr.State  # the turn an edit or a pane's retry starts again from
+    share_link: gr.Textbox
+    opened_link: gr.Textbox  # the fragment of the page's address (a shared link), if any
 
     def shown_outputs(self) -> list:
         """What showing another conversation writes."""
@@ -208,26 +212,27 @@ class PageHandlers:
             return (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
         return (turns[-1]["user"],) + render(turns[:-1], self.pg) + (dumps(turns[:-1]),)
 
-    def edit_turn(self, data: dict, edit: gr.EditData, request: gr.Request):
-        """A visitor's message edited in a pane (or sent again unchanged): the turns after it
-        are dropped and both engines answer the new branch."""
-        turns = turns_of(data.get(self.ui.conversation))
-        index = turn_index(edit.index)
-        if index is None or index >= len(turns):
-            yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
-            return
-        yield from self._run(message_text(edit.value), turns[:index], self.ui.form.read(data),
-                             session_of(request), keep_box=True)
+    def take_edit(self, edit: gr.EditData) -> dict:
+        """A visitor's message edited in a pane (or sent again unchanged): which turn, what text
+        (run by run_branch once Send is locked)."""
+        return {"turn": turn_index(edit.index), "text": message_text(edit.value)}
 
-    def retry_turn(self, data: dict, retry: gr.RetryData, request: gr.Request):
-        """The pane's own retry button: that turn answered again, the later ones dropped."""
+    def take_retry(self, retry: gr.RetryData) -> dict:
+        """The pane's own retry button (on the last answer): that turn, its own text."""
+        return {"turn": turn_index(retry.index), "text": None}
+
+    def run_branch(self, data: dict, request: gr.Request):
+        """The turns after the edited or retried one are dropped and both engines answer the
+        new branch."""
         turns = turns_of(data.get(self.ui.conversation))
-        index = turn_index(retry.index)
-        if index is None or index >= len(turns):
+        branch = data.get(self.ui.branch) or {}
+        index = branch.get("turn")
+        if not isinstance(index, int) or index >= len(turns):
             yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
             return
-        yield from self._run(turns[index]["user"], turns[:index], self.ui.form.read(data),
-                             session_of(request), keep_box=True)
+        text = branch.get("text")
+        yield from self._run(turns[index]["user"] if text is None else text, turns[:index],
+                             self.ui.form.read(data), session_of(request), keep_box=True)
 
     def stop(self, request: gr.Request):
         """Stop this session's turns: the running engine after its current token, a turn
@@ -306,7 +311,7 @@ class PageHandlers:
         except (ImportFailed, OSError, TypeError) as e:
             log.warning("import refused: %s", str(e).splitlines()[0])
             gr.Warning(f"Could not import that file: {e}", title="Import")
-            return {}
+            return {self.ui.conversation: gr.skip()}  # the page as it was
         library = lib.with_new(lib.library_of(data.get(self.ui.saved)), turns, title=title or None)
         return self._show(library, data)
 
@@ -350,6 +355,35 @@ class PageHandlers:
             out[ui.msg] = prompt[:20000]
         return {**out, **dict(zip(ui.views, render(turns, self.pg))), ui.conversation: dumps(turns),
                 **self._library_outputs(library)}
+
+    # -- shared links ------------------------------------------------------------------------------------
+    def share(self, data: dict) -> dict:
+        """The link's fragment (#c=...): the conversation and the settings, compressed (the page
+        prefixes its own address and copies it)."""
+        turns = turns_of(data.get(self.ui.conversation))
+        payload, kept = encode(turns, self.ui.form.read(data))
+        if kept < len(turns):
+            gr.Info(f"The conversation is long: the link holds its last {kept} of {len(turns)} turns.")
+        return {self.ui.share_link: gr.update(value="#c=" + payload, visible=True)}
+
+    def open_link(self, data: dict) -> dict:
+        """A shared link's conversation becomes one of this browser's conversations (the one
+        with the same turns if it is there already) and is shown with the link's settings."""
+        fragment = data.get(self.ui.opened_link) or ""
+        if not fragment.startswith("#c="):
+            return {self.ui.conversation: gr.skip()}
+        try:
+            turns, settings = decode(fragment)
+        except BadLink as e:
+            gr.Warning(f"This link could not be opened: {e}.", title="Link")
+            return {self.ui.conversation: gr.skip()}
+        library = lib.library_of(data.get(self.ui.saved))
+        same = next((i["id"] for i in library["items"] if i["turns"] == turns), None)
+        library = lib.switched(library, same) if same else lib.with_new(library, turns)
+        out = self._show(library, data)
+        if settings is not None and self.pg.state == "ready":
+            out.update(self._settings_outputs(settings))
+        return out
 
     def status(self) -> dict:
         """Model and engine status: state (preparing/ready/failed), live model, fallback,

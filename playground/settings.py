@@ -57,10 +57,16 @@ class PageSettings:
 
     @classmethod
     def from_values(cls, values: dict) -> "PageSettings":
-        """From {field name: value}; a missing or empty value keeps the default."""
-        default = cls()
-        return cls(**{name: values[name] if values.get(name) is not None else getattr(default, name)
-                      for name in cls.names()})
+        """From {field name: value} (the page's inputs, a link); a missing or unreadable value
+        keeps the default."""
+        default, out = cls(), {}
+        for name in cls.names():
+            fallback, value = getattr(default, name), values.get(name)
+            try:
+                out[name] = fallback if value is None else type(fallback)(value)
+            except (TypeError, ValueError):
+                out[name] = fallback
+        return cls(**out)
 
     def chat(self) -> ChatSettings:
         return ChatSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,

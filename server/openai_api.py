@@ -5,12 +5,15 @@
     uvicorn.run(create_api({"bitnet-b1.58-2B-4T": engine}), port=8000)   # or alone
 
 Requests are read and validated by server/requests.py (pydantic models), models found by
-server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs),
-and every error of every route goes through `api_error` here (the one error handler: the
-routes' class, ApiRoute) into server/errors.py's shape.
+server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs)
+with server/work.py (what a request runs), answers shaped by server/responses.py, and every
+error of every route goes through `api_error` here (the one error handler: the routes'
+class, ApiRoute, which also counts each answer into server/metrics.py).
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not),
-GET /v1/health (open even with a key: queue state only). Every error is JSON in OpenAI's shape
+Routes (docs/SERVING.md lists them with every field): POST /v1/chat/completions and
+/v1/completions (stream or not), GET /v1/models[/{id}], GET /health and /v1/health (open even
+with a key; 503 while loading), GET /metrics (open), POST /tokenize, /detokenize and
+GET /tokenizer_info. Every error is JSON in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for what the client did
 and 429/503 (with Retry-After) when the CPU is taken.
 """
@@ -276,12 +279,10 @@ def build_router(state: ApiState):
 
         admitted = await state.scheduler.admit(engine, req.model, plan_for, id_prefix="cmpl", user=req.user)
         plan = admitted.plan
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True)
                  for p in req.prompt]
         meta = meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
                         want_logprobs=req.logprobs is not None, prompt_texts=texts)
-        if plan.settings.max_new_tokens and plan.score_top is None and req.echo:
-            pass  # echo without logprobs: the prompt's text only, nothing to score
         headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
         return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
 
@@ -319,12 +320,12 @@ def build_router(state: ApiState):
         return {"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)}
 
     async def wrong_method(request: Request):
-        raise ApiError(405, f"{request.method} is not allowed here; use POST /v1/chat/completions",
+        raise ApiError(405, f"{request.method} is not allowed here; use POST {request.url.path}",
                        code="method_not_allowed", headers={"Allow": "POST"})
 
     async def not_found(request: Request, rest: str):
-        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models "
-                            f"and POST /v1/chat/completions", code="unknown_url")
+        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models, "
+                            f"POST /v1/chat/completions and POST /v1/completions", code="unknown_url")
 
     auth = [Depends(check_auth)]
     router.add_api_route("/health", health, methods=["GET"])  # open even with a key
@@ -337,8 +338,8 @@ def build_router(state: ApiState):
     router.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=auth)
     router.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], dependencies=auth)
     router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
-    router.add_api_route("/v1/chat/completions", wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
-                         dependencies=auth)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        router.add_api_route(path, wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"], dependencies=auth)
     router.add_api_route("/v1/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                          dependencies=auth)
     return router

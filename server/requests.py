@@ -46,8 +46,25 @@ def _fail(code: str, message: str, param: str | None = None):
     return PydanticCustomError(code, message, {"param": param} if param else None)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class KnownFields(BaseModel):
+    """A part of a request whose unknown keys are refused by name (a key set to null or
+    empty is as good as absent: clients that send a previous answer's message back carry
+    `"refusal": null` and the like)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, value):
+        if isinstance(value, dict):
+            for name, v in value.items():
+                if name not in cls.model_fields and v not in (None, [], {}, ""):
+                    raise _fail("unsupported", f"unrecognized field {str(name)[:60]!r} (docs/SERVING.md lists "
+                                               "the fields this server takes)")
+        return value
+
+
+class Message(KnownFields):
 
     role: Any = None
     content: Any = None
@@ -99,13 +116,11 @@ class Message(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(KnownFields):
     include_usage: Bool = False
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(KnownFields):
     type: Literal["text"]
 
 

@@ -239,6 +239,8 @@ async def stream(start, meta: Meta, results: Results, include_usage: bool, keepa
         for i in range(len(results.choices)):
             if meta.kind == CHAT:
                 yield _chunk(meta, [_chat_choice(i, {"role": "assistant", "content": ""})])
+            elif meta.echo and not meta.want_logprobs:  # the echoed prompt (with logprobs: with its scores)
+                yield _chunk(meta, [_text_choice(i, meta.prompt_texts[i // meta.n])])
         pending: dict = {}
         events = job.events()
         try:

@@ -44,6 +44,8 @@ class SettingsForm:
     top_k: gr.Slider
     repetition_penalty: gr.Slider
     seed: gr.Number
+    frequency_penalty: gr.Slider
+    presence_penalty: gr.Slider
 
     def components(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -150,16 +152,19 @@ class PageHandlers:
 
     # -- a turn ---------------------------------------------------------------------------------
     def chat(self, message, conversation_, system_prompt, baseline, max_new_tokens, temperature,
-             top_p, top_k, repetition_penalty, seed, request: gr.Request):
+             top_p, top_k, repetition_penalty, seed, frequency_penalty=0.0, presence_penalty=0.0,
+             request: gr.Request = None):
         """Send a message; stream the ternary engine's answer, then the baseline's."""
         settings = PageSettings.from_values(dict(
             system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed))
+            repetition_penalty=repetition_penalty, seed=seed,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
         yield from self._run(message, conversation_, settings, session_of(request))
 
     def retry(self, conversation_, system_prompt, baseline, max_new_tokens, temperature, top_p,
-              top_k, repetition_penalty, seed, request: gr.Request):
+              top_k, repetition_penalty, seed, frequency_penalty=0.0, presence_penalty=0.0,
+              request: gr.Request = None):
         """Answer the last user message again (both panes), replacing that turn."""
         turns = turns_of(conversation_)
         if not turns:
@@ -168,7 +173,8 @@ class PageHandlers:
         settings = PageSettings.from_values(dict(
             system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed))
+            repetition_penalty=repetition_penalty, seed=seed,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
         yield from self._run(turns[-1]["user"], turns[:-1], settings, session_of(request),
                              keep_box=True)
 

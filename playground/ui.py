@@ -184,6 +184,13 @@ def build_demo(pg) -> gr.Blocks:
                 seed = gr.Number(defaults.seed, precision=0, elem_id="seed",
                                  label="Seed (-1 = a new random seed each answer; both engines share "
                                        "it; the stats show the one used)")
+            with gr.Row():
+                frequency = gr.Slider(-2.0, 2.0, value=defaults.frequency_penalty, step=0.05,
+                                      label="Frequency penalty (0 = off; per time a token was "
+                                            "generated)", elem_id="frequency-penalty")
+                presence = gr.Slider(-2.0, 2.0, value=defaults.presence_penalty, step=0.05,
+                                     label="Presence penalty (0 = off; once a token was generated)",
+                                     elem_id="presence-penalty")
         with gr.Accordion("Raw stats (JSON)", open=False):
             # JSON as text: Gradio saves text values in shared links as they are
             raw = gr.Code(json.dumps(raw_stats(None, pg.hardware or None)), language="json",
@@ -198,7 +205,8 @@ def build_demo(pg) -> gr.Blocks:
 
         form = SettingsForm(system=system, baseline=baseline, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=rep, seed=seed)
+                            repetition_penalty=rep, seed=seed, frequency_penalty=frequency,
+                            presence_penalty=presence)
         views = [chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
         ui = Layout(banner=banner, title_b=title_b, send=send, msg=msg, views=views,
                     conversation=conversation, saved=saved, timer=timer, form=form,

@@ -415,3 +415,23 @@ def test_start_up_prints_urls_and_the_apps_share_flag(server):
     assert f"page at {server.url}" in log and f"API at {server.url.rstrip('/')}/v1" in log
     assert "run again with --share" in log
     assert "share=True" not in log  # Gradio's own advice names a flag the app does not have
+
+
+def test_frequency_and_presence_penalties_reach_the_engines(server, engine):
+    from runtime import GenerationSettings
+
+    client = server.client()
+    out = client.predict(**chat_args("Hello there", max_new_tokens=40), frequency_penalty=1.5,
+                         presence_penalty=0.5)
+    assert turns_of(out)[-1]["settings"]["frequency_penalty"] == 1.5
+    assert turns_of(out)[-1]["settings"]["presence_penalty"] == 0.5
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}]
+
+    def greedy(**penalties):
+        return engine.generate(messages=messages, settings=GenerationSettings(
+            max_new_tokens=40, temperature=0.0, truncate=True, **penalties)).text
+
+    penalized = greedy(frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalized != greedy()  # the penalties change this answer ...
+    for variant in ("ternary", "int2"):  # ... and both engines got them
+        assert raw_of(out)["engines"][variant]["text"] == penalized

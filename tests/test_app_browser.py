@@ -290,6 +290,7 @@ def test_shared_link_restores_every_setting_for_each_baseline(server, browser, e
     set_number(page, "seed", 4321)
     set_number(page, "max-new-tokens", 40)
     set_number(page, "top-k", 7)
+    set_number(page, "frequency-penalty", 0.5)
     send_and_wait(page, "To be or not to be")
     assert "seed 4321" in page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
     stats_b = page.locator("#stats-baseline").inner_text()
@@ -306,6 +307,7 @@ def test_shared_link_restores_every_setting_for_each_baseline(server, browser, e
     assert reopened.locator("#seed input").input_value() == "4321"
     assert reopened.locator("#max-new-tokens input[type=number]").input_value() == "40"
     assert reopened.locator("#top-k input[type=number]").input_value() == "7"
+    assert reopened.locator("#frequency-penalty input[type=number]").input_value() == "0.5"
     assert user_turns(reopened) == 1 and user_turns(reopened, "#chat-baseline") == 1
     send_and_wait(reopened, "That is the question", turns_before=1)
     assert user_turns(reopened) == 2 and user_turns(reopened, "#chat-baseline") == 2

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -220,7 +219,7 @@ def build_router(state: ApiState):
 
     def watch(engine) -> None:
         """Count the decode steps of a batched engine into the metrics (once per engine)."""
-        batcher = getattr(engine, "batcher", None)
+        batcher = engine.batcher
         if batcher is not None and batcher not in state.batchers:
             state.batchers.append(batcher)
             batcher.step_observers.append(state.metrics.observe_batch)
@@ -250,7 +249,7 @@ def build_router(state: ApiState):
     def meta_for(kind: str, record_id: str, model: str, engine, plan, t0: float, **kw) -> Meta:
         return Meta(id=record_id, created=int(time.time()), model=model, max_tokens=plan.settings.max_new_tokens,
                     t0=t0, kind=kind, names=state.token_text(engine), stop_ids=set(engine.stop_token_ids),
-                    head=getattr(engine, "lm_head", "unknown"), n=plan.n, metrics=state.metrics, **kw)
+                    head=engine.lm_head, n=plan.n, metrics=state.metrics, **kw)
 
     async def chat_completions(request: Request):
         t0 = time.monotonic()

@@ -208,7 +208,7 @@ class SamplingRequest(BaseModel):
         beyond the batcher's slots (all n decode side by side)."""
         if self.choices == 1:
             return
-        batcher = getattr(engine, "batcher", None)
+        batcher = engine.batcher
         if batcher is None:
             raise bad("n > 1 needs the continuous batcher (python -m server --batch SLOTS); this model "
                       "serves one sequence at a time", "n", "unsupported")

@@ -20,9 +20,10 @@ from custom_ops.build import LIBRARY_NAME
 from runtime.errors import EngineError, error_line, first_line
 from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
 
+from .model_card import CARD_NAME
+
 # What a published folder holds besides its variants' graphs and weights.
-FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md", LIBRARY_NAME)
-CARD_NAME = "README.md"
+FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", CARD_NAME, LIBRARY_NAME)
 
 
 class PublishError(Exception):

@@ -112,7 +112,7 @@ def choose_operator_library(spec: str):
 
     folder = cached_folder(spec)
     if folder is not None and library_trust(spec) is None:
-        choice = adopt_folder_library(None)  # the build as before (or the one already built)
+        choice = adopt_folder_library(None)  # the library built here (or the one already built)
         if choice.source == "build":
             return LibraryChoice("build", "", f"operator library: compiling it here, not loading the "
                                               f"copy in {spec} (native code from a hub repo that is not "

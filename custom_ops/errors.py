@@ -1,4 +1,6 @@
-"""The one error the build raises, and how custom_ops words any error in one line."""
+"""The one error the build raises, how custom_ops words any error in one line, and its log line."""
+
+import sys
 
 
 class BuildError(RuntimeError):
@@ -17,3 +19,8 @@ def first_line(error) -> str:
     if lines:
         return lines[0]
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def log(message: str) -> None:
+    """A progress line of the build or the header search, on stderr (stdout stays the answer)."""
+    print(f"[custom_ops] {message}", file=sys.stderr, flush=True)

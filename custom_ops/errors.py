@@ -10,7 +10,10 @@ class BuildError(RuntimeError):
 
 
 def first_line(error) -> str:
-    """The first non-blank line of an error's message (or of a text); "" when there is none.
-    custom_ops imports nothing of the project, so it keeps this twin of runtime.errors.first_line."""
+    """The first non-blank line of an exception's message (its type name when it has none), or
+    of a text. custom_ops imports nothing of the project (it builds and loads on its own), so it
+    keeps this twin of runtime.errors.first_line; the two behave the same."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""

@@ -45,7 +45,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 DURATION = re.compile(r"^\d+(s|m|h|d)$")
 PYTHON_VERSION = re.compile(r"^3\.\d+(\.\d+)?$")
-VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.-]?\w+)?$")
+SDK_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.-]?\w+)?$")
 
 
 class FrontMatterError(ValueError):
@@ -138,7 +138,7 @@ def front_matter_problems(meta: dict, gradio_pin: str | None = None) -> list[str
     check("colorTo", lambda v: v in COLORS, f"is not one of {', '.join(COLORS)}")
     check("sdk", lambda v: v in SDKS, f"is not one of {', '.join(SDKS)}")
     check("python_version", lambda v: bool(PYTHON_VERSION.match(v)), "is not a Python 3.x or 3.x.x version")
-    check("sdk_version", lambda v: bool(VERSION.match(v)), "is not a version number")
+    check("sdk_version", lambda v: bool(SDK_VERSION.match(v)), "is not a version number")
     check("suggested_hardware", lambda v: v in HARDWARE, "is not a hardware flavor of the reference")
     check("startup_duration_timeout", lambda v: bool(DURATION.match(v)), "is not a duration like 30m or 1h")
     check("header", lambda v: v in ("mini", "default"), "is not mini or default")

@@ -98,9 +98,8 @@ class ApiReplica:
         self.name, self.limits, self.threads = name, limits, threads
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.max_batch_size = 0  # the largest decode step this replica ran
-        batcher = getattr(self.engine, "batcher", None)
-        if batcher is not None:
-            batcher.step_observers.append(self._saw_step)
+        if self.engine.batcher is not None:
+            self.engine.batcher.step_observers.append(self._saw_step)
 
     def _saw_step(self, size: int) -> None:
         self.max_batch_size = max(self.max_batch_size, size)
@@ -128,7 +127,7 @@ class ApiReplica:
         async def replica_info():
             return {"replica": self.replica, "pid": os.getpid(), "threads": self.threads,
                     "model": self.name, **state.gate.snapshot(),
-                    "batcher": self.engine.batcher.stats() if hasattr(self.engine, "batcher") else None,
+                    "batcher": self.engine.batcher.stats() if self.engine.batcher is not None else None,
                     "max_batch_size": self.max_batch_size,
                     "jobs": [{"id": r.id, "state": r.state, "stopped_by": r.stopped_by,
                               "new_tokens": r.new_tokens, "tokens_after_cancel": r.tokens_after_cancel,

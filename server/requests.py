@@ -41,6 +41,11 @@ OUR_CODES = ("invalid_type", "invalid_value", "unsupported", "unsupported_role",
              "too_many_messages")
 
 
+def _limits(info: ValidationInfo) -> Limits:
+    """The server's limits a request is validated against (passed as the validation context)."""
+    return (info.context or {}).get("limits") or Limits()
+
+
 def _fail(code: str, message: str, param: str | None = None):
     """A validation error with our code; `param` for errors raised on the whole body."""
     return PydanticCustomError(code, message, {"param": param} if param else None)
@@ -180,7 +185,7 @@ class SamplingRequest(BaseModel):
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo):
         """The server's own limits (the validation context's Limits), and the seed as numpy takes it."""
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         stop = self.stop or []
         if len(stop) > limits.max_stop:
             raise _fail("invalid_value", f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
@@ -208,7 +213,7 @@ class SamplingRequest(BaseModel):
         beyond the batcher's slots (all n decode side by side)."""
         if self.choices == 1:
             return
-        batcher = getattr(engine, "batcher", None)
+        batcher = engine.batcher
         if batcher is None:
             raise bad("n > 1 needs the continuous batcher (python -m server --batch SLOTS); this model "
                       "serves one sequence at a time", "n", "unsupported")
@@ -250,7 +255,7 @@ class ChatRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_limits(self, info: ValidationInfo):
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         if len(self.messages) > limits.max_messages:
             raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
                                              f"{limits.max_messages})", "messages")
@@ -323,7 +328,7 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_limits(self, info: ValidationInfo):
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         if len(self.prompt) > limits.max_prompts:
             raise _fail("invalid_value", f"at most {limits.max_prompts} prompts per request, got "
                                          f"{len(self.prompt)}", "prompt")

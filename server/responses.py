@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ApiError
 from .logprob_format import TokenText, chat_logprobs, completion_logprobs
-from .work import ChoiceEvent, PromptScores
+from .work import PromptScores
 
 CHAT, TEXT = "chat", "text"
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "length"}

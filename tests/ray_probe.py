@@ -44,7 +44,7 @@ class SlowReplica(ApiReplica):
 
     def serve_engine(self, engine, batch):
         served = super().serve_engine(engine, batch)
-        if hasattr(served, "batcher"):
+        if served.batcher is not None:
             served.batcher.step_observers.append(lambda size: time.sleep(self.delay_s))
             return served
         from tests.api_support import SlowEngine

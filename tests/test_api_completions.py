@@ -1,4 +1,4 @@
-"""What issue 21 added to the API, on a real uvicorn server over the tiny model: /v1/completions
+"""The API beyond plain chat, on a real uvicorn server over the tiny model: /v1/completions
 (text and token-id prompts, echo, logprobs, max_tokens 0), chat logprobs (streamed too), n > 1
 through the batcher, the penalties, unknown fields refused, /health while loading, /metrics,
 SSE keep-alive while a stream waits, and the tokenizer routes."""

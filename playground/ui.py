@@ -28,7 +28,7 @@ EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo 
 CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
-#cost-note {font-size: 0.85em; opacity: 0.85}
+#cost-note, #edit-hint {font-size: 0.85em; opacity: 0.85}
 #library-row {align-items: end}
 /* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
    of the screen (reachable without scrolling past both panes), the charts one under the other */
@@ -157,6 +157,9 @@ def build_demo(pg) -> gr.Blocks:
             retry = gr.Button("Retry", size="sm", elem_id="retry")
             edit = gr.Button("Edit last message", size="sm", elem_id="edit")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
+        gr.Markdown("Any earlier message: its ✎ button edits it, or submit it unchanged to have "
+                    "it answered again; the turns after it are dropped and both engines answer.",
+                    elem_id="edit-hint")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
         with gr.Row(elem_id="plots"):
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",

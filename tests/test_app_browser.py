@@ -478,7 +478,7 @@ def test_edit_an_earlier_turn_both_engines_answer_the_new_branch(server, browser
     context, page = fresh_page(browser, errors, server.url, width)
     for n, text in enumerate(["To be", "or not", "to be"]):
         send_and_wait(page, text, turns_before=n)
-    page.locator("#chat-baseline button[aria-label='Edit']").first.click(force=True)
+    page.locator("#chat-baseline button[aria-label='Edit']").first.evaluate("b => b.click()")  # (shown on hover)
     page.locator("#chat-baseline textarea").first.fill("Friends, Romans")
     page.locator("#chat-baseline button[aria-label='Submit']").first.click()
     page.wait_for_function(
@@ -493,11 +493,24 @@ def test_edit_an_earlier_turn_both_engines_answer_the_new_branch(server, browser
         assert "seed" in page.locator(f"{pane} [data-testid='bot']").last.inner_text()
     # the pane's retry (last answer) answers that turn again, in both panes
     before = page.locator("#chat-ternary [data-testid='bot']").last.inner_text()
-    page.locator("#chat-ternary button[aria-label='Retry']").last.click(force=True)
+    page.locator("#chat-ternary button[aria-label='Retry']").last.evaluate("b => b.click()")
     page.wait_for_function("() => document.querySelector('#send').disabled", timeout=10_000)
     page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=90_000)
     assert user_turns(page) == 1 and user_turns(page, "#chat-baseline") == 1
     assert page.locator("#chat-ternary [data-testid='bot']").last.inner_text() != before  # new seed
+    # an earlier turn sent again unchanged (edit, submit): answered anew, the later turn dropped
+    before = page.locator("#chat-ternary [data-testid='bot']").first.inner_text()
+    send_and_wait(page, "Lend me your ears", turns_before=1)
+    page.locator("#chat-ternary button[aria-label='Edit']").first.evaluate("b => b.click()")
+    page.locator("#chat-ternary button[aria-label='Submit']").first.click()
+    page.wait_for_function(
+        "(before) => document.querySelectorAll('#chat-ternary [data-testid=\"user\"]').length === 1"
+        " && document.querySelector('#chat-ternary [data-testid=\"bot\"]')?.innerText !== before"
+        " && !document.querySelector('#send').disabled"
+        " && (document.querySelector('#stats-baseline')?.innerText || '').includes('TTFT')",
+        arg=before, timeout=90_000)
+    page.wait_for_timeout(500)
+    assert user_turns(page, "#chat-baseline") == 1
     # the link and the saved conversation follow the branch
     link = share_link(page)
     page.wait_for_timeout(300)

@@ -114,7 +114,7 @@ def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | 
 def space_instructions(folder, repo_id: str) -> str:
     """What to put in a Space to serve the published folder: its front matter, preloading the
     folder at build time, and the variable naming the model."""
-    from playground.space_config import dump_front_matter, published_front_matter, read_front_matter
+    from .space_config import dump_front_matter, published_front_matter, read_front_matter
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     meta = published_front_matter(repo_id, check_folder(folder), read_front_matter(os.path.join(root, "README.md")))

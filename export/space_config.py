@@ -3,10 +3,10 @@ Hugging Face Hub applies when a Space is pushed.
 
     meta = read_front_matter("README.md")
     problems = front_matter_problems(meta, gradio_pin=gradio_pin("requirements.txt"))
-    python -m playground.space_config [REPO_DIR]   # the same checks, plus binaries outside LFS
+    python -m export.space_config [REPO_DIR]   # the same checks, plus binaries outside LFS
 
 Keys and value types follow the Hub's "Spaces Configuration Reference" (hub-docs,
-docs/hub/spaces-config-reference.md, version of 2026-08-22); the 60-character limit of
+docs/hub/spaces-config-reference.md, version of 2026-03-20, read 2026-12-06); the 60-character limit of
 `short_description` is the Hub's push check ('"short_description" length must be less than or
 equal to 60 characters long'), which that page does not state. `published_front_matter` writes
 the front matter of a Space serving a published exported folder (docs/SPACES.md).
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     import os
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m playground.space_config",
+    parser = argparse.ArgumentParser(prog="python -m export.space_config",
                                      description="Check a Space's repository as the Hub would on a push: "
                                                  "README.md front matter, binaries over 1 MB outside LFS/Xet.")
     parser.add_argument("repo", nargs="?", default=".", help="the Space's repository folder (default: .)")

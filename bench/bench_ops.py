@@ -49,9 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

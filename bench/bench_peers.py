@@ -249,15 +249,7 @@ def make_ggufs(src: Path, binaries: Path, unpacked: Path, work: Path) -> dict[st
         run([sys.executable, "-c", CONVERT_BOOTSTRAP, src, unpacked, "--outtype", "f16", "--outfile",
              str(f16) + ".partial"])
         os.replace(str(f16) + ".partial", f16)
-    out = {}
-    for qtype, head in QUANTS:
-        path = work / f"model-{qtype.lower()}-{head}.gguf"
-        if not path.exists():
-            run([binaries / "llama-quantize", "--token-embedding-type", head, "--output-tensor-type", head,
-                 f16, str(path) + ".partial", qtype])
-            os.replace(str(path) + ".partial", path)
-        out[f"llama.cpp {qtype} ({head} head)"] = path
-    return out
+    return quantize_ggufs(binaries, f16, work, QUANTS, "model", "llama.cpp")
 
 
 def make_ik_ggufs(ik_binaries: Path, f16: Path, work: Path) -> dict[str, Path]:
@@ -268,14 +260,20 @@ def make_ik_ggufs(ik_binaries: Path, f16: Path, work: Path) -> dict[str, Path]:
     if not renamed.exists():
         log(f"writing {renamed} (architecture {IK_ARCH})")
         rename_architecture(f16, renamed, IK_ARCH)
+    return quantize_ggufs(ik_binaries, renamed, work, IK_QUANTS, "model-ik", "ik_llama.cpp")
+
+
+def quantize_ggufs(binaries: Path, f16: Path, work: Path, quants, prefix: str, engine: str) -> dict[str, Path]:
+    """{"<engine> <type> (<head> head)": work/<prefix>-<type>-<head>.gguf}: `f16` quantized by that
+    engine's llama-quantize to each (type, token-embedding/output type) of `quants` (kept once made)."""
     out = {}
-    for qtype, head in IK_QUANTS:
-        path = work / f"model-ik-{qtype.lower()}-{head}.gguf"
+    for qtype, head in quants:
+        path = work / f"{prefix}-{qtype.lower()}-{head}.gguf"
         if not path.exists():
-            run([ik_binaries / "llama-quantize", "--token-embedding-type", head, "--output-tensor-type", head,
-                 renamed, str(path) + ".partial", qtype])
+            run([binaries / "llama-quantize", "--token-embedding-type", head, "--output-tensor-type", head,
+                 f16, str(path) + ".partial", qtype])
             os.replace(str(path) + ".partial", path)
-        out[f"ik_llama.cpp {qtype} ({head} head)"] = path
+        out[f"{engine} {qtype} ({head} head)"] = path
     return out
 
 

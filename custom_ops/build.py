@@ -16,11 +16,10 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from .errors import BuildError
+from .errors import BuildError, log
 from .headers import find_include_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -40,10 +39,6 @@ def build_dir() -> Path:
 
 def sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cc")) + sorted(SOURCE_DIR.glob("*.h"))
-
-
-def _log(message: str) -> None:
-    print(f"[custom_ops] {message}", file=sys.stderr, flush=True)
 
 
 def _is_stale(library: Path) -> bool:
@@ -135,7 +130,7 @@ def compile_library(output: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=LIBRARY_NAME + ".", suffix=".tmp", dir=output.parent)
     os.close(fd)
     units = sorted(SOURCE_DIR.glob("*.cc"))
-    _log(f"compiling {output.name} from {len(units)} sources with {cxx} ...")
+    log(f"compiling {output.name} from {len(units)} sources with {cxx} ...")
     with tempfile.TemporaryDirectory(prefix="objects.", dir=output.parent) as objects:
         for cmd in compile_commands(cxx, include, units, tmp, Path(objects)):
             result = subprocess.run(cmd, capture_output=True, text=True)
@@ -145,7 +140,7 @@ def compile_library(output: Path) -> None:
                                  f"{(result.stderr or result.stdout)[-4000:]}",
                                  fix=f"see the compiler's message above; CXX={cxx} must be a C++17 compiler")
     os.replace(tmp, output)  # atomic: a concurrent reader sees the old or the new library
-    _log(f"built {output}")
+    log(f"built {output}")
 
 
 @contextlib.contextmanager

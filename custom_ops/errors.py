@@ -1,4 +1,6 @@
-"""The one error the build raises, and how custom_ops words any error in one line."""
+"""The one error the build raises, how custom_ops words any error in one line, and its log line."""
+
+import sys
 
 
 class BuildError(RuntimeError):
@@ -10,7 +12,15 @@ class BuildError(RuntimeError):
 
 
 def first_line(error) -> str:
-    """The first non-blank line of an error's message (or of a text); "" when there is none.
-    custom_ops imports nothing of the project, so it keeps this twin of runtime.errors.first_line."""
+    """The first non-blank line of an exception's message (its type name when it has none), or
+    of a text. custom_ops imports nothing of the project (it builds and loads on its own), so it
+    keeps this twin of runtime.errors.first_line; the two behave the same."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def log(message: str) -> None:
+    """A progress line of the build or the header search, on stderr (stdout stays the answer)."""
+    print(f"[custom_ops] {message}", file=sys.stderr, flush=True)

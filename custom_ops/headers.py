@@ -22,10 +22,9 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from .errors import BuildError
+from .errors import BuildError, log
 
 HEADER = "onnxruntime_cxx_api.h"
 C_HEADER = "onnxruntime_c_api.h"
@@ -33,10 +32,6 @@ HEADER_PACKAGE = "libonnxruntime-dev"
 HEADER_SUITE = "trixie"  # the Debian release whose libonnxruntime-dev has the headers we build with
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 NUGET_ID = "microsoft.ml.onnxruntime"  # NuGet's global packages folder uses lower-case ids
-
-
-def _log(message: str) -> None:
-    print(f"[custom_ops] {message}", file=sys.stderr, flush=True)
 
 
 def holds_headers(folder: Path) -> bool:
@@ -242,7 +237,7 @@ def fetch_debian_headers(dest: Path) -> Path:
         "-oDebug::NoLocking=1", "-oAPT::Sandbox::User=root" if os.geteuid() == 0 else "-oAPT::Sandbox::User=",
         "-qq",
     ]
-    _log(f"fetching ONNX Runtime headers: apt-get download {HEADER_PACKAGE} ({HEADER_SUITE})")
+    log(f"fetching ONNX Runtime headers: apt-get download {HEADER_PACKAGE} ({HEADER_SUITE})")
     for args in (["update"], ["download", HEADER_PACKAGE]):
         result = subprocess.run(["apt-get", *apt_options, *args], cwd=state, capture_output=True, text=True)
         if result.returncode != 0:

@@ -20,7 +20,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
-from .errors import first_line
+from .errors import BuildError, first_line
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,8 @@ def cpu_model() -> str:
 
 
 def _fix_for(error: Exception) -> str:
-    fix = getattr(error, "fix", "")
-    if fix:
-        return first_line(fix)
+    if isinstance(error, BuildError) and error.fix:
+        return first_line(error.fix)
     return ("see the README's 'Build on Linux / macOS / Windows' section; meanwhile the stock "
             "variants (int2, int4, fp32) run without the operator")
 
@@ -91,23 +90,22 @@ def status() -> Status:
     cpu = cpu_model()
     try:
         from . import _library, library_path
-        from .build import BuildError
     except Exception as e:  # a broken install: still answer
-        return Status(False, f"custom_ops cannot be imported: {first_line(e) or type(e).__name__}",
+        return Status(False, f"custom_ops cannot be imported: {first_line(e)}",
                       "reinstall the repository's requirements (pip install -r requirements.txt)", None, cpu)
     try:
         path = library_path()
     except BuildError as e:
         return Status(False, first_line(e), _fix_for(e), None, cpu)
     except Exception as e:
-        return Status(False, f"building the custom-op library failed: {first_line(e) or type(e).__name__}",
+        return Status(False, f"building the custom-op library failed: {first_line(e)}",
                       _fix_for(e), None, cpu)
     try:
         import onnxruntime as ort
 
         ort.SessionOptions().register_custom_ops_library(path)  # what every session does
     except Exception as e:
-        message = first_line(e) or type(e).__name__
+        message = first_line(e)
         if "BITNET_KERNEL" in message:
             fix = "unset BITNET_KERNEL or set it to a level this CPU runs (see custom_ops.available_kernels())"
         else:

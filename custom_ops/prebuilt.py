@@ -54,7 +54,7 @@ def probe(path) -> str:
     try:
         return _check_a_bitlinear_node(os.path.realpath(path))
     except Exception as e:  # noqa: BLE001 - whatever onnxruntime says, in one line
-        return f"onnxruntime cannot use it ({first_line(e)[:300] or type(e).__name__})"
+        return f"onnxruntime cannot use it ({first_line(e)[:300]})"
 
 
 def _check_a_bitlinear_node(path: str) -> str:

@@ -206,7 +206,7 @@ def write_card(model_dir: str, build: str = BUILD, extra: dict | None = None, lo
         f"| RoPE theta / RMSNorm eps | {cfg['rope_theta']} / {cfg['rms_norm_eps']} |",
         "| weights | q/k/v/o/gate/up/down: uint8 `[out/4, in]`, 4 ternary values per byte (row `i*(out/4)+r` in bits `2i` of row `r`, code-1), `weight_scale` bf16 = 1/mean\\|W\\| (`linear_class: bitlinear`: y = xq·wᵀ / (s · weight_scale)); embedding and norms float32 |",
         "| activations | per-token absmax int8 before every projection |",
-        f"| special tokens | `<|begin_of_text|>` 0 (BOS), `<|end_of_text|>` 1 (EOS), `<|eot_id|>` 2 (end of turn) |",
+        "| special tokens | `<|begin_of_text|>` 0 (BOS), `<|end_of_text|>` 1 (EOS), `<|eot_id|>` 2 (end of turn) |",
         "| chat template | 2B4T's (`.capitalize()` for its `| capitalize`, so genai renders it too; same text): `<|begin_of_text|>User: ...<|eot_id|>Assistant: ...<|eot_id|>`, generation prompt `Assistant: ` |",
         "",
         "Files: " + ", ".join(f"`{n}` ({s / 1024:.0f} KiB)" for n, s in sizes.items() if n != "README.md")

@@ -24,12 +24,12 @@ from .model import DemoBitNet, weight_quant
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def pack_ternary(w: torch.Tensor) -> torch.Tensor:
+def pack_checkpoint_weight(w: torch.Tensor) -> torch.Tensor:
     """int ternary [out, in] -> uint8 [out/4, in] in transformers' BitNet layout."""
     return torch.from_numpy(pack_rows(w.to(torch.int8).numpy()))
 
 
-def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+def unpack_checkpoint_weight(packed: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(unpack_rows(packed.numpy()))
 
 
@@ -77,7 +77,7 @@ def packed_state_dict(model: DemoBitNet) -> dict[str, torch.Tensor]:
         if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
             ternary, c = weight_quant(p)
             prefix = name[: -len(".weight")]
-            tensors[name] = pack_ternary(ternary.to(torch.int8))
+            tensors[name] = pack_checkpoint_weight(ternary.to(torch.int8))
             tensors[prefix + ".weight_scale"] = c.reshape(1).to(torch.bfloat16)
         else:
             tensors[name] = p.contiguous()
@@ -135,7 +135,7 @@ def load_packed(folder: str) -> DemoBitNet:
         if name.endswith(".weight_scale"):
             continue
         if t.dtype == torch.uint8:
-            ternary = unpack_ternary(t).float()
+            ternary = unpack_checkpoint_weight(t).float()
             c = tensors[name[: -len(".weight")] + ".weight_scale"].float().reshape(())
             state[name] = ternary / (c * ternary.abs().mean())
         else:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MS_DOMAIN = "com.microsoft"
+from .graph import MS_DOMAIN
 
 
 def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -17,12 +17,13 @@ import os
 import sys
 
 from custom_ops.build import LIBRARY_NAME
-from runtime.errors import EngineError
+from runtime.errors import EngineError, error_line, first_line
 from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
 
+from .model_card import CARD_NAME
+
 # What a published folder holds besides its variants' graphs and weights.
-FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", "README.md", LIBRARY_NAME)
-CARD_NAME = "README.md"
+FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", CARD_NAME, LIBRARY_NAME)
 
 
 class PublishError(Exception):
@@ -47,7 +48,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise PublishError(f"{repo_id!r} is not a valid repo id: {str(e).splitlines()[0]}") from None
+        raise PublishError(f"{repo_id!r} is not a valid repo id: {first_line(e)}") from None
 
 
 def resolve_token(token: str | None = None) -> str:
@@ -89,11 +90,6 @@ def make_api(token: str):
     return HfApi(token=token)
 
 
-def _one_line(e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | None = None,
                    commit_message: str | None = None, progress=print) -> str:
     """Upload the exported `folder` to the model repo `repo_id` (created when missing); return
@@ -110,7 +106,7 @@ def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | 
                           allow_patterns=files, delete_patterns=["*.onnx", "*.onnx.data"],
                           commit_message=commit_message or f"Upload the bitnet-onnx export ({', '.join(read_config(folder)['variants'])})")
     except Exception as e:  # noqa: BLE001 - HTTP 401/403/409, network: one line, no traceback
-        raise PublishError(f"publishing {folder} to {repo_id} failed: {_one_line(e)}") from None
+        raise PublishError(f"publishing {folder} to {repo_id} failed: {error_line(e)}") from None
     progress(f"published {repo_id}: {url}")
     return str(url)
 
@@ -118,7 +114,7 @@ def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | 
 def space_instructions(folder, repo_id: str) -> str:
     """What to put in a Space to serve the published folder: its front matter, preloading the
     folder at build time, and the variable naming the model."""
-    from playground.space_config import dump_front_matter, published_front_matter, read_front_matter
+    from .space_config import dump_front_matter, published_front_matter, read_front_matter
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     meta = published_front_matter(repo_id, check_folder(folder), read_front_matter(os.path.join(root, "README.md")))

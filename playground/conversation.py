@@ -62,6 +62,19 @@ def turns_of(conversation) -> list[dict]:
             and isinstance(t.get("answers"), dict)]
 
 
+def thinned(turn: dict, points: int) -> dict:
+    """The turn with each answer's token timeline cut to about `points` points (the first
+    and the last kept): what a link or the browser's storage keeps."""
+    answers = {}
+    for variant, answer in turn["answers"].items():
+        timeline = answer.get("timeline") or []
+        if len(timeline) > points:
+            step = len(timeline) / points
+            timeline = [timeline[int(i * step)] for i in range(points - 1)] + [timeline[-1]]
+        answers[variant] = dict(answer, timeline=timeline)
+    return dict(turn, answers=answers)
+
+
 def ran(answer: dict | None) -> bool:
     """Did the engine produce at least one token for this answer?"""
     return bool(answer and answer.get("stats") and answer["stats"].get("new_tokens"))

@@ -1,8 +1,8 @@
 """The playground's engines: built from the model folder on first use, warmed up, kept.
 
-The ternary engine is a runtime.batcher.BatchedEngine when `batch` > 0 (runtime/serving.py) (page visitors and API
-clients share its decode steps); the baselines are plain Engines, and besides the ternary
-engine at most one baseline stays loaded (an fp32 2B model is ~10 GB).
+The ternary engine is a runtime.batcher.BatchedEngine when `batch` > 0 (runtime/serving.py:
+page visitors and API clients share its decode steps); the baselines are plain Engines, and
+besides the ternary engine at most one baseline stays loaded (an fp32 2B model is ~10 GB).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def to_markdown(turns, title: str, model: str | None) -> str:
     out = [f"# {title}", ""]
     if model:
         out += [f"Model: {model}", ""]
-    system = (turns[0].get("settings") or {}).get("system") if turns else ""
+    system = (turns[-1].get("settings") or {}).get("system") if turns else ""  # as in to_json
     if system:
         out += ["**System prompt:**", "", system, ""]
     for n, turn in enumerate(turns, 1):
@@ -68,6 +68,7 @@ def to_markdown(turns, title: str, model: str | None) -> str:
             if line:
                 out += [line, ""]
         shown = {k: settings[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                          "frequency_penalty", "presence_penalty",
                                           "max_new_tokens") if k in settings}
         out += [f"<sub>seed {turn.get('seed')} · " + " · ".join(f"{k} {v}" for k, v in shown.items())
                 + "</sub>", ""]

@@ -23,6 +23,7 @@ import gradio as gr
 from . import library as lib
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
 from .export import ImportFailed, from_json, to_json, to_markdown
+from .links import BadLink, decode, encode
 from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
 from .gates import CpuBusy
 from .settings import PageSettings
@@ -43,6 +44,8 @@ class SettingsForm:
     top_k: gr.Slider
     repetition_penalty: gr.Slider
     seed: gr.Number
+    frequency_penalty: gr.Slider
+    presence_penalty: gr.Slider
 
     def components(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
@@ -80,6 +83,9 @@ class Layout:
     export_md: gr.DownloadButton
     export_json: gr.DownloadButton
     import_button: gr.UploadButton
+    branch: gr.State  # the turn an edit or a pane's retry starts again from
+    share_link: gr.Textbox
+    opened_link: gr.Textbox  # the fragment of the page's address (a shared link), if any
 
     def shown_outputs(self) -> list:
         """What showing another conversation writes."""
@@ -146,16 +152,19 @@ class PageHandlers:
 
     # -- a turn ---------------------------------------------------------------------------------
     def chat(self, message, conversation_, system_prompt, baseline, max_new_tokens, temperature,
-             top_p, top_k, repetition_penalty, seed, request: gr.Request):
+             top_p, top_k, repetition_penalty, seed, frequency_penalty=0.0, presence_penalty=0.0,
+             request: gr.Request = None):
         """Send a message; stream the ternary engine's answer, then the baseline's."""
         settings = PageSettings.from_values(dict(
             system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed))
+            repetition_penalty=repetition_penalty, seed=seed,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
         yield from self._run(message, conversation_, settings, session_of(request))
 
     def retry(self, conversation_, system_prompt, baseline, max_new_tokens, temperature, top_p,
-              top_k, repetition_penalty, seed, request: gr.Request):
+              top_k, repetition_penalty, seed, frequency_penalty=0.0, presence_penalty=0.0,
+              request: gr.Request = None):
         """Answer the last user message again (both panes), replacing that turn."""
         turns = turns_of(conversation_)
         if not turns:
@@ -164,7 +173,8 @@ class PageHandlers:
         settings = PageSettings.from_values(dict(
             system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed))
+            repetition_penalty=repetition_penalty, seed=seed,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
         yield from self._run(turns[-1]["user"], turns[:-1], settings, session_of(request),
                              keep_box=True)
 
@@ -183,9 +193,13 @@ class PageHandlers:
                                 session=session)
             first = True
             with contextlib.closing(states):  # a cancelled request closes the engine's loop
-                for turns, _final in states:
-                    yield (("" if first and not keep_box else gr.skip()),) + render(turns, pg) \
-                        + (dumps(turns),)
+                for turns, final in states:
+                    views = render(turns, pg)
+                    if views[5] is None and not final:
+                        # a branch with no finished turn yet (an edited first message): the
+                        # charts stay as they are until it ends, rather than going blank
+                        views = views[:5] + (gr.skip(), gr.skip()) + views[7:]
+                    yield (("" if first and not keep_box else gr.skip()),) + views + (dumps(turns),)
                     first = False
         except TooLong as e:
             yield self._refused(message, conv, str(e), "Message too long")
@@ -208,26 +222,27 @@ class PageHandlers:
             return (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
         return (turns[-1]["user"],) + render(turns[:-1], self.pg) + (dumps(turns[:-1]),)
 
-    def edit_turn(self, data: dict, edit: gr.EditData, request: gr.Request):
-        """A visitor's message edited in a pane (or sent again unchanged): the turns after it
-        are dropped and both engines answer the new branch."""
-        turns = turns_of(data.get(self.ui.conversation))
-        index = turn_index(edit.index)
-        if index is None or index >= len(turns):
-            yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
-            return
-        yield from self._run(message_text(edit.value), turns[:index], self.ui.form.read(data),
-                             session_of(request), keep_box=True)
+    def take_edit(self, edit: gr.EditData) -> dict:
+        """A visitor's message edited in a pane (or sent again unchanged): which turn, what text
+        (run by run_branch once Send is locked)."""
+        return {"turn": turn_index(edit.index), "text": message_text(edit.value)}
 
-    def retry_turn(self, data: dict, retry: gr.RetryData, request: gr.Request):
-        """The pane's own retry button: that turn answered again, the later ones dropped."""
+    def take_retry(self, retry: gr.RetryData) -> dict:
+        """The pane's own retry button (on the last answer): that turn, its own text."""
+        return {"turn": turn_index(retry.index), "text": None}
+
+    def run_branch(self, data: dict, request: gr.Request):
+        """The turns after the edited or retried one are dropped and both engines answer the
+        new branch."""
         turns = turns_of(data.get(self.ui.conversation))
-        index = turn_index(retry.index)
-        if index is None or index >= len(turns):
+        branch = data.get(self.ui.branch) or {}
+        index = branch.get("turn")
+        if not isinstance(index, int) or index >= len(turns):
             yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
             return
-        yield from self._run(turns[index]["user"], turns[:index], self.ui.form.read(data),
-                             session_of(request), keep_box=True)
+        text = branch.get("text")
+        yield from self._run(turns[index]["user"] if text is None else text, turns[:index],
+                             self.ui.form.read(data), session_of(request), keep_box=True)
 
     def stop(self, request: gr.Request):
         """Stop this session's turns: the running engine after its current token, a turn
@@ -306,7 +321,7 @@ class PageHandlers:
         except (ImportFailed, OSError, TypeError) as e:
             log.warning("import refused: %s", str(e).splitlines()[0])
             gr.Warning(f"Could not import that file: {e}", title="Import")
-            return {}
+            return {self.ui.conversation: gr.skip()}  # the page as it was
         library = lib.with_new(lib.library_of(data.get(self.ui.saved)), turns, title=title or None)
         return self._show(library, data)
 
@@ -350,6 +365,35 @@ class PageHandlers:
             out[ui.msg] = prompt[:20000]
         return {**out, **dict(zip(ui.views, render(turns, self.pg))), ui.conversation: dumps(turns),
                 **self._library_outputs(library)}
+
+    # -- shared links ------------------------------------------------------------------------------------
+    def share(self, data: dict) -> dict:
+        """The link's fragment (#c=...): the conversation and the settings, compressed (the page
+        prefixes its own address and copies it)."""
+        turns = turns_of(data.get(self.ui.conversation))
+        payload, kept = encode(turns, self.ui.form.read(data))
+        if kept < len(turns):
+            gr.Info(f"The conversation is long: the link holds its last {kept} of {len(turns)} turns.")
+        return {self.ui.share_link: gr.update(value="#c=" + payload, visible=True)}
+
+    def open_link(self, data: dict) -> dict:
+        """A shared link's conversation becomes one of this browser's conversations (the one
+        with the same turns if it is there already) and is shown with the link's settings."""
+        fragment = data.get(self.ui.opened_link) or ""
+        if not fragment.startswith("#c="):
+            return {self.ui.conversation: gr.skip()}
+        try:
+            turns, settings = decode(fragment)
+        except BadLink as e:
+            gr.Warning(f"This link could not be opened: {e}.", title="Link")
+            return {self.ui.conversation: gr.skip()}
+        library = lib.library_of(data.get(self.ui.saved))
+        same = next((i["id"] for i in library["items"] if i["turns"] == turns), None)
+        library = lib.switched(library, same) if same else lib.with_new(library, turns)
+        out = self._show(library, data)
+        if settings is not None and self.pg.state == "ready":
+            out.update(self._settings_outputs(settings))
+        return out
 
     def status(self) -> dict:
         """Model and engine status: state (preparing/ready/failed), live model, fallback,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from runtime.errors import EngineError
-from runtime.folder import CONFIG_NAME, read_config
+from runtime.errors import EngineError, error_line
+from runtime.folder import CONFIG_NAME, is_exported, read_config
 
 
 class HubFolderError(Exception):
@@ -43,7 +43,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     except RepositoryNotFoundError:
         return None  # let the checkpoint path say what is wrong with the id
     except Exception as e:  # noqa: BLE001 - HTTP errors, network drops: one line for the banner
-        raise HubFolderError(_one_line(f"cannot fetch {CONFIG_NAME} of {repo_id}", e)) from None
+        raise HubFolderError(f"cannot fetch {CONFIG_NAME} of {repo_id}: {error_line(e)}") from None
     try:  # the folder contract's own checks (format, version, required keys), one line each
         config = read_config(os.path.dirname(config_path))
     except EngineError as e:
@@ -59,7 +59,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
                                    local_files_only=offline)
     except Exception as e:  # noqa: BLE001
-        raise HubFolderError(_one_line(f"cannot download {repo_id}", e)) from None
+        raise HubFolderError(f"cannot download {repo_id}: {error_line(e)}") from None
     # every variant's graph keeps its weights beside it in FILE.data (runtime/folder.py)
     needed = [p for f in model_files for p in (f, f + ".data")] + ["tokenizer.json"]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
@@ -69,17 +69,9 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     return folder
 
 
-def _one_line(what: str, e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    return f"{what}: {type(e).__name__}: {first}"
-
-
-
 def cached_folder(spec: str) -> str | None:
     """The exported folder `spec` names, found without network: the folder itself, or the
     snapshot of a hub repo holding an exported folder in the hub cache (None otherwise)."""
-    from runtime.folder import is_exported
-
     if os.path.isdir(spec):
         return spec if is_exported(spec) else None
     if spec.count("/") != 1:
@@ -120,7 +112,7 @@ def choose_operator_library(spec: str):
 
     folder = cached_folder(spec)
     if folder is not None and library_trust(spec) is None:
-        choice = adopt_folder_library(None)  # the build as before (or the one already built)
+        choice = adopt_folder_library(None)  # the library built here (or the one already built)
         if choice.source == "build":
             return LibraryChoice("build", "", f"operator library: compiling it here, not loading the "
                                               f"copy in {spec} (native code from a hub repo that is not "

@@ -13,9 +13,10 @@ from __future__ import annotations
 import secrets
 import time
 
-from .conversation import turns_of
+from .conversation import thinned, turns_of
 
 MAX_CONVERSATIONS = 50  # the browser's storage is a few MB; the oldest go first
+TIMELINE_POINTS = 60  # per answer (the chart of a conversation shown again)
 TITLE_CHARS = 48
 UNTITLED = "New conversation"
 
@@ -62,7 +63,7 @@ def current(library: dict) -> dict:
 def with_new(library: dict, turns=(), title: str | None = None) -> dict:
     """The library with a new conversation (shown); the oldest dropped beyond the limit."""
     item = {"id": secrets.token_hex(4), "title": title or title_of(turns), "titled": bool(title),
-            "updated": time.time(), "turns": turns_of(list(turns))}
+            "updated": time.time(), "turns": kept(turns)}
     items = sorted(library["items"], key=lambda i: i["updated"], reverse=True)[:MAX_CONVERSATIONS - 1]
     return {"current": item["id"], "items": [item] + items}
 
@@ -70,7 +71,7 @@ def with_new(library: dict, turns=(), title: str | None = None) -> dict:
 def with_turns(library: dict, turns) -> dict:
     """The library with the shown conversation's turns replaced (its title follows its first
     message until the visitor names it)."""
-    turns = turns_of(turns)
+    turns = kept(turns)
     items = []
     for item in library["items"]:
         if item["id"] == library["current"]:
@@ -81,6 +82,12 @@ def with_turns(library: dict, turns) -> dict:
                 item["title"] = title_of(turns)
         items.append(item)
     return {"current": library["current"], "items": items}
+
+
+def kept(turns) -> list:
+    """Turns as the library keeps them (the timelines thinned: the whole library travels with
+    every save)."""
+    return [thinned(t, TIMELINE_POINTS) for t in turns_of(list(turns) if not isinstance(turns, str) else turns)]
 
 
 def switched(library: dict, conversation_id: str) -> dict:

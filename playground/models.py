@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.errors import error_line, first_line
 from runtime.folder import CONFIG_NAME, is_exported, read_config, write_config
 
 DEFAULT_MODEL = "microsoft/bitnet-b1.58-2B-4T"
@@ -79,8 +80,7 @@ def hub_checkpoint(repo_id: str) -> str:
     except LocalEntryNotFoundError:
         raise HubUnavailable(f"Cannot reach the Hugging Face hub and {repo_id} is not cached") from None
     except Exception as e:  # noqa: BLE001 - 404, gated repo, disk full...: say why, in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubUnavailable(f"Could not download {repo_id} ({first})") from None
+        raise HubUnavailable(f"Could not download {repo_id} ({first_line(e)})") from None
 
 
 def _export(source: str, out: Path, variants, progress) -> str:
@@ -180,7 +180,7 @@ def resolve_model(spec: str | None = None, variants=None, progress=print, fetch=
     except HubFolderError as e:
         reason = f"Could not use {spec} ({e})"
     except Exception as e:  # noqa: BLE001 - ExportError etc.: serve the fallback, say why
-        reason = f"Could not export {spec} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        reason = f"Could not export {spec} ({first_line(e)})"
     finally:
         watcher.stop()
     # Say so first (one line), then prepare the fallback.
@@ -236,7 +236,7 @@ def demo_model(progress=print, requested: str = "demo") -> ResolvedModel:
                 return ResolvedModel(str(out), name, requested, fallback=requested != "demo",
                                      source_name=path.name)
         except Exception as e:  # noqa: BLE001 - said in one line below
-            problems.append(f"{path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            problems.append(f"{path}: {error_line(e)}")
             progress(f"the demo model in {path} cannot be used ({problems[-1]})")
     where = "; ".join(problems) or "no demo model folder (BITNET_DEMO_MODEL or models/shakespeare-bitnet)"
     raise RuntimeError(f"no model to serve: the demo model is unavailable ({where}); pass --model "

@@ -18,9 +18,10 @@ class ChatSettings:
     """The page's sampling settings; seed < 0 (the default) = a fresh random seed per turn."""
 
     def __init__(self, max_new_tokens=DEFAULT_MAX_NEW, temperature=0.6, top_p=0.9, top_k=0,
-                 repetition_penalty=1.0, seed=-1):
+                 repetition_penalty=1.0, seed=-1, frequency_penalty=0.0, presence_penalty=0.0):
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.top_k, self.repetition_penalty, self.seed = top_k, repetition_penalty, seed
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
 
     def turn_seed(self) -> int:
         """The seed of one turn (both engines share it: the same tokens where their logits agree)."""
@@ -34,8 +35,10 @@ class ChatSettings:
         return GenerationSettings(
             max_new_tokens=max(1, int(self.max_new_tokens)), temperature=max(0.0, float(self.temperature)),
             top_k=max(0, int(self.top_k)), top_p=min(1.0, max(1e-3, float(self.top_p))),
-            repetition_penalty=max(1e-3, float(self.repetition_penalty)), seed=int(seed), truncate=True,
-            max_time_s=max_time_s)
+            repetition_penalty=max(1e-3, float(self.repetition_penalty)),
+            frequency_penalty=min(2.0, max(-2.0, float(self.frequency_penalty))),
+            presence_penalty=min(2.0, max(-2.0, float(self.presence_penalty))),
+            seed=int(seed), truncate=True, max_time_s=max_time_s)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class PageSettings:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int = -1
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]
+    presence_penalty: float = 0.0
 
     @classmethod
     def names(cls) -> list[str]:
@@ -57,15 +62,23 @@ class PageSettings:
 
     @classmethod
     def from_values(cls, values: dict) -> "PageSettings":
-        """From {field name: value}; a missing or empty value keeps the default."""
-        default = cls()
-        return cls(**{name: values[name] if values.get(name) is not None else getattr(default, name)
-                      for name in cls.names()})
+        """From {field name: value} (the page's inputs, a link); a missing or unreadable value
+        keeps the default."""
+        default, out = cls(), {}
+        for name in cls.names():
+            fallback, value = getattr(default, name), values.get(name)
+            try:
+                out[name] = fallback if value is None else type(fallback)(value)
+            except (TypeError, ValueError):
+                out[name] = fallback
+        return cls(**out)
 
     def chat(self) -> ChatSettings:
         return ChatSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                             top_p=self.top_p, top_k=self.top_k,
-                            repetition_penalty=self.repetition_penalty, seed=self.seed)
+                            repetition_penalty=self.repetition_penalty, seed=self.seed,
+                            frequency_penalty=self.frequency_penalty,
+                            presence_penalty=self.presence_penalty)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ from .conversation import NO_BASELINE, TERNARY
 from .formatting import LABELS, raw_stats, stats_markdown
 from .handlers import Layout, PageHandlers, SettingsForm, baseline_title
 from .settings import PageSettings
+from .storage import STORAGE_KEY, browser_secret
 
 TITLE = "BitNet b1.58 on ONNX Runtime: ternary vs stock, side by side"
 EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo model
@@ -27,7 +28,7 @@ EXAMPLES = [  # the first for 2B4T, the last two also suit the Shakespeare demo 
 CSS = """
 #summary {min-height: 2.5em}
 .pane-stats {font-size: 0.92em; min-height: 3.6em}
-#cost-note {font-size: 0.85em; opacity: 0.85}
+#cost-note, #edit-hint {font-size: 0.85em; opacity: 0.85}
 #library-row {align-items: end}
 /* narrow screens: the panes side by side and shorter, the message box pinned to the bottom
    of the screen (reachable without scrolling past both panes), the charts one under the other */
@@ -41,6 +42,9 @@ CSS = """
               padding: 4px 0; flex-wrap: nowrap !important; gap: 4px}
   #input-row > * {min-width: 0 !important}
   #plots {flex-direction: column}
+  #page-links-note {font-size: 0.8em}
+  #library-row {gap: 4px}
+  #library-row button {flex: 1 1 28% !important; min-width: 0 !important}
 }
 """
 # No visitor or model text can make the page fetch a remote image (tracking pixels in shared
@@ -57,11 +61,28 @@ HEAD = ('<meta name="referrer" content="no-referrer">'
         ' const write = c.writeText.bind(c);'
         r' const stats = /\n\n<sub>(?:ternary|int2|int4|fp32) · [^<\n]*<\/sub>/g;'
         ' c.writeText = (text) => write(typeof text === "string" ? text.replace(stats, "") : text);'
-        '})();</script>')
+        '})();'
+        # a shared link pasted into a tab already on this page changes only the fragment
+        ' window.addEventListener("hashchange", () => { if (location.hash.startsWith("#c=")) location.reload(); });'
+        '</script>')
+# The share button's link: this page's address + the fragment the server made, copied.
+COPY_LINK_JS = """(fragment) => {
+  const url = location.origin + location.pathname + fragment;
+  navigator.clipboard?.writeText(url).catch(() => {});
+  return url;
+}"""
+# A shared link's fragment, read once, then taken off the address (a reload shows the
+# conversation from this browser's storage, where it now is).
+READ_LINK_JS = """() => {
+  const fragment = location.hash.startsWith('#c=') ? location.hash : '';
+  if (fragment) history.replaceState(null, '', location.pathname + location.search);
+  return fragment;
+}"""
 COST_NOTE = ("**Cost per token** (under each pane's stats): *CPU time* is the process CPU time of "
              "that answer divided by the tokens it generated, shared equally among the streams of "
-             "a batch: CPU time, not measured energy. *Weights read* is the variant's weight bytes, "
-             "which every decode step streams once, divided by the batch.")
+             "a batch: CPU time, not measured energy (work outside its batch that ran at the same time, "
+             "another visitor's baseline or API request, counts too). *Weights read* is the "
+             "variant's weight bytes, which every decode step streams once, divided by the batch.")
 
 
 def chat_pane(label: str, elem_id: str) -> gr.Chatbot:
@@ -78,6 +99,14 @@ def build_demo(pg) -> gr.Blocks:
     with gr.Blocks(title="BitNet b1.58 playground", fill_width=True) as demo:
         gr.Markdown(f"## {TITLE}", elem_id="title")
         banner = gr.Markdown(pg.banner_markdown(), elem_id="banner")
+        with gr.Row(elem_id="page-links", equal_height=False):
+            # Gradio's footer has both; it hides its API link on narrow screens, this one opens
+            # the same panel everywhere
+            api_page = gr.Button("Use via API", size="sm", elem_id="api-page", scale=0,
+                                 min_width=110)
+            gr.Markdown("this page's endpoints, and an OpenAI-compatible API at `/v1` · light or "
+                        "dark: *Settings* at the bottom of the page", elem_id="page-links-note")
+        api_page.click(None, js="() => { document.querySelector('footer .show-api')?.click() }")
         with gr.Row(equal_height=False):
             baseline = gr.Dropdown(
                 choices=[(LABELS.get(v, v), v) for v in (pg.baselines() if ready
@@ -85,7 +114,13 @@ def build_demo(pg) -> gr.Blocks:
                 value=defaults.baseline,
                 label="Baseline (runs after the ternary engine, on the same cores, same prompt and seed)",
                 elem_id="baseline", scale=2, allow_custom_value=False)
-            gr.DeepLinkButton("Share this conversation (link)", copied_value="Link copied!", scale=1)
+            share = gr.Button("Share this conversation (link)", elem_id="share", scale=1)
+        # the link holds the conversation itself (playground/links.py): nothing kept on the server
+        share_link = gr.Textbox(label="Link to this conversation (copied; it carries the "
+                                "conversation itself, nothing is stored on the server)",
+                                elem_id="share-link", interactive=False, visible=False,
+                                buttons=["copy"], max_lines=2)
+        opened_link = gr.Textbox("", visible=False, elem_id="opened-link")
         with gr.Row(elem_id="library-row"):
             conversations = gr.Dropdown(choices=[], label="Conversation (kept in this browser)",
                                         elem_id="conversations", scale=3, min_width=160)
@@ -122,6 +157,9 @@ def build_demo(pg) -> gr.Blocks:
             retry = gr.Button("Retry", size="sm", elem_id="retry")
             edit = gr.Button("Edit last message", size="sm", elem_id="edit")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
+        gr.Markdown("Any earlier message: its ✎ button edits it, or submit it unchanged to have "
+                    "it answered again; the turns after it are dropped and both engines answer.",
+                    elem_id="edit-hint")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
         with gr.Row(elem_id="plots"):
             speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
@@ -149,6 +187,13 @@ def build_demo(pg) -> gr.Blocks:
                 seed = gr.Number(defaults.seed, precision=0, elem_id="seed",
                                  label="Seed (-1 = a new random seed each answer; both engines share "
                                        "it; the stats show the one used)")
+            with gr.Row():
+                frequency = gr.Slider(-2.0, 2.0, value=defaults.frequency_penalty, step=0.05,
+                                      label="Frequency penalty (0 = off; per time a token was "
+                                            "generated)", elem_id="frequency-penalty")
+                presence = gr.Slider(-2.0, 2.0, value=defaults.presence_penalty, step=0.05,
+                                     label="Presence penalty (0 = off; once a token was generated)",
+                                     elem_id="presence-penalty")
         with gr.Accordion("Raw stats (JSON)", open=False):
             # JSON as text: Gradio saves text values in shared links as they are
             raw = gr.Code(json.dumps(raw_stats(None, pg.hardware or None)), language="json",
@@ -156,24 +201,28 @@ def build_demo(pg) -> gr.Blocks:
         # The conversation itself: the one value every view above is rendered from (JSON text).
         conversation = gr.Textbox("[]", visible=False, elem_id="conversation")
         # ... and its copy in the browser's storage: a reload brings the conversation back
-        saved = gr.BrowserState(None, storage_key="bitnet-onnx-conversations")
+        secret, where = browser_secret()
+        pg.progress(where)
+        saved = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)
         timer = gr.Timer(1.0, active=pg.state not in ("ready", "failed"))
 
         form = SettingsForm(system=system, baseline=baseline, max_new_tokens=max_new,
                             temperature=temperature, top_p=top_p, top_k=top_k,
-                            repetition_penalty=rep, seed=seed)
+                            repetition_penalty=rep, seed=seed, frequency_penalty=frequency,
+                            presence_penalty=presence)
         views = [chat_t, chat_b, stats_t, stats_b, summary, speed_plot, time_plot, raw]
         ui = Layout(banner=banner, title_b=title_b, send=send, msg=msg, views=views,
                     conversation=conversation, saved=saved, timer=timer, form=form,
                     conversations=conversations, title=title, export_md=export_md,
-                    export_json=export_json, import_button=import_json)
+                    export_json=export_json, import_button=import_json, branch=gr.State(None),
+                    share_link=share_link, opened_link=opened_link)
         wire(demo, PageHandlers(pg, ui), ui, stop=stop, retry=retry, edit=edit, clear=clear,
-             panes=[chat_t, chat_b], new_chat=new_chat, delete_chat=delete_chat)
+             panes=[chat_t, chat_b], new_chat=new_chat, delete_chat=delete_chat, share=share)
     return demo
 
 
 def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, clear, panes,
-         new_chat, delete_chat) -> None:
+         new_chat, delete_chat, share) -> None:
     """The page's events."""
     outputs = [ui.msg] + ui.views + [ui.conversation]
     settings = ui.form.components()  # in the order of the API's parameters
@@ -193,12 +242,14 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     clear.click(page.clear, None, ui.views + [ui.conversation], queue=False,
                 api_name="clear").then(**after)
     for pane in panes:  # edit or resend any visitor turn; the pane's retry on the last answer
-        pane.edit(**lock).then(page.edit_turn, {ui.conversation, *settings},
+        pane.edit(page.take_edit, None, ui.branch, queue=False, api_visibility="private") \
+            .then(**lock).then(page.run_branch, {ui.conversation, ui.branch, *settings},
                                api_visibility="private", **common).then(**after)
         pane.clear(page.clear, None, ui.views + [ui.conversation], queue=False,
                    api_visibility="private").then(**after)
-        pane.retry(**lock).then(page.retry_turn, {ui.conversation, *settings},
-                                api_visibility="private", **common).then(**after)
+        pane.retry(page.take_retry, None, ui.branch, queue=False, api_visibility="private") \
+            .then(**lock).then(page.run_branch, {ui.conversation, ui.branch, *settings},
+                               api_visibility="private", **common).then(**after)
     shown = dict(outputs=ui.shown_outputs(), queue=False, api_visibility="private",
                  show_progress="hidden")
     new_chat.click(page.new_conversation, {ui.saved, *settings}, **shown)
@@ -206,7 +257,7 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     ui.conversations.input(page.switch_conversation, {ui.saved, ui.conversations, *settings},
                            **shown)
     ui.import_button.upload(page.import_conversation, {ui.saved, ui.import_button, *settings},
-                            **shown)
+                            **dict(shown, queue=True))  # queued: its notice reaches the page
     ui.title.submit(page.rename_conversation, [ui.saved, ui.title],
                     [ui.saved, ui.conversations, ui.title, ui.export_md, ui.export_json],
                     queue=False, api_visibility="private", show_progress="hidden")
@@ -216,12 +267,24 @@ def wire(demo: gr.Blocks, page: PageHandlers, ui: Layout, stop, retry, edit, cle
     refresh_outputs = [ui.banner, ui.title_b, ui.send, ui.timer] + settings
     ui.timer.tick(page.refresh, {ui.conversation, *settings}, refresh_outputs, queue=False,
                   api_visibility="private", show_progress="hidden")
+    share.click(page.share, {ui.conversation, *settings}, [ui.share_link], queue=False,
+                api_visibility="private", show_progress="hidden") \
+        .then(None, [ui.share_link], [ui.share_link], js=COPY_LINK_JS)
+    # the page, then a shared link in the address's fragment (which never reaches the server)
     demo.load(page.load, {ui.conversation, ui.saved, *settings},
               [ui.msg] + refresh_outputs + ui.shown_outputs(), queue=False,
-              api_visibility="private", show_progress="hidden")
+              api_visibility="private", show_progress="hidden") \
+        .then(None, None, [ui.opened_link], js=READ_LINK_JS) \
+        .then(page.open_link, {ui.opened_link, ui.saved, *settings}, ui.shown_outputs(),
+              api_visibility="private", show_progress="hidden")  # queued: its notice shows
     gr.api(page.status, api_name="status", queue=False)
 
 
 def launch_kwargs() -> dict:
     """Arguments of demo.launch() that style the page (Gradio 6 takes them at launch)."""
-    return {"css": CSS, "theme": gr.themes.Soft(), "head": HEAD}
+    # Server-side rendering stays off (Spaces turns it on through GRADIO_SSR_MODE): everything
+    # the page shows at first lives in the browser (the conversations in its storage, a shared
+    # link in the address's fragment, which no server sees), so a server-rendered first paint
+    # could only show an empty chat; and the /v1 API shares this server, which SSR would put
+    # behind its Node proxy.
+    return {"css": CSS, "theme": gr.themes.Soft(), "head": HEAD, "ssr_mode": False}

@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 
+from .errors import first_line
 from .folder import VARIANTS
 
 
@@ -130,8 +131,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # one line, no traceback
-        message = str(e).strip().splitlines()
-        print(f"error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
 
 

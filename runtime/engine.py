@@ -14,6 +14,8 @@ import os
 import threading
 import time
 
+import numpy as np
+
 from .cpus import check_threads
 from .errors import EngineError, PromptTooLongError, first_line
 from .folder import NUM_LOGITS_TO_KEEP, graph_input_names, needs_custom_ops, read_config, variant_path
@@ -29,6 +31,8 @@ CACHE_BLOCK = 64  # KV cache capacity is rounded up to a multiple of this
 
 
 class Engine:
+    batcher = None  # one sequence at a time; a BatchedEngine (runtime/batcher.py) has its Batcher here
+
     def __init__(self, model_dir, variant: str = "ternary", threads: int | None = None,
                  session_config: dict | None = None, prefill_chunk: int = 256,
                  last_logits_only: bool = True):

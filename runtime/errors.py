@@ -31,3 +31,11 @@ def first_line(error) -> str:
     if lines:
         return lines[0]
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of an exception (its type alone when it has no message), the line cut
+    at `limit` characters: how a one-line error names a foreign failure (the hub's, an export's)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__
+    return f"{name}: {lines[0][:limit]}" if lines else name

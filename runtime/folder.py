@@ -26,8 +26,8 @@ from .errors import EngineError, VariantNotFoundError
 CONFIG_NAME = "bitnet_onnx.json"
 FORMAT = "bitnet-onnx"
 # 1: graphs with an optional `logits_to_keep` (an initializer that is also an input);
-# 2: a `num_logits_to_keep` input (first required; now optional, default 0 = every position,
-# from an initializer of the same name). The runtime reads both (docs/ARCHITECTURE.md).
+# 2: a `num_logits_to_keep` input (optional, default 0 = every position, from an initializer of
+# the same name; some format-2 folders require it). The runtime reads both (docs/ARCHITECTURE.md).
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 

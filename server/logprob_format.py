@@ -44,6 +44,11 @@ class TokenText:
         text = self.tokenizer.decode([int(token)], skip_special_tokens=False)
         return text if text else (self.tokenizer.id_to_token(int(token)) or "")
 
+    @functools.lru_cache(maxsize=65536)
+    def special(self, token: int) -> bool:
+        """A special token (BOS, end of turn, ...): shown in `tokens`, absent from the text."""
+        return not self.tokenizer.decode([int(token)], skip_special_tokens=True) and bool(self.text(token))
+
     def after(self, window: list[int], token: int) -> str:
         """The text `token` adds after the tokens of `window` (decoders that join tokens with
         spaces put one between words, which the token alone would not show)."""
@@ -96,7 +101,7 @@ def completion_logprobs(names: TokenText, prompt_ids, prompt_scores, generated, 
     """OpenAI's completions `logprobs`: the echoed prompt (`prompt_ids` with `prompt_scores`,
     one per token after the first; both None without echo) then the generated tokens'
     TokenLogprobs (`context`: tokens generated before them). `text_offset` counts characters of
-    the returned text from `offset`."""
+    the returned text from `offset` (special tokens, which the text leaves out, take none)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     position = offset
     if prompt_ids is not None:
@@ -106,11 +111,11 @@ def completion_logprobs(names: TokenText, prompt_ids, prompt_scores, generated, 
             token_logprobs.append(None if score is None else score.logprob)
             tops.append(None if score is None else _top_dict(names, window, score.top))
             offsets.append(position)
-            position += len(tokens[-1])
+            position += 0 if names.special(token) else len(tokens[-1])
     for lp, (token, window) in zip(generated, names.walk([lp.token for lp in generated], context)):
         tokens.append(names.after(window, token))
         token_logprobs.append(lp.logprob)
         tops.append(_top_dict(names, window, lp.top))
         offsets.append(position)
-        position += len(tokens[-1])
+        position += 0 if names.special(token) else len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -87,8 +87,7 @@ class ModelRegistry:
     def describe(self, name: str, value) -> dict:
         info = {"id": name, "object": "model", "created": self.created, "owned_by": "bitnet-onnx"}
         if _is_engine(value):
-            info.update(variant=getattr(value, "variant", None),
-                        context_length=getattr(value, "context_length", None))
+            info.update(variant=value.variant, context_length=value.context_length)
         return info
 
 

@@ -5,12 +5,15 @@
     uvicorn.run(create_api({"bitnet-b1.58-2B-4T": engine}), port=8000)   # or alone
 
 Requests are read and validated by server/requests.py (pydantic models), models found by
-server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs),
-and every error of every route goes through `api_error` here (the one error handler: the
-routes' class, ApiRoute) into server/errors.py's shape.
+server/models.py (ModelRegistry), generations admitted and run by server/scheduler.py (Jobs)
+with server/work.py (what a request runs), answers shaped by server/responses.py, and every
+error of every route goes through `api_error` here (the one error handler: the routes'
+class, ApiRoute, which also counts each answer into server/metrics.py).
 
-Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (stream or not),
-GET /v1/health (open even with a key: queue state only). Every error is JSON in OpenAI's shape
+Routes (docs/SERVING.md lists them with every field): POST /v1/chat/completions and
+/v1/completions (stream or not), GET /v1/models[/{id}], GET /health and /v1/health (open even
+with a key; 503 while loading), GET /metrics (open), POST /tokenize, /detokenize and
+GET /tokenizer_info. Every error is JSON in OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for what the client did
 and 429/503 (with Retry-After) when the CPU is taken.
 """
@@ -19,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.responses import StreamingResponse
@@ -171,15 +174,14 @@ def attach_api(demo, models, **kw) -> ApiState:
     return install_api(demo.app, models, first=True, **kw)
 
 
-def build_router(state: ApiState):
-    from fastapi import APIRouter
-    from fastapi.responses import JSONResponse
+class ApiRoutes:
+    """The handlers of the API's routes over one ApiState (build_router registers them)."""
 
-    router = APIRouter(route_class=type("MeteredRoute", (ApiRoute,), {"metrics": state.metrics}))
-    limits = state.limits
+    def __init__(self, state: ApiState):
+        self.state, self.limits = state, state.limits
 
-    def check_auth(request: Request) -> None:
-        if not state.api_key:
+    def check_auth(self, request: Request) -> None:
+        if not self.state.api_key:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -187,55 +189,55 @@ def build_router(state: ApiState):
             raise ApiError(401, f"missing API key: send 'Authorization: Bearer <key>' (the server "
                                 f"requires the key set in {API_KEY_ENV})", "invalid_request_error",
                            code="missing_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode("utf-8", "replace"), state.api_key.encode()):
+        if not hmac.compare_digest(token.strip().encode("utf-8", "replace"), self.state.api_key.encode()):
             raise ApiError(401, "invalid API key", "invalid_request_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def health():
+    async def health(self):
         """200 when the models are ready, 503 while they load (or cannot), the state in the body:
         what a load balancer's or Kubernetes' probe reads."""
         try:
-            names, status = state.registry.names(), "ok"
+            names, status = self.state.registry.names(), "ok"
         except ApiError:
             names, status = [], "loading"
         except Exception as e:  # a provider that fails: say so, do not crash
             names, status = [], f"error: {type(e).__name__}: {e}"
-        body = {"status": status, "models": names, **state.gate.snapshot(),
-                "active_jobs": state.scheduler.active(), "batchers": [b.stats() for b in state.batchers]}
+        body = {"status": status, "models": names, **self.state.gate.snapshot(),
+                "active_jobs": self.state.scheduler.active(), "batchers": [b.stats() for b in self.state.batchers]}
         ready = status == "ok"
         return JSONResponse(body, status_code=200 if ready else 503,
                             headers={} if ready else {"Retry-After": "10"})
 
-    async def list_models():
-        mapping = await asyncio.to_thread(state.registry._mapping)
-        return {"object": "list", "data": [state.registry.describe(n, v) for n, v in mapping.items()]}
+    async def list_models(self):
+        mapping = await asyncio.to_thread(self.state.registry._mapping)
+        return {"object": "list", "data": [self.state.registry.describe(n, v) for n, v in mapping.items()]}
 
-    async def get_model(model_id: str):
-        mapping = await asyncio.to_thread(state.registry._mapping)
-        model_id = state.registry.resolve(model_id, mapping, any_name=False)
-        return state.registry.describe(model_id, mapping[model_id])
+    async def get_model(self, model_id: str):
+        mapping = await asyncio.to_thread(self.state.registry._mapping)
+        model_id = self.state.registry.resolve(model_id, mapping, any_name=False)
+        return self.state.registry.describe(model_id, mapping[model_id])
 
-    def watch(engine) -> None:
+    def watch(self, engine) -> None:
         """Count the decode steps of a batched engine into the metrics (once per engine)."""
-        batcher = getattr(engine, "batcher", None)
-        if batcher is not None and batcher not in state.batchers:
-            state.batchers.append(batcher)
-            batcher.step_observers.append(state.metrics.observe_batch)
+        batcher = engine.batcher
+        if batcher is not None and batcher not in self.state.batchers:
+            self.state.batchers.append(batcher)
+            batcher.step_observers.append(self.state.metrics.observe_batch)
 
-    async def engine_for(name: str):
-        engine = await asyncio.to_thread(state.registry.get, name)
-        watch(engine)
-        return engine, await asyncio.to_thread(state.registry.resolve, name)  # the real id
+    async def engine_for(self, name: str):
+        engine = await asyncio.to_thread(self.state.registry.get, name)
+        self.watch(engine)
+        return engine, await asyncio.to_thread(self.state.registry.resolve, name)  # the real id
 
-    async def respond(admitted, meta: Meta, results: Results, req, request: Request, headers: dict):
+    async def respond(self, admitted, meta: Meta, results: Results, req, request: Request, headers: dict):
         """The answer: SSE (the wait for the CPU inside the stream, with keep-alives) or JSON."""
-        run = state.scheduler.run(admitted, queue_timeout_s=limits.queue_timeout_s,
-                                  generation_timeout_s=limits.generation_timeout_s,
-                                  disconnected=request.is_disconnected)
+        run = self.state.scheduler.run(admitted, queue_timeout_s=self.limits.queue_timeout_s,
+                                       generation_timeout_s=self.limits.generation_timeout_s,
+                                       disconnected=request.is_disconnected)
         if req.stream:
             headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             started: list = []  # the job, once it runs (JobStream stops it when the client leaves)
-            body = stream(run, meta, results, req.include_usage, limits.keepalive_s, started.append)
+            body = stream(run, meta, results, req.include_usage, self.limits.keepalive_s, started.append)
             return JobStream(body, started, media_type="text/event-stream", headers=headers)
         job = await run
         try:
@@ -244,102 +246,104 @@ def build_router(state: ApiState):
             if not job.finished.is_set():
                 job.stop("client")
 
-    def meta_for(kind: str, record_id: str, model: str, engine, plan, t0: float, **kw) -> Meta:
+    def meta_for(self, kind: str, record_id: str, model: str, engine, plan, t0: float, **kw) -> Meta:
         return Meta(id=record_id, created=int(time.time()), model=model, max_tokens=plan.settings.max_new_tokens,
-                    t0=t0, kind=kind, names=state.token_text(engine), stop_ids=set(engine.stop_token_ids),
-                    head=getattr(engine, "lm_head", "unknown"), n=plan.n, metrics=state.metrics, **kw)
+                    t0=t0, kind=kind, names=self.state.token_text(engine), stop_ids=set(engine.stop_token_ids),
+                    head=engine.lm_head, n=plan.n, metrics=self.state.metrics, **kw)
 
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
         t0 = time.monotonic()
-        req = await read_chat_request(request, limits)
-        engine, req.model = await engine_for(req.model)
+        req = await read_chat_request(request, self.limits)
+        engine, req.model = await self.engine_for(req.model)
 
         def plan_for() -> Plan:
-            return Plan([req.prompt(engine)], req.settings(engine, limits), n=req.choices, messages=req.chat)
+            return Plan([req.prompt(engine)], req.settings(engine, self.limits), n=req.choices, messages=req.chat)
 
-        admitted = await state.scheduler.admit(engine, req.model, plan_for, user=req.user)
+        admitted = await self.state.scheduler.admit(engine, req.model, plan_for, user=req.user)
         plan = admitted.plan
-        meta = meta_for(CHAT, admitted.record.id, req.model, engine, plan, t0, want_logprobs=bool(req.logprobs))
+        meta = self.meta_for(CHAT, admitted.record.id, req.model, engine, plan, t0, want_logprobs=bool(req.logprobs))
         headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
-        return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
+        return await self.respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
 
-    async def completions(request: Request):
+    async def completions(self, request: Request):
         t0 = time.monotonic()
-        req = await read_completion_request(request, limits)
-        engine, req.model = await engine_for(req.model)
+        req = await read_completion_request(request, self.limits)
+        engine, req.model = await self.engine_for(req.model)
 
         def plan_for() -> Plan:
             prompts = req.prompts(engine)
-            settings = req.settings(engine, limits, prompts)
+            settings = req.settings(engine, self.limits, prompts)
             score = req.logprobs if req.echo and req.logprobs is not None else None
             return Plan(prompts, settings, n=req.choices, score_top=score)
 
-        admitted = await state.scheduler.admit(engine, req.model, plan_for, id_prefix="cmpl", user=req.user)
+        admitted = await self.state.scheduler.admit(engine, req.model, plan_for, id_prefix="cmpl", user=req.user)
         plan = admitted.plan
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True)
                  for p in req.prompt]
-        meta = meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
-                        want_logprobs=req.logprobs is not None, prompt_texts=texts)
-        if plan.settings.max_new_tokens and plan.score_top is None and req.echo:
-            pass  # echo without logprobs: the prompt's text only, nothing to score
+        meta = self.meta_for(TEXT, admitted.record.id, req.model, engine, plan, t0, echo=bool(req.echo),
+                             want_logprobs=req.logprobs is not None, prompt_texts=texts)
         headers = {"x-request-id": admitted.record.id, "x-bitnet-max-tokens": str(plan.settings.max_new_tokens)}
-        return await respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
+        return await self.respond(admitted, meta, Results(meta, plan.choices), req, request, headers)
 
     # -- the tokenizer, as vLLM serves it (lm-eval's remote tokenizer reads these) -------------
-    async def tokenizer_engine(model: str | None):
-        return (await engine_for(model or ""))[0]
+    async def tokenizer_engine(self, model: str | None):
+        return (await self.engine_for(model or ""))[0]
 
-    async def tokenizer_info(model: str | None = None):
-        engine = await tokenizer_engine(model)
+    async def tokenizer_info(self, model: str | None = None):
+        engine = await self.tokenizer_engine(model)
         c = engine.config
         return {"eos_token": c.get("eos_token"), "bos_token": c.get("bos_token"), "pad_token": c.get("pad_token"),
                 "chat_template": c.get("chat_template"), "model_max_length": engine.context_length,
                 "tokenizer_class": "PreTrainedTokenizerFast"}
 
-    async def tokenize(request: Request):
-        body = parse_json(await read_body(request, limits))
+    async def tokenize(self, request: Request):
+        body = parse_json(await read_body(request, self.limits))
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
             raise bad("send {\"prompt\": \"text\"} (and optionally \"add_special_tokens\": bool, \"model\")",
                       "prompt", "invalid_type")
         add = body.get("add_special_tokens", True)
         if not isinstance(add, bool):
             raise bad("add_special_tokens must be a boolean", "add_special_tokens", "invalid_type")
-        engine = await tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
+        engine = await self.tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
         ids = engine.tokenizer.encode(body["prompt"], add_special_tokens=add).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.context_length}
 
-    async def detokenize(request: Request):
-        body = parse_json(await read_body(request, limits))
+    async def detokenize(self, request: Request):
+        body = parse_json(await read_body(request, self.limits))
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise bad("send {\"tokens\": [token ids]}", "tokens", "invalid_type")
-        engine = await tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
+        engine = await self.tokenizer_engine(body.get("model") if isinstance(body.get("model"), str) else None)
         if tokens and not (0 <= min(tokens) and max(tokens) < engine.vocab_size):
             raise bad(f"token ids must be in [0, {engine.vocab_size})", "tokens")
         return {"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)}
 
-    async def wrong_method(request: Request):
-        raise ApiError(405, f"{request.method} is not allowed here; use POST /v1/chat/completions",
+    async def wrong_method(self, request: Request):
+        raise ApiError(405, f"{request.method} is not allowed here; use POST {request.url.path}",
                        code="method_not_allowed", headers={"Allow": "POST"})
 
-    async def not_found(request: Request, rest: str):
-        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models "
-                            f"and POST /v1/chat/completions", code="unknown_url")
+    async def not_found(self, request: Request, rest: str):
+        raise ApiError(404, f"no route {request.method} /v1/{rest[:100]}; this server has GET /v1/models, "
+                            f"POST /v1/chat/completions and POST /v1/completions", code="unknown_url")
 
-    auth = [Depends(check_auth)]
-    router.add_api_route("/health", health, methods=["GET"])  # open even with a key
-    router.add_api_route("/v1/health", health, methods=["GET"])
+
+def build_router(state: ApiState):
+    router = APIRouter(route_class=type("MeteredRoute", (ApiRoute,), {"metrics": state.metrics}))
+    routes = ApiRoutes(state)
+    auth = [Depends(routes.check_auth)]
+    router.add_api_route("/health", routes.health, methods=["GET"])  # open even with a key
+    router.add_api_route("/v1/health", routes.health, methods=["GET"])
     add_metrics_route(router, state.metrics)  # open too: numbers, no request content
-    router.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=auth)
-    router.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=auth)
-    router.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=auth)
-    router.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=auth)
-    router.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=auth)
-    router.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], dependencies=auth)
-    router.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=auth)
-    router.add_api_route("/v1/chat/completions", wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"],
-                         dependencies=auth)
-    router.add_api_route("/v1/{rest:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+    router.add_api_route("/tokenizer_info", routes.tokenizer_info, methods=["GET"], dependencies=auth)
+    router.add_api_route("/tokenize", routes.tokenize, methods=["POST"], dependencies=auth)
+    router.add_api_route("/detokenize", routes.detokenize, methods=["POST"], dependencies=auth)
+    router.add_api_route("/v1/completions", routes.completions, methods=["POST"], dependencies=auth)
+    router.add_api_route("/v1/models", routes.list_models, methods=["GET"], dependencies=auth)
+    router.add_api_route("/v1/models/{model_id:path}", routes.get_model, methods=["GET"], dependencies=auth)
+    router.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], dependencies=auth)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        router.add_api_route(path, routes.wrong_method, methods=["GET", "PUT", "PATCH", "DELETE"], dependencies=auth)
+    router.add_api_route("/v1/{rest:path}", routes.not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                          dependencies=auth)
     return router
 

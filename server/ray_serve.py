@@ -1,14 +1,18 @@
-"""The same OpenAI-compatible API as a Ray Serve application: one engine per replica.
+"""The same OpenAI-compatible API as a Ray Serve application: one batched engine per replica.
 
-    python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--port 8000]
+    python -m server MODEL_DIR --ray --replicas 2 [--threads-per-replica 1] [--batch 4] [--port 8000]
     python -m server MODEL_DIR --ray --autoscale 1:4          # Ray adds replicas under load
 
 Each replica loads its own `runtime.Engine` (its own onnxruntime threads, `num_cpus` = threads
-in Ray's scheduler) and serves the app `server.create_api` builds, as the deployment's ingress:
+in Ray's scheduler) behind a continuous batcher of --batch slots, as `python -m server` serves
+it (runtime/serving.py: one decode step for the replica's running requests; --batch 0 or a
+baseline variant: one request at a time), and serves the app `server.create_api` builds, as
+the deployment's ingress:
 every route, limit, error and the cancel-on-disconnect path are the single-process server's,
 per replica (so N replicas hold N x (concurrency + queue_size) requests before answering 429).
 Every response carries the replica that answered in the `x-bitnet-replica` header, and
-GET /ray/replica describes that replica's recent generations (for tests and load runs).
+GET /ray/replica describes that replica's recent generations and its batcher (for tests and
+load runs).
 
 Without RAY_ADDRESS a one-machine Ray cluster is started in this process; with it (e.g.
 `ray start --head` here, `ray start --address HEAD:6379` on more machines) the app is deployed
@@ -23,6 +27,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from runtime.serving import DEFAULT_SLOTS
+
 REPLICA_HEADER = "x-bitnet-replica"
 APP_NAME = "bitnet"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +42,11 @@ class RayOptions:
     replicas: int = 1
     threads_per_replica: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas; None: fixed `replicas`
+    batch: int = DEFAULT_SLOTS  # batcher slots per replica (0: one request at a time)
 
     def validate(self) -> None:
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 0:
+            raise ValueError(f"--batch must be >= 0, got {self.batch}")
         if self.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
         if self.threads_per_replica < 1:
@@ -79,19 +88,33 @@ class ReplicaHeader:
 
 
 class ApiReplica:
-    """One Ray Serve replica: an Engine, and the server's FastAPI app over it."""
+    """One Ray Serve replica: an Engine behind its batcher, and the server's FastAPI app over it."""
 
-    def __init__(self, model_dir: str, name: str, variant: str, threads: int, limits: dict):
+    def __init__(self, model_dir: str, name: str, variant: str, threads: int, limits: dict,
+                 batch: int = DEFAULT_SLOTS):
         from ray import serve
 
-        self.engine = self.load_engine(model_dir, variant, threads)
+        self.engine = self.serve_engine(self.load_engine(model_dir, variant, threads), batch)
         self.name, self.limits, self.threads = name, limits, threads
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.max_batch_size = 0  # the largest decode step this replica ran
+        if self.engine.batcher is not None:
+            self.engine.batcher.step_observers.append(self._saw_step)
+
+    def _saw_step(self, size: int) -> None:
+        self.max_batch_size = max(self.max_batch_size, size)
 
     def load_engine(self, model_dir: str, variant: str, threads: int):
         from runtime import Engine
 
         return Engine(model_dir, variant=variant, threads=threads)
+
+    def serve_engine(self, engine, batch: int):
+        """The engine as the replica serves it: through a batcher of `batch` slots (the
+        ternary variant), as `python -m server` does."""
+        from runtime.serving import serving_engine
+
+        return serving_engine(engine, batch)
 
     def __serve_build_asgi_app__(self):
         # Called by Ray Serve after __init__: the replica's ingress is the server's own app.
@@ -104,6 +127,8 @@ class ApiReplica:
         async def replica_info():
             return {"replica": self.replica, "pid": os.getpid(), "threads": self.threads,
                     "model": self.name, **state.gate.snapshot(),
+                    "batcher": self.engine.batcher.stats() if self.engine.batcher is not None else None,
+                    "max_batch_size": self.max_batch_size,
                     "jobs": [{"id": r.id, "state": r.state, "stopped_by": r.stopped_by,
                               "new_tokens": r.new_tokens, "tokens_after_cancel": r.tokens_after_cancel,
                               "finish_reason": r.finish_reason} for r in state.records()]}
@@ -123,7 +148,7 @@ def build_app(model_dir: str, *, name: str | None = None, variant: str = "ternar
 
     options = options or RayOptions()
     options.validate()
-    limits = limits or Limits.from_env()
+    limits = limits or Limits.for_batch(options.batch, variant)
     model_dir = os.path.abspath(model_dir)
     name = name or os.path.basename(os.path.normpath(model_dir))
     held = limits.concurrency + limits.queue_size
@@ -138,7 +163,7 @@ def build_app(model_dir: str, *, name: str | None = None, variant: str = "ternar
     else:
         config["num_replicas"] = options.replicas
     deployment = serve.deployment(name="BitnetApi", **config)(serve.ingress()(replica_class or ApiReplica))
-    return deployment.bind(model_dir, name, variant, options.threads_per_replica, limits.as_dict())
+    return deployment.bind(model_dir, name, variant, options.threads_per_replica, limits.as_dict(), options.batch)
 
 
 def app_builder(args: dict):
@@ -147,14 +172,16 @@ def app_builder(args: dict):
         serve run server.ray_serve:app_builder model_dir=/models/x replicas=2
         # serveConfigV2: import_path: server.ray_serve:app_builder, args: {model_dir: ..., autoscale: "1:8"}
 
-    args: model_dir (required), name, variant, replicas, threads_per_replica, autoscale ("MIN:MAX").
+    args: model_dir (required), name, variant, replicas, threads_per_replica, autoscale ("MIN:MAX"),
+    batch (slots per replica).
     """
     if not args.get("model_dir"):
         raise ValueError("app_builder needs model_dir=DIR (an exported model folder)")
     autoscale = args.get("autoscale")
     options = RayOptions(replicas=int(args.get("replicas", 1)),
                          threads_per_replica=int(args.get("threads_per_replica", 1)),
-                         autoscale=parse_autoscale(str(autoscale)) if autoscale else None)
+                         autoscale=parse_autoscale(str(autoscale)) if autoscale else None,
+                         batch=int(args.get("batch", DEFAULT_SLOTS)))
     return build_app(args["model_dir"], name=args.get("name"), variant=args.get("variant", "ternary"),
                      options=options)
 
@@ -199,7 +226,8 @@ def main(args) -> int:
     """`python -m server DIR --ray ...` (args from server/__main__.py)."""
     try:
         options = RayOptions(replicas=args.replicas, threads_per_replica=args.threads_per_replica,
-                             autoscale=parse_autoscale(args.autoscale) if args.autoscale else None)
+                             autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                             batch=args.batch)
         options.validate()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

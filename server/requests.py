@@ -41,13 +41,35 @@ OUR_CODES = ("invalid_type", "invalid_value", "unsupported", "unsupported_role",
              "too_many_messages")
 
 
+def _limits(info: ValidationInfo) -> Limits:
+    """The server's limits a request is validated against (passed as the validation context)."""
+    return (info.context or {}).get("limits") or Limits()
+
+
 def _fail(code: str, message: str, param: str | None = None):
     """A validation error with our code; `param` for errors raised on the whole body."""
     return PydanticCustomError(code, message, {"param": param} if param else None)
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class KnownFields(BaseModel):
+    """A part of a request whose unknown keys are refused by name (a key set to null or
+    empty is as good as absent: clients that send a previous answer's message back carry
+    `"refusal": null` and the like)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_keys(cls, value):
+        if isinstance(value, dict):
+            for name, v in value.items():
+                if name not in cls.model_fields and v not in (None, [], {}, ""):
+                    raise _fail("unsupported", f"unrecognized field {str(name)[:60]!r} (docs/SERVING.md lists "
+                                               "the fields this server takes)")
+        return value
+
+
+class Message(KnownFields):
 
     role: Any = None
     content: Any = None
@@ -99,13 +121,11 @@ class Message(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(KnownFields):
     include_usage: Bool = False
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(KnownFields):
     type: Literal["text"]
 
 
@@ -165,7 +185,7 @@ class SamplingRequest(BaseModel):
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo):
         """The server's own limits (the validation context's Limits), and the seed as numpy takes it."""
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         stop = self.stop or []
         if len(stop) > limits.max_stop:
             raise _fail("invalid_value", f"at most {limits.max_stop} stop strings, got {len(stop)}", "stop")
@@ -193,7 +213,7 @@ class SamplingRequest(BaseModel):
         beyond the batcher's slots (all n decode side by side)."""
         if self.choices == 1:
             return
-        batcher = getattr(engine, "batcher", None)
+        batcher = engine.batcher
         if batcher is None:
             raise bad("n > 1 needs the continuous batcher (python -m server --batch SLOTS); this model "
                       "serves one sequence at a time", "n", "unsupported")
@@ -235,7 +255,7 @@ class ChatRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_limits(self, info: ValidationInfo):
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         if len(self.messages) > limits.max_messages:
             raise _fail("too_many_messages", f"too many messages: {len(self.messages)} (the limit is "
                                              f"{limits.max_messages})", "messages")
@@ -308,7 +328,7 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_limits(self, info: ValidationInfo):
-        limits: Limits = (info.context or {}).get("limits") or Limits()
+        limits = _limits(info)
         if len(self.prompt) > limits.max_prompts:
             raise _fail("invalid_value", f"at most {limits.max_prompts} prompts per request, got "
                                          f"{len(self.prompt)}", "prompt")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ApiError
 from .logprob_format import TokenText, chat_logprobs, completion_logprobs
-from .work import ChoiceEvent, PromptScores
+from .work import PromptScores
 
 CHAT, TEXT = "chat", "text"
 FINISH = {"stop": "stop", "length": "length", "time": "length", "cancelled": "length"}
@@ -214,6 +214,45 @@ async def _next_or_keepalive(aiter, pending: dict, interval: float):
     return task.result()
 
 
+def _item_chunks(meta: Meta, item, choice, shown) -> list[str]:
+    """The SSE chunks of one result of the job: a choice's new text (and logprobs), or, for a
+    completion with echo, its prompt's scores (`choice` None)."""
+    if choice is None:  # prompt scores: the echoed prompt (completions)
+        if not (meta.kind == TEXT and meta.echo):
+            return []
+        chunks = []
+        for j in range(meta.n):
+            index = item.index + j
+            lp = completion_logprobs(meta.names, item.ids, item.scores, []) if meta.want_logprobs else None
+            chunks.append(_chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)]))
+        return chunks
+    event = item.event
+    if not (event.text or shown):
+        return []
+    if meta.kind == CHAT:
+        lp = chat_logprobs(meta.names, shown, choice.context) if meta.want_logprobs else None
+        delta = {"content": event.text} if event.text else {}
+        return [_chunk(meta, [_chat_choice(choice.index, delta, None, lp)])]
+    lp = completion_logprobs(meta.names, None, None, shown, context=choice.context) if meta.want_logprobs else None
+    return [_chunk(meta, [_text_choice(choice.index, event.text, None, lp)])]
+
+
+def _final_chunks(meta: Meta, results: Results, record, include_usage: bool) -> list[str]:
+    """The closing SSE chunks: each choice's finish reason with its own stats, the usage, [DONE]."""
+    usage = results.finish()
+    finals = list(results.choices.values())
+    chunks = []
+    for k, c in enumerate(finals):
+        extra = {"bitnet": _extras(c, record, meta)}
+        if not include_usage and k == len(finals) - 1:
+            extra["usage"] = usage
+        chunks.append(_chunk(meta, [_chat_choice(c.index, {}, c.finish_reason) if meta.kind == CHAT
+                                    else _text_choice(c.index, "", c.finish_reason)], **extra))
+    if include_usage:  # OpenAI's usage chunk: no choices
+        chunks.append(_chunk(meta, [], usage=usage))
+    return chunks + ["data: [DONE]\n\n"]
+
+
 async def stream(start, meta: Meta, results: Results, include_usage: bool, keepalive_s: float, on_job):
     """The SSE body. `start`: an awaitable giving the started Job (the wait for the CPU
     happens here, with keep-alive comments, so a proxy or a client with a short read timeout
@@ -239,6 +278,8 @@ async def stream(start, meta: Meta, results: Results, include_usage: bool, keepa
         for i in range(len(results.choices)):
             if meta.kind == CHAT:
                 yield _chunk(meta, [_chat_choice(i, {"role": "assistant", "content": ""})])
+            elif meta.echo and not meta.want_logprobs:  # the echoed prompt (with logprobs: with its scores)
+                yield _chunk(meta, [_text_choice(i, meta.prompt_texts[i // meta.n])])
         pending: dict = {}
         events = job.events()
         try:
@@ -250,43 +291,16 @@ async def stream(start, meta: Meta, results: Results, include_usage: bool, keepa
                 if item is KEEPALIVE:
                     yield KEEPALIVE
                     continue
-                choice, shown = results.take(item)
-                if choice is None:  # prompt scores: the echoed prompt (completions)
-                    if meta.kind == TEXT and meta.echo:
-                        for j in range(meta.n):
-                            index = item.index + j
-                            lp = completion_logprobs(meta.names, item.ids, item.scores, []) \
-                                if meta.want_logprobs else None
-                            yield _chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)])
-                    continue
-                event = item.event
-                if not (event.text or shown):
-                    continue
-                if meta.kind == CHAT:
-                    lp = chat_logprobs(meta.names, shown, choice.context) if meta.want_logprobs else None
-                    delta = {"content": event.text} if event.text else {}
-                    yield _chunk(meta, [_chat_choice(choice.index, delta, None, lp)])
-                else:
-                    lp = completion_logprobs(meta.names, None, None, shown, context=choice.context) \
-                        if meta.want_logprobs else None
-                    yield _chunk(meta, [_text_choice(choice.index, event.text, None, lp)])
+                for chunk in _item_chunks(meta, item, *results.take(item)):
+                    yield chunk
         except Exception as e:
             err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
                            code="generation_failed")
             yield _data(err.body())
             yield "data: [DONE]\n\n"
             return
-        usage = results.finish()
-        finals = list(results.choices.values())
-        for k, c in enumerate(finals):  # each choice's finish reason, with its own stats
-            extra = {"bitnet": _extras(c, job.record, meta)}
-            if not include_usage and k == len(finals) - 1:
-                extra["usage"] = usage
-            yield _chunk(meta, [_chat_choice(c.index, {}, c.finish_reason) if meta.kind == CHAT
-                                else _text_choice(c.index, "", c.finish_reason)], **extra)
-        if include_usage:  # OpenAI's usage chunk: no choices
-            yield _chunk(meta, [], usage=usage)
-        yield "data: [DONE]\n\n"
+        for chunk in _final_chunks(meta, results, job.record, include_usage):
+            yield chunk
     finally:
         if not task.done():
             task.cancel()

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from runtime.gate import Gate, QueueTimeout, Ticket
 
+from .work import ChoiceEvent, run_plan
+
 
 class ClientGone(Exception):
     """The client closed the request while it waited for the CPU."""
@@ -98,8 +100,8 @@ class Job:
 
     def _emit(self, item) -> None:
         """A result of the plan (from the worker thread or a choice's pump thread)."""
-        event = getattr(item, "event", None)
-        if event is not None:
+        if isinstance(item, ChoiceEvent):
+            event = item.event
             with self._lock:
                 self._tokens[item.index] = event.stats.new_tokens
                 self.record.new_tokens = sum(self._tokens.values())
@@ -112,8 +114,6 @@ class Job:
         self._put(item)
 
     def _run(self) -> None:
-        from .work import run_plan
-
         started = time.monotonic()
         # the one time limit is the engine's (finish reason "time", checked between tokens)
         plan = self.plan

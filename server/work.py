@@ -60,7 +60,7 @@ def run_plan(engine, plan: Plan, cancel: threading.Event, emit) -> None:
         for event in engine.stream(messages=plan.messages, settings=plan.settings, cancel=cancel):
             emit(ChoiceEvent(0, event))
         return
-    if getattr(engine, "batcher", None) is None:  # one sequence at a time
+    if engine.batcher is None:  # one sequence at a time
         for i, ids in enumerate(plan.prompts):
             for event in engine.stream_tokens(ids, plan.settings, cancel):
                 emit(ChoiceEvent(i * plan.n, event))

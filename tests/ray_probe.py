@@ -36,15 +36,20 @@ def interfaces() -> list[str]:
 
 
 class SlowReplica(ApiReplica):
-    """The real engine, each streamed event handed on a little later, so that a generation of
-    the tiny demo model lasts long enough to disconnect from it mid-stream."""
+    """The real engine, each decode step of the replica's batcher a little longer (each event
+    handed on later without a batcher), so that a generation of the tiny demo model lasts long
+    enough to disconnect from it mid-stream and concurrent requests share decode steps."""
 
     delay_s = 0.01
 
-    def load_engine(self, model_dir, variant, threads):
+    def serve_engine(self, engine, batch):
+        served = super().serve_engine(engine, batch)
+        if served.batcher is not None:
+            served.batcher.step_observers.append(lambda size: time.sleep(self.delay_s))
+            return served
         from tests.api_support import SlowEngine
 
-        return SlowEngine(super().load_engine(model_dir, variant, threads), self.delay_s)
+        return SlowEngine(served, self.delay_s)
 
 
 def stream_one(client, model: str, i: int, max_tokens: int) -> dict:
@@ -54,16 +59,19 @@ def stream_one(client, model: str, i: int, max_tokens: int) -> dict:
         stream=True, max_tokens=max_tokens, temperature=0.8, seed=i,
         stream_options={"include_usage": True})
     replica = raw.headers.get(REPLICA_HEADER)
-    text, usage, ttft = [], None, None
+    text, usage, ttft, batch = [], None, None, None
     for chunk in raw.parse():
         if chunk.choices and chunk.choices[0].delta.content:
             ttft = ttft if ttft is not None else time.monotonic() - t0
             text.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             usage = chunk.usage
+        extra = (chunk.model_extra or {}).get("bitnet")
+        if extra:
+            batch = extra.get("max_batch_size")
     return {"replica": replica, "chars": len("".join(text)), "ttft_s": ttft,
             "completion_tokens": usage.completion_tokens if usage else None,
-            "seconds": time.monotonic() - t0}
+            "max_batch_size": batch, "seconds": time.monotonic() - t0}
 
 
 def disconnect_one(client, model: str, base_url: str) -> dict:
@@ -174,12 +182,22 @@ def main(argv=None) -> int:
     per_replica: dict = {}
     for r in results:
         per_replica[r["replica"]] = per_replica.get(r["replica"], 0) + 1
+    replicas = {}
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for _ in range(20):  # Ray routes each GET to some replica: ask until both answered
+            r = http.get("/ray/replica").json()
+            replicas[r["replica"]] = {"max_batch_size": r["max_batch_size"], "batcher": r["batcher"]}
+            if len(replicas) >= args.replicas:
+                break
     disconnect = disconnect_one(client, model, url)
     errors_behind_ray = error_answers(url, model)
     errors_alone = single_process_error_answers(args.model_dir, model)
     print(RESULT_PREFIX + json.dumps({"startup_s": round(startup_s, 2), "requests": args.requests,
                       "ok": len(results), "errors": errors, "per_replica": per_replica,
                       "completion_tokens": [r["completion_tokens"] for r in results],
+                      "max_batch_sizes": [r["max_batch_size"] for r in results], "replicas": replicas,
                       "disconnect": disconnect, "error_answers": errors_behind_ray,
                       "error_answers_single_process": errors_alone}), flush=True)
     import ray

@@ -243,7 +243,7 @@ def test_bad_request_gets_a_clear_4xx(served, case):
 
 
 def test_too_long_names_the_apis_own_remedy(served):
-    """Issue 11.13: an HTTP client has no settings.truncate; the error says what to shorten."""
+    """An HTTP client has no settings.truncate; the error says what to shorten."""
     r = post(served[0], ok_body(messages=[{"role": "user", "content": "w5 " * 300}]))
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "messages"
@@ -252,7 +252,7 @@ def test_too_long_names_the_apis_own_remedy(served):
 
 
 def test_any_name_reaches_the_one_model_and_documented_names_resolve(engine):
-    """Issue 11.12: one model served: any name is that model (the answer names the real id);
+    """One model served: any name is that model (the answer names the real id);
     several: the id's last part in any case resolves, unknown names are 404."""
     api = create_api({"microsoft/bitnet-b1.58-2B-4T": engine}, api_key=None)
     with ServerThread(api) as url:

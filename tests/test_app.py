@@ -127,6 +127,13 @@ def test_chat_streams_both_panes_one_after_the_other(server, engine):
         if s["new_tokens"] > 1:
             assert s["decode_tokens_per_s"] > 0
         assert s["variant"] == variant
+        # cost per token: CPU time of this answer (the process's, shared by its batch) and weights
+        assert 0 < s["cpu_s"] < 60 and s["cpu_ms_per_token"] == pytest.approx(
+            s["cpu_s"] * 1000 / s["new_tokens"])
+        assert s["weights_mb_per_token"] > 0
+        if variant == "ternary":  # every decode step reads the weights once, for its whole batch
+            assert s["weights_mb_per_token"] == pytest.approx(
+                engine.model_file_bytes / 2**20 / max(1.0, s.get("batch_size") or 1.0))
         pane_msgs = final[pane]
         assert [m["role"] for m in pane_msgs] == ["user", "assistant"]
         assert text_of(pane_msgs[0]) == "Hello there, how are you?"
@@ -135,6 +142,7 @@ def test_chat_streams_both_panes_one_after_the_other(server, engine):
     # greedy: the baseline computes the same function, so it writes the same text
     assert raw["engines"]["ternary"]["text"] == raw["engines"]["int2"]["text"]
     assert "TTFT" in final[STATS_T] and "decode" in final[STATS_T] and "weights" in final[STATS_T]
+    assert "ms/token" in final[STATS_T] and "CPU time" in final[STATS_B]
     assert "context" in final[STATS_T]
     assert "int2" in final[STATS_B] and "TTFT" in final[STATS_B]
     assert "Speed-up" in final[SUMMARY] and "memory" in final[SUMMARY]
@@ -153,8 +161,9 @@ def test_one_conversation_both_engines_same_prompt(server, engine):
     first_msg = "<script>alert(1)</script> & hi"
     first = client.predict(**chat_args(first_msg, max_new_tokens=30, temperature=1.0, seed=11))
     conv = first[CONV]
-    # the chatbot shows the markup as text: escaped, never live HTML
-    assert text_of(first[CHAT_T][0]) == "&lt;script&gt;alert(1)&lt;/script&gt; &amp; hi"
+    # the pane gets the text as typed (the page renders its markdown and sanitizes the HTML:
+    # tests/test_app_browser.py)
+    assert text_of(first[CHAT_T][0]) == first_msg
     t1, b1 = (raw_of(first)["engines"][v]["text"] for v in ("ternary", "int2"))
     second = client.predict(**chat_args("And then?", conv, baseline="int4", max_new_tokens=30,
                                         temperature=1.0, seed=12))
@@ -406,3 +415,23 @@ def test_start_up_prints_urls_and_the_apps_share_flag(server):
     assert f"page at {server.url}" in log and f"API at {server.url.rstrip('/')}/v1" in log
     assert "run again with --share" in log
     assert "share=True" not in log  # Gradio's own advice names a flag the app does not have
+
+
+def test_frequency_and_presence_penalties_reach_the_engines(server, engine):
+    from runtime import GenerationSettings
+
+    client = server.client()
+    out = client.predict(**chat_args("Hello there", max_new_tokens=40), frequency_penalty=1.5,
+                         presence_penalty=0.5)
+    assert turns_of(out)[-1]["settings"]["frequency_penalty"] == 1.5
+    assert turns_of(out)[-1]["settings"]["presence_penalty"] == 0.5
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello there"}]
+
+    def greedy(**penalties):
+        return engine.generate(messages=messages, settings=GenerationSettings(
+            max_new_tokens=40, temperature=0.0, truncate=True, **penalties)).text
+
+    penalized = greedy(frequency_penalty=1.5, presence_penalty=0.5)
+    assert penalized != greedy()  # the penalties change this answer ...
+    for variant in ("ternary", "int2"):  # ... and both engines got them
+        assert raw_of(out)["engines"][variant]["text"] == penalized

@@ -4,7 +4,7 @@ one history for both engines, notes that never reach a model, safe rendering, ho
 from __future__ import annotations
 
 from playground.conversation import (NOT_RUN_NONE, WAITING, model_messages, new_turn,
-                                     pane_messages, shown)
+                                     pane_messages)
 from playground.formatting import (MIN_DECODED_TO_COMPARE, chart_frames, finish_label,
                                    raw_stats, stats_markdown, summary_line)
 
@@ -55,18 +55,13 @@ def test_waiting_baseline_and_footer_with_seed():
     assert "seed 1234" in footer and "40.0 tok/s" in footer and "40 tokens" in footer
 
 
-def test_visitor_and_model_text_is_shown_safely():
-    raw = 'Hi <script>alert("x")</script> & <b>bold</b>'
-    assert shown(raw) == 'Hi &lt;script&gt;alert("x")&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;'
-    pixel = ("look ![x](http://evil.example/p.png) and ![y][r] and \\![z](http://evil.example/z.png)"
-             "\n\n[r]: http://evil.example/q.png")
-    out = shown(pixel)
-    assert "![" not in out and out.count("&#33;[") == 3  # no markdown image survives
-    assert "[x](http://evil.example/p.png)" in out  # a link may stay
-    turn = answered(new_turn(pixel, "int2", 1, 4096), "ternary", pixel)
-    for pane in ("ternary", "baseline"):
-        for m in pane_messages([turn], pane):
-            assert "![" not in m["content"]
+def test_visitor_and_model_text_reach_the_panes_as_typed():
+    """No escaping by hand: the panes get the text itself (Gradio renders the markdown and
+    sanitizes HTML; the page's CSP blocks remote images: tests/test_app_browser.py)."""
+    raw = 'Hi <script>alert("x")</script> & `a<b` ![x](http://evil.example/p.png)'
+    turn = answered(new_turn(raw, "int2", 1, 4096), "ternary", raw)
+    user, answer = pane_messages([turn], "ternary")
+    assert user["content"] == raw and answer["content"].split("\n\n<sub>")[0] == raw
 
 
 def test_verdict_compares_only_like_runs():

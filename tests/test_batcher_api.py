@@ -154,7 +154,7 @@ def _server_process(*args):
 @pytest.mark.parametrize("flags, slots", [((), 4), (("--batch", "0"), 0)], ids=["default", "batch-0"])
 def test_python_m_server_batches_by_default(flags, slots, plain):
     """No flag: the API runs through a 4-slot batcher (concurrency 4, concurrent answers ran in a
-    batch > 1 and equal the plain engine's). `--batch 0`: the old path, one at a time (concurrency
+    batch > 1 and equal the plain engine's). `--batch 0`: the plain engine, one at a time (concurrency
     1, no batch stats), the same answers."""
     import concurrent.futures
 

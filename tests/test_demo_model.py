@@ -64,11 +64,11 @@ def test_pack_layout_matches_transformers():
     from transformers.integrations.bitnet import pack_weights, unpack_weights
 
     w = torch.randint(-1, 2, (24, 10), dtype=torch.int8)
-    packed = pack.pack_ternary(w)
+    packed = pack.pack_checkpoint_weight(w)
     assert torch.equal(packed, pack_weights(w.clone().float()))
     unpack = getattr(unpack_weights, "__wrapped__", unpack_weights)
     assert torch.equal(unpack(packed, torch.float32), w.float())
-    assert torch.equal(pack.unpack_ternary(packed), w)
+    assert torch.equal(pack.unpack_checkpoint_weight(packed), w)
 
 
 def test_packer_parity_training_model_vs_transformers(tmp_path):

@@ -1,4 +1,4 @@
-"""The commands in README.md and docs/*.md, as written (issue 11.12).
+"""The commands in README.md and docs/*.md, as written.
 
 Every shell command in their code blocks is extracted. Python command lines (`python app.py
 ...`, `python -m MODULE ...`, `python SCRIPT ...`) must be accepted by their own argument

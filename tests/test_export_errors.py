@@ -146,7 +146,7 @@ def test_existing_output_needs_overwrite(good_checkpoint, tmp_path):
     assert os.listdir(tmp_path) == ["model"]
 
 
-# ---- the output folder never destroys the source (issue 11, item 1) ----------------------------
+# ---- the output folder never destroys the source ---------------------------------------------
 
 def _snapshot(folder) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}

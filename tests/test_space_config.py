@@ -1,5 +1,5 @@
 """The repository as the Hugging Face Hub sees it when it becomes a Space: a front matter the
-Hub accepts (playground/space_config.py holds the rules), a LICENSE matching the card, and no
+Hub accepts (export/space_config.py holds the rules), a LICENSE matching the card, and no
 binary over 1 MB outside LFS/Xet -- while the binaries stay plain blobs in this repository."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from playground.space_config import (BINARY_LIMIT, LFS_POINTER_PREFIX, binaries_without_lfs_rule,
+from export.space_config import (BINARY_LIMIT, LFS_POINTER_PREFIX, binaries_without_lfs_rule,
                                      front_matter_problems, gradio_pin, preload_entry_problems,
                                      published_front_matter, read_front_matter)
 
@@ -59,7 +59,7 @@ def test_missing_required_key_and_a_broken_block(tmp_path):
     meta = read_front_matter(README)
     del meta["sdk_version"]
     assert "sdk_version: missing" in front_matter_problems(meta, gradio_pin=PIN)
-    from playground.space_config import FrontMatterError
+    from export.space_config import FrontMatterError
 
     (tmp_path / "README.md").write_text("# no front matter\n")
     with pytest.raises(FrontMatterError, match="does not start with"):
@@ -136,7 +136,7 @@ def test_the_binary_check_finds_a_binary_without_a_rule(tmp_path):
 
 
 def test_command_line_check(tmp_path, capsys):
-    from playground.space_config import main
+    from export.space_config import main
 
     assert main([ROOT]) == 0
     assert "the Hub accepts this Space configuration" in capsys.readouterr().out

@@ -3,10 +3,10 @@ Hugging Face Hub applies when a Space is pushed.
 
     meta = read_front_matter("README.md")
     problems = front_matter_problems(meta, gradio_pin=gradio_pin("requirements.txt"))
-    python -m playground.space_config [REPO_DIR]   # the same checks, plus binaries outside LFS
+    python -m export.space_config [REPO_DIR]   # the same checks, plus binaries outside LFS
 
 Keys and value types follow the Hub's "Spaces Configuration Reference" (hub-docs,
-docs/hub/spaces-config-reference.md, version of 2026-08-22); the 60-character limit of
+docs/hub/spaces-config-reference.md, version of 2026-03-20, read 2026-12-06); the 60-character limit of
 `short_description` is the Hub's push check ('"short_description" length must be less than or
 equal to 60 characters long'), which that page does not state. `published_front_matter` writes
 the front matter of a Space serving a published exported folder (docs/SPACES.md).
@@ -45,7 +45,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 DURATION = re.compile(r"^\d+(s|m|h|d)$")
 PYTHON_VERSION = re.compile(r"^3\.\d+(\.\d+)?$")
-VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.-]?\w+)?$")
+SDK_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?([.-]?\w+)?$")
 
 
 class FrontMatterError(ValueError):
@@ -138,7 +138,7 @@ def front_matter_problems(meta: dict, gradio_pin: str | None = None) -> list[str
     check("colorTo", lambda v: v in COLORS, f"is not one of {', '.join(COLORS)}")
     check("sdk", lambda v: v in SDKS, f"is not one of {', '.join(SDKS)}")
     check("python_version", lambda v: bool(PYTHON_VERSION.match(v)), "is not a Python 3.x or 3.x.x version")
-    check("sdk_version", lambda v: bool(VERSION.match(v)), "is not a version number")
+    check("sdk_version", lambda v: bool(SDK_VERSION.match(v)), "is not a version number")
     check("suggested_hardware", lambda v: v in HARDWARE, "is not a hardware flavor of the reference")
     check("startup_duration_timeout", lambda v: bool(DURATION.match(v)), "is not a duration like 30m or 1h")
     check("header", lambda v: v in ("mini", "default"), "is not mini or default")
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     import os
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m playground.space_config",
+    parser = argparse.ArgumentParser(prog="python -m export.space_config",
                                      description="Check a Space's repository as the Hub would on a push: "
                                                  "README.md front matter, binaries over 1 MB outside LFS/Xet.")
     parser.add_argument("repo", nargs="?", default=".", help="the Space's repository folder (default: .)")

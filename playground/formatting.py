@@ -165,6 +165,20 @@ def chart_frames(turn: dict | None):
     return speed, timeline
 
 
+def shown_chart_frames(turn: dict | None):
+    """The charts' values: chart_frames of a finished turn, else frames with no rows. A chart
+    never gets None once drawn: Gradio's native plot then removes its element, and the resize
+    observers it keeps from earlier draws read the removed element's width and throw."""
+    import pandas as pd
+
+    speed, timeline = chart_frames(turn)
+    if speed is not None:
+        return speed, timeline
+    return (pd.DataFrame({"engine": pd.Series(dtype=str), "decode tok/s": pd.Series(dtype=float)}),
+            pd.DataFrame({"seconds": pd.Series(dtype=float), "tokens": pd.Series(dtype=int),
+                          "engine": pd.Series(dtype=str)}))
+
+
 def raw_stats(turn: dict | None, hardware: dict | None = None) -> dict:
     """The raw stats accordion: each engine of the last turn, its seed, and the hardware."""
     engines = {} if not turn else {

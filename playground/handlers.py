@@ -24,7 +24,8 @@ from . import library as lib
 from .conversation import NO_BASELINE, TERNARY, dumps, pane_messages, turns_of
 from .export import ImportFailed, from_json, to_json, to_markdown
 from .links import BadLink, decode, encode
-from .formatting import LABELS, chart_frames, raw_stats, stats_markdown, summary_line, turn_done
+from .formatting import (LABELS, raw_stats, shown_chart_frames, stats_markdown, summary_line,
+                         turn_done)
 from .gates import CpuBusy
 from .settings import PageSettings
 from .turns import NotReady, TooLong
@@ -138,9 +139,8 @@ def render(conversation, pg) -> tuple:
         base = last.get("baseline") or NO_BASELINE
         stats_b = (f"**{LABELS[NO_BASELINE]}** · no baseline ran for this turn" if base == NO_BASELINE
                    else stats_markdown(base, last["answers"].get(base), context, pg.time_limit_s))
-    # the charts show the latest finished comparison (a chart that goes blank while the next
-    # turn streams makes Gradio's plot throw on a removed element)
-    speed, timeline = chart_frames(next((t for t in reversed(turns) if turn_done(t)), None))
+    # the charts show the latest finished comparison (kept while the next turn streams)
+    speed, timeline = shown_chart_frames(next((t for t in reversed(turns) if turn_done(t)), None))
     raw = json.dumps(raw_stats(last, pg.hardware or None), indent=1, ensure_ascii=False)
     return (pane_messages(turns, TERNARY), pane_messages(turns, "baseline"), stats_t, stats_b,
             summary_line(last, pg.time_limit_s), speed, timeline, raw)
@@ -195,7 +195,7 @@ class PageHandlers:
             with contextlib.closing(states):  # a cancelled request closes the engine's loop
                 for turns, final in states:
                     views = render(turns, pg)
-                    if views[5] is None and not final:
+                    if not final and not any(turn_done(t) for t in turns):
                         # a branch with no finished turn yet (an edited first message): the
                         # charts stay as they are until it ends, rather than going blank
                         views = views[:5] + (gr.skip(), gr.skip()) + views[7:]

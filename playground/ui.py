@@ -13,7 +13,7 @@ import json
 import gradio as gr
 
 from .conversation import NO_BASELINE, TERNARY
-from .formatting import LABELS, raw_stats, stats_markdown
+from .formatting import LABELS, raw_stats, shown_chart_frames, stats_markdown
 from .handlers import Layout, PageHandlers, SettingsForm, baseline_title
 from .settings import PageSettings
 from .storage import STORAGE_KEY, browser_secret
@@ -162,11 +162,13 @@ def build_demo(pg) -> gr.Blocks:
                     elem_id="edit-hint")
         gr.Examples(EXAMPLES, inputs=[msg], cache_examples=False, label="Examples")
         with gr.Row(elem_id="plots"):
-            speed_plot = gr.BarPlot(None, x="engine", y="decode tok/s", color="engine",
+            # empty until a comparison is done, never None (see shown_chart_frames)
+            no_speed, no_timeline = shown_chart_frames(None)
+            speed_plot = gr.BarPlot(no_speed, x="engine", y="decode tok/s", color="engine",
                                     title="Decode speed (tok/s)", elem_id="speed-plot",
                                     height=260, y_lim=[0, None], min_width=160,
                                     sort=["ternary", "int2", "int4", "fp32"])
-            time_plot = gr.LinePlot(None, x="seconds", y="tokens", color="engine",
+            time_plot = gr.LinePlot(no_timeline, x="seconds", y="tokens", color="engine",
                                     title="Tokens over time", elem_id="time-plot", height=260,
                                     min_width=160)
         with gr.Accordion("Settings", open=False, elem_id="settings"):

@@ -26,6 +26,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 HOSTILE = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2"> hello'
+# the bars and lines of the two charts (Vega's SVG marks)
+CHART_MARKS = "#speed-plot g.mark-rect path, #time-plot g.mark-line path"
 REFUSED_IMAGE = "violates the following Content Security Policy directive"
 
 # CI sets BITNET_REQUIRE_BROWSER=1 so a missing browser fails instead of skipping quietly.
@@ -249,6 +251,9 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
     for plot in ("#speed-plot", "#time-plot"):
         page.wait_for_function(
             f"() => !!document.querySelector('{plot} svg, {plot} canvas')", timeout=30_000)
+    # ... bars and lines, not only the empty charts shown before the first comparison
+    page.wait_for_function(f"() => document.querySelectorAll('{CHART_MARKS}').length >= 2",
+                           timeout=30_000)
     page.wait_for_timeout(500)  # let the charts finish their transition
     assert screenshot(page, tmp_path, "playground.png").stat().st_size > 10_000
 
@@ -272,6 +277,8 @@ def test_page_chat_compare_stats_chart_and_script_as_text(server, browser, error
     for plot in ("#speed-plot", "#time-plot"):
         reopened.wait_for_function(
             f"() => !!document.querySelector('{plot} svg, {plot} canvas')", timeout=30_000)
+    reopened.wait_for_function(f"() => document.querySelectorAll('{CHART_MARKS}').length >= 2",
+                               timeout=30_000)
     reopened.wait_for_timeout(500)
     assert reopened.evaluate("window.__pwned") is None
     screenshot(reopened, tmp_path, "deep-link.png")
@@ -522,6 +529,28 @@ def test_edit_an_earlier_turn_both_engines_answer_the_new_branch(server, browser
     reopened.locator("#chat-baseline [data-testid='user']").last.wait_for(timeout=30_000)
     assert user_turns(reopened) == 1
     assert "Friends, Romans" in reopened.locator("#chat-baseline [data-testid='user']").last.inner_text()
+    context.close()
+
+
+def test_charts_drawn_then_resized_then_cleared_raise_no_page_error(server, browser, errors):
+    """Each draw of a Gradio native plot (the first, and again on a resize) leaves a resize
+    observer on the chart; were Clear to set the charts to None, removing their element, those
+    observers would read its width and throw ("reading 'offsetWidth'"). The charts stay, empty."""
+    context, page = fresh_page(browser, errors, server.url, 1400)
+    assert page.locator(CHART_MARKS).count() == 0  # empty charts before any comparison
+    send_and_wait(page, "To be", turns_before=0)
+    page.wait_for_function(f"() => document.querySelectorAll('{CHART_MARKS}').length >= 2",
+                           timeout=30_000)
+    for width in (1000, 1400):  # each a redraw
+        page.set_viewport_size({"width": width, "height": 1200})
+        page.wait_for_timeout(1000)
+    page.click("#clear")
+    page.wait_for_function("() => !document.querySelector('#chat-ternary [data-testid=\"user\"]')",
+                           timeout=10_000)
+    page.wait_for_timeout(1500)
+    for plot in ("#speed-plot", "#time-plot"):
+        assert page.locator(f"{plot} svg").count() == 1
+    assert page.locator(CHART_MARKS).count() == 0
     context.close()
 
 

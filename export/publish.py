@@ -18,12 +18,15 @@ import sys
 
 from custom_ops.build import LIBRARY_NAME
 from runtime.errors import EngineError, error_line, first_line
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
+from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, VARIANTS, read_config, variant_file
 
 from .model_card import CARD_NAME
 
 # What a published folder holds besides its variants' graphs and weights.
 FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", CARD_NAME, LIBRARY_NAME)
+# The variant files any upload of ours may have written: the ones a re-upload removes when its
+# folder lacks them. Exact names, so the repo's other files (e.g. onnx/*.onnx) are never touched.
+VARIANT_FILES = tuple(p for v in VARIANTS for p in (variant_file(v), variant_file(v) + ".data"))
 
 
 class PublishError(Exception):
@@ -103,7 +106,7 @@ def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | 
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
         progress(f"uploading {len(files)} files ({size / 2**30:.2f} GiB) from {folder} to {url}")
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=os.fspath(folder), token=token,
-                          allow_patterns=files, delete_patterns=["*.onnx", "*.onnx.data"],
+                          allow_patterns=files, delete_patterns=list(VARIANT_FILES),
                           commit_message=commit_message or f"Upload the bitnet-onnx export ({', '.join(read_config(folder)['variants'])})")
     except Exception as e:  # noqa: BLE001 - HTTP 401/403/409, network: one line, no traceback
         raise PublishError(f"publishing {folder} to {repo_id} failed: {error_line(e)}") from None

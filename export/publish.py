@@ -37,9 +37,15 @@ def folder_files(config: dict, variants=None) -> list[str]:
     """The files of a published folder, as the upload writes and a Space's start reads them:
     the extras, then each variant's graph and its weights (FILE.data), for `variants` (default:
     all the config lists). Files a folder lacks (e.g. no chat_template.jinja) are simply absent."""
+    return list(FOLDER_EXTRAS) + graph_files(config, variants)
+
+
+def graph_files(config: dict, variants=None) -> list[str]:
+    """Each variant's graph and its weights beside it (FILE.data), for `variants` (default: all
+    the config lists; unlisted ones are left out)."""
     listed = config["variants"]
     wanted = list(listed) if variants is None else [v for v in variants if v in listed]
-    return list(FOLDER_EXTRAS) + [p for v in wanted for p in (listed[v], listed[v] + ".data")]
+    return [p for v in wanted for p in (listed[v], listed[v] + ".data")]
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -77,7 +83,7 @@ def check_folder(folder) -> list[str]:
     except EngineError as e:
         raise PublishError(f"{folder}: {e}") from None
     files = [f for f in folder_files(config) if os.path.isfile(os.path.join(folder, f))]
-    required = [f for v in config["variants"].values() for f in (v, v + ".data")] + ["tokenizer.json", CARD_NAME]
+    required = graph_files(config) + ["tokenizer.json", CARD_NAME]
     missing = [f for f in required if f not in files]
     if missing:
         hint = (f"; write the model card with python -m export.model_card {folder}" if missing == [CARD_NAME]

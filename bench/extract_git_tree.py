@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--rev", default="HEAD")
     args = ap.parse_args(argv)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        # the tree's files would overwrite whatever of the same names is there
+        print(f"{args.out} exists and is not an empty folder: give a new or empty one", file=sys.stderr)
+        return 1
     written, missing = extract(args.git_dir, args.out, args.rev)
     print(f"{written} files written to {args.out}; {len(missing)} missing blobs skipped"
           + (": " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "") if missing else ""))

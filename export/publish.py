@@ -18,12 +18,15 @@ import sys
 
 from custom_ops.build import LIBRARY_NAME
 from runtime.errors import EngineError, error_line, first_line
-from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, read_config
+from runtime.folder import CONFIG_NAME, TOKENIZER_FILES, VARIANTS, read_config, variant_file
 
 from .model_card import CARD_NAME
 
 # What a published folder holds besides its variants' graphs and weights.
 FOLDER_EXTRAS = (CONFIG_NAME, *TOKENIZER_FILES, "genai_config.json", CARD_NAME, LIBRARY_NAME)
+# The variant files any upload of ours may have written: the ones a re-upload removes when its
+# folder lacks them. Exact names, so the repo's other files (e.g. onnx/*.onnx) are never touched.
+VARIANT_FILES = tuple(p for v in VARIANTS for p in (variant_file(v), variant_file(v) + ".data"))
 
 
 class PublishError(Exception):
@@ -34,9 +37,15 @@ def folder_files(config: dict, variants=None) -> list[str]:
     """The files of a published folder, as the upload writes and a Space's start reads them:
     the extras, then each variant's graph and its weights (FILE.data), for `variants` (default:
     all the config lists). Files a folder lacks (e.g. no chat_template.jinja) are simply absent."""
+    return list(FOLDER_EXTRAS) + graph_files(config, variants)
+
+
+def graph_files(config: dict, variants=None) -> list[str]:
+    """Each variant's graph and its weights beside it (FILE.data), for `variants` (default: all
+    the config lists; unlisted ones are left out)."""
     listed = config["variants"]
     wanted = list(listed) if variants is None else [v for v in variants if v in listed]
-    return list(FOLDER_EXTRAS) + [p for v in wanted for p in (listed[v], listed[v] + ".data")]
+    return [p for v in wanted for p in (listed[v], listed[v] + ".data")]
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -74,7 +83,7 @@ def check_folder(folder) -> list[str]:
     except EngineError as e:
         raise PublishError(f"{folder}: {e}") from None
     files = [f for f in folder_files(config) if os.path.isfile(os.path.join(folder, f))]
-    required = [f for v in config["variants"].values() for f in (v, v + ".data")] + ["tokenizer.json", CARD_NAME]
+    required = graph_files(config) + ["tokenizer.json", CARD_NAME]
     missing = [f for f in required if f not in files]
     if missing:
         hint = (f"; write the model card with python -m export.model_card {folder}" if missing == [CARD_NAME]
@@ -103,7 +112,7 @@ def publish_folder(folder, repo_id: str, *, private: bool = False, token: str | 
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
         progress(f"uploading {len(files)} files ({size / 2**30:.2f} GiB) from {folder} to {url}")
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=os.fspath(folder), token=token,
-                          allow_patterns=files, delete_patterns=["*.onnx", "*.onnx.data"],
+                          allow_patterns=files, delete_patterns=list(VARIANT_FILES),
                           commit_message=commit_message or f"Upload the bitnet-onnx export ({', '.join(read_config(folder)['variants'])})")
     except Exception as e:  # noqa: BLE001 - HTTP 401/403/409, network: one line, no traceback
         raise PublishError(f"publishing {folder} to {repo_id} failed: {error_line(e)}") from None

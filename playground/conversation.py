@@ -62,16 +62,19 @@ def turns_of(conversation) -> list[dict]:
             and isinstance(t.get("answers"), dict)]
 
 
+def downsample(points: list, limit: int) -> list:
+    """`points` cut to `limit` evenly spaced ones, the first and the last kept."""
+    if len(points) <= limit:
+        return points
+    step = len(points) / limit
+    return [points[int(i * step)] for i in range(limit - 1)] + [points[-1]]
+
+
 def thinned(turn: dict, points: int) -> dict:
     """The turn with each answer's token timeline cut to about `points` points (the first
     and the last kept): what a link or the browser's storage keeps."""
-    answers = {}
-    for variant, answer in turn["answers"].items():
-        timeline = answer.get("timeline") or []
-        if len(timeline) > points:
-            step = len(timeline) / points
-            timeline = [timeline[int(i * step)] for i in range(points - 1)] + [timeline[-1]]
-        answers[variant] = dict(answer, timeline=timeline)
+    answers = {variant: dict(answer, timeline=downsample(answer.get("timeline") or [], points))
+               for variant, answer in turn["answers"].items()}
     return dict(turn, answers=answers)
 
 

@@ -4,7 +4,7 @@ reload shows exactly what the visitor saw."""
 
 from __future__ import annotations
 
-from .conversation import NO_BASELINE, TERNARY, ran
+from .conversation import NO_BASELINE, TERNARY, downsample, ran
 
 LABELS = {"ternary": "ternary (BitLinear)", "int2": "int2 (stock ORT MatMulNBits 2-bit)",
           "int4": "int4 (stock ORT MatMulNBits 4-bit)", "fp32": "fp32 (stock ORT MatMul)",
@@ -131,14 +131,6 @@ def summary_line(turn: dict | None, time_limit_s: float | None = None) -> str:
     return stopped + line + "." + tail
 
 
-def _downsample(points: list, limit: int = CHART_TIMELINE_POINTS) -> list:
-    if len(points) <= limit:
-        return points
-    step = len(points) / limit
-    picked = [points[int(i * step)] for i in range(limit)]
-    return picked[:-1] + [points[-1]]
-
-
 def turn_done(turn: dict | None) -> bool:
     """Every engine of the turn finished, and at least one wrote a token."""
     return bool(turn) and all(a.get("state") in ("done", "stopped", "skipped")
@@ -159,7 +151,7 @@ def chart_frames(turn: dict | None):
         columns=["engine", "decode tok/s"])
     rows = []
     for v, a in done.items():
-        for t, n in _downsample(a.get("timeline") or []):
+        for t, n in downsample(a.get("timeline") or [], CHART_TIMELINE_POINTS):
             rows.append({"seconds": round(t, 4), "tokens": n, "engine": v})
     timeline = pd.DataFrame(rows, columns=["seconds", "tokens", "engine"])
     return speed, timeline

@@ -116,6 +116,12 @@ def slug(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()[:40] or "conversation"
 
 
+def settings_of(*values) -> PageSettings:
+    """The settings from the panel's values given in PageSettings' field order (the order of
+    SettingsForm, and of the /chat and /retry parameters)."""
+    return PageSettings.from_values(dict(zip(PageSettings.names(), values)))
+
+
 def session_of(request: gr.Request | None) -> str:
     return (request.session_hash if request is not None else None) or "default"
 
@@ -155,11 +161,8 @@ class PageHandlers:
              top_p, top_k, repetition_penalty, seed, frequency_penalty=0.0, presence_penalty=0.0,
              request: gr.Request = None):
         """Send a message; stream the ternary engine's answer, then the baseline's."""
-        settings = PageSettings.from_values(dict(
-            system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed,
-            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
+        settings = settings_of(system_prompt, baseline, max_new_tokens, temperature, top_p, top_k,
+                               repetition_penalty, seed, frequency_penalty, presence_penalty)
         yield from self._run(message, conversation_, settings, session_of(request))
 
     def retry(self, conversation_, system_prompt, baseline, max_new_tokens, temperature, top_p,
@@ -170,11 +173,8 @@ class PageHandlers:
         if not turns:
             yield (gr.skip(),) + render(turns, self.pg) + (dumps(turns),)
             return
-        settings = PageSettings.from_values(dict(
-            system=system_prompt, baseline=baseline, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed,
-            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty))
+        settings = settings_of(system_prompt, baseline, max_new_tokens, temperature, top_p, top_k,
+                               repetition_penalty, seed, frequency_penalty, presence_penalty)
         yield from self._run(turns[-1]["user"], turns[:-1], settings, session_of(request),
                              keep_box=True)
 

@@ -30,7 +30,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    from export.publish import folder_files  # (the exporter's imports are not needed before this)
+    from export.publish import folder_files, graph_files  # (the exporter's imports are not needed before this)
 
     offline = local_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -53,7 +53,6 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     if not wanted:
         raise HubFolderError(f"{repo_id}: {CONFIG_NAME} lists the variants {sorted(listed)}, "
                              f"none of the requested {list(variants or [])}")
-    model_files = [listed[v] for v in wanted]
     patterns = folder_files(config, wanted)  # the operator library included, when published
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns,
@@ -61,7 +60,7 @@ def exported_snapshot(repo_id: str, *, variants=None, local_only: bool = False, 
     except Exception as e:  # noqa: BLE001
         raise HubFolderError(f"cannot download {repo_id}: {error_line(e)}") from None
     # every variant's graph keeps its weights beside it in FILE.data (runtime/folder.py)
-    needed = [p for f in model_files for p in (f, f + ".data")] + ["tokenizer.json"]
+    needed = graph_files(config, wanted) + ["tokenizer.json"]
     missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise HubFolderError(f"{repo_id} is an exported folder but its snapshot lacks {', '.join(missing)}"

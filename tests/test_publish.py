@@ -77,6 +77,13 @@ def test_republishing_fewer_variants_removes_the_stale_files(tmp_path, demo_expo
     assert "model.onnx" in uploaded and "model.int2.onnx" not in uploaded and "model.int2.onnx.data" not in uploaded
 
 
+
+def test_republishing_spares_onnx_files_publish_did_not_write(demo_export, fake_api):
+    fake_api.repos["someone/shared"] = {"onnx/model_quantized.onnx": b"theirs", "decoder.onnx.data": b"theirs"}
+    publish_folder(demo_export, "someone/shared", progress=lambda m: None)
+    uploaded = fake_api.uploaded("someone/shared")
+    assert {"onnx/model_quantized.onnx", "decoder.onnx.data", "model.onnx", "model.int2.onnx"} <= uploaded
+
 def test_private_repo(demo_export, fake_api):
     publish_folder(demo_export, "someone/private-one", private=True, progress=lambda m: None)
     assert fake_api.calls[0][2]["private"] is True

@@ -220,12 +220,10 @@ def _item_chunks(meta: Meta, item, choice, shown) -> list[str]:
     if choice is None:  # prompt scores: the echoed prompt (completions)
         if not (meta.kind == TEXT and meta.echo):
             return []
-        chunks = []
-        for j in range(meta.n):
-            index = item.index + j
-            lp = completion_logprobs(meta.names, item.ids, item.scores, []) if meta.want_logprobs else None
-            chunks.append(_chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)]))
-        return chunks
+        # the prompt's logprobs, the same for each of its n choices: shaped once
+        lp = completion_logprobs(meta.names, item.ids, item.scores, []) if meta.want_logprobs else None
+        return [_chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)])
+                for index in range(item.index, item.index + meta.n)]
     event = item.event
     if not (event.text or shown):
         return []

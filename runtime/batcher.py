@@ -68,6 +68,11 @@ class _Sequence(Generation):
         self.steps = 0  # decode steps taken part in
         self._batch_sum = 0  # their batch sizes, summed
 
+    @property
+    def group(self) -> list["_Sequence"]:
+        """This sequence and the ones that start from its prefilled prompt."""
+        return [self] + self.followers
+
     def took_step(self, batch_size: int) -> None:
         self.steps += 1
         self._batch_sum += batch_size
@@ -269,7 +274,7 @@ class Batcher:
 
     @staticmethod
     def _grouped(leaders) -> list[_Sequence]:
-        return [member for seq in leaders for member in [seq] + seq.followers]
+        return [member for seq in leaders for member in seq.group]
 
     def _admit(self) -> None:
         """Waiting requests into free slots, in order; the ones already ended leave the queue."""
@@ -279,7 +284,7 @@ class Batcher:
         # FIFO: a group waits until it has a slot for each of its sequences
         while self._waiting and self.pool.free_slots > len(self._waiting[0].followers):
             seq = self._waiting.popleft()
-            for member in [seq] + seq.followers:
+            for member in seq.group:
                 member.slot = self.pool.acquire()
                 member.t_prefill = time.perf_counter()
                 member.stats.queue_wait_s = member.t_prefill - member.started
@@ -309,7 +314,7 @@ class Batcher:
             logits = self.pool.prefill(seq.slot, chunk)
         except Exception as e:  # onnxruntime's error: this request fails, the others go on
             self._prefilling.pop(0)
-            for member in [seq] + seq.followers:
+            for member in seq.group:
                 self._fail(member, e)
             return
         seq.prefilled += len(chunk)
@@ -358,7 +363,7 @@ class Batcher:
 
     def _end_group(self, seq: _Sequence, reason: str) -> None:
         """End a sequence before its prompt was prefilled, and the group waiting on it."""
-        for member in [seq] + seq.followers:
+        for member in seq.group:
             self._end(member, member.interrupted() or reason)
 
     def _fail(self, seq: _Sequence, error: BaseException) -> None:

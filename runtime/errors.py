@@ -36,6 +36,5 @@ def first_line(error) -> str:
 def error_line(error: BaseException, limit: int = 300) -> str:
     """`Type: first line` of an exception (its type alone when it has no message), the line cut
     at `limit` characters: how a one-line error names a foreign failure (the hub's, an export's)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    name = type(error).__name__
-    return f"{name}: {lines[0][:limit]}" if lines else name
+    name, line = type(error).__name__, first_line(str(error))
+    return f"{name}: {line[:limit]}" if line else name

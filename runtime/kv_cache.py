@@ -54,10 +54,6 @@ class KVCache:
         """Bytes reserved for the cache (all rows, keys and values)."""
         return sum(b.nbytes for b in self.buffers)
 
-    def room(self) -> int:
-        """Tokens that still fit (the fullest row)."""
-        return self.capacity - int(self.lengths.max())
-
     def forward(self, tokens: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Run the model on `tokens` [batch, n] at positions lengths..lengths+n, appending them
         to the cache; the model writes its logits into `logits` (returned)."""

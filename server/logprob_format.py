@@ -102,20 +102,18 @@ def completion_logprobs(names: TokenText, prompt_ids, prompt_scores, generated, 
     one per token after the first; both None without echo) then the generated tokens'
     TokenLogprobs (`context`: tokens generated before them). `text_offset` counts characters of
     the returned text from `offset` (special tokens, which the text leaves out, take none)."""
+    scored = []  # (token, window before it, its TokenLogprob or None)
+    if prompt_ids is not None:
+        scored += [(token, window, prompt_scores[i - 1] if i > 0 else None)
+                   for i, (token, window) in enumerate(names.walk(prompt_ids))]
+    scored += [(token, window, lp)
+               for lp, (token, window) in zip(generated, names.walk([lp.token for lp in generated], context))]
     tokens, token_logprobs, tops, offsets = [], [], [], []
     position = offset
-    if prompt_ids is not None:
-        for i, (token, window) in enumerate(names.walk(prompt_ids)):
-            score = prompt_scores[i - 1] if i > 0 else None
-            tokens.append(names.after(window, token))
-            token_logprobs.append(None if score is None else score.logprob)
-            tops.append(None if score is None else _top_dict(names, window, score.top))
-            offsets.append(position)
-            position += 0 if names.special(token) else len(tokens[-1])
-    for lp, (token, window) in zip(generated, names.walk([lp.token for lp in generated], context)):
+    for token, window, score in scored:
         tokens.append(names.after(window, token))
-        token_logprobs.append(lp.logprob)
-        tops.append(_top_dict(names, window, lp.top))
+        token_logprobs.append(None if score is None else score.logprob)
+        tops.append(None if score is None else _top_dict(names, window, score.top))
         offsets.append(position)
         position += 0 if names.special(token) else len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

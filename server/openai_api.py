@@ -257,7 +257,8 @@ class ApiRoutes:
         engine, req.model = await self.engine_for(req.model)
 
         def plan_for() -> Plan:
-            return Plan([req.prompt(engine)], req.settings(engine, self.limits), n=req.choices, messages=req.chat)
+            prompt = req.prompt(engine)  # the chat template and tokenizer, once
+            return Plan([prompt], req.settings(engine, self.limits, prompt), n=req.choices, messages=req.chat)
 
         admitted = await self.state.scheduler.admit(engine, req.model, plan_for, user=req.user)
         plan = admitted.plan

@@ -293,10 +293,12 @@ class ChatRequest(SamplingRequest):
         except ValueError as e:
             raise bad(f"the messages cannot be used: {e}", "messages") from None
 
-    def settings(self, engine, limits: Limits):
+    def settings(self, engine, limits: Limits, prompt: list[int] | None = None):
         """GenerationSettings for this request on `engine`: max_tokens clamped to the context
-        left after the prompt (ApiError 400 when the prompt alone does not fit)."""
-        return self.sampling(engine, limits, len(self.prompt(engine)), self.wanted_tokens, self.top)
+        left after the prompt (`prompt`: its ids when already made; ApiError 400 when the prompt
+        alone does not fit)."""
+        prompt = self.prompt(engine) if prompt is None else prompt
+        return self.sampling(engine, limits, len(prompt), self.wanted_tokens, self.top)
 
 
 class CompletionRequest(SamplingRequest):

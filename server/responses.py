@@ -155,6 +155,12 @@ def _echo(meta: Meta, choice: Choice) -> str:
     return meta.prompt_texts[choice.index // meta.n] if meta.echo else ""
 
 
+def _generation_failed(error: Exception) -> ApiError:
+    """The engine's failure as the API reports it (500), in a body or a stream."""
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error",
+                    code="generation_failed")
+
+
 async def collect(job, results: Results, request) -> dict:
     """Run the job to its end (stopping it if the client goes away) and answer with one body."""
     async def consume():
@@ -173,8 +179,7 @@ async def collect(job, results: Results, request) -> dict:
     except ApiError:
         raise
     except Exception as e:
-        raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
-                       code="generation_failed") from None
+        raise _generation_failed(e) from None
     finally:
         if not task.done():
             task.cancel()
@@ -220,12 +225,10 @@ def _item_chunks(meta: Meta, item, choice, shown) -> list[str]:
     if choice is None:  # prompt scores: the echoed prompt (completions)
         if not (meta.kind == TEXT and meta.echo):
             return []
-        chunks = []
-        for j in range(meta.n):
-            index = item.index + j
-            lp = completion_logprobs(meta.names, item.ids, item.scores, []) if meta.want_logprobs else None
-            chunks.append(_chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)]))
-        return chunks
+        # the prompt's logprobs, the same for each of its n choices: shaped once
+        lp = completion_logprobs(meta.names, item.ids, item.scores, []) if meta.want_logprobs else None
+        return [_chunk(meta, [_text_choice(index, meta.prompt_texts[index // meta.n], None, lp)])
+                for index in range(item.index, item.index + meta.n)]
     event = item.event
     if not (event.text or shown):
         return []
@@ -294,9 +297,7 @@ async def stream(start, meta: Meta, results: Results, include_usage: bool, keepa
                 for chunk in _item_chunks(meta, item, *results.take(item)):
                     yield chunk
         except Exception as e:
-            err = ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error",
-                           code="generation_failed")
-            yield _data(err.body())
+            yield _data(_generation_failed(e).body())
             yield "data: [DONE]\n\n"
             return
         for chunk in _final_chunks(meta, results, job.record, include_usage):

@@ -70,12 +70,7 @@ class Job:
         self.finished = threading.Event()  # set when the worker thread has left the engine
         self._lock = threading.Lock()
         self._tokens: dict[int, int] = {}  # choice -> new tokens so far
-        self._open = plan.choices  # choices not finished yet
         self.thread = threading.Thread(target=self._run, name=f"bitnet-gen-{record.id}", daemon=True)
-
-    @property
-    def settings(self):
-        return self.plan.settings
 
     def start(self) -> None:
         self.record.state = "running"
@@ -106,7 +101,6 @@ class Job:
                 self._tokens[item.index] = event.stats.new_tokens
                 self.record.new_tokens = sum(self._tokens.values())
                 if event.done:
-                    self._open -= 1
                     # the record's finish reason: the last choice's (they agree unless cut short)
                     self.record.finish_reason = event.finish_reason
                     if event.finish_reason == "time" and self.record.stopped_by is None:

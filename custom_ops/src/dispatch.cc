@@ -32,6 +32,15 @@ namespace bitnet {
 
 namespace {
 
+// The feature sets the levels and the kernel lists below name (one definition each).
+constexpr uint32_t kNeedsAmx = kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8;
+constexpr uint32_t kNeedsAvx512Vnni = kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni;
+constexpr uint32_t kNeedsAvx512 = kFeatAvx2 | kFeatAvx512;
+constexpr uint32_t kNeedsAvxVnni = kFeatAvx2 | kFeatAvxVnni;
+constexpr uint32_t kNeedsAvx2 = kFeatAvx2;
+constexpr uint32_t kNeedsDotProd = kFeatNeon | kFeatDotProd;
+constexpr uint32_t kNeedsNeon = kFeatNeon;
+
 // BITNET_KERNEL levels, best first: forcing one selects kernels as if the CPU had only these
 // features. "auto" is the first level this CPU has entirely.
 struct Level {
@@ -40,13 +49,13 @@ struct Level {
   const char* needs;  // for error messages and skip reasons
 };
 constexpr Level kLevels[] = {
-    {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, "AMX-TILE/AMX-INT8 + AVX-512 VNNI"},
-    {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, "AVX-512 F/BW/VL/VNNI + AVX2/FMA/F16C"},
-    {"avx512", kFeatAvx2 | kFeatAvx512, "AVX-512 F/BW/VL + AVX2/FMA/F16C"},
-    {"avxvnni", kFeatAvx2 | kFeatAvxVnni, "AVX-VNNI + AVX2/FMA/F16C"},
-    {"avx2", kFeatAvx2, "AVX2/FMA/F16C"},
-    {"dotprod", kFeatNeon | kFeatDotProd, "ARM64 NEON + dot product (sdot)"},
-    {"neon", kFeatNeon, "ARM64 NEON"},
+    {"amx", kNeedsAmx, "AMX-TILE/AMX-INT8 + AVX-512 VNNI"},
+    {"avx512vnni", kNeedsAvx512Vnni, "AVX-512 F/BW/VL/VNNI + AVX2/FMA/F16C"},
+    {"avx512", kNeedsAvx512, "AVX-512 F/BW/VL + AVX2/FMA/F16C"},
+    {"avxvnni", kNeedsAvxVnni, "AVX-VNNI + AVX2/FMA/F16C"},
+    {"avx2", kNeedsAvx2, "AVX2/FMA/F16C"},
+    {"dotprod", kNeedsDotProd, "ARM64 NEON + dot product (sdot)"},
+    {"neon", kNeedsNeon, "ARM64 NEON"},
     {"reference", 0, "nothing"},
 };
 
@@ -132,13 +141,13 @@ uint32_t x86_features() {
 const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
   static const KernelChoice<BitLinearKernel> list[] = {
 #if BITNET_X86_SIMD
-      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, bitlinear_amx},
-      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, bitlinear_avx512vnni},
-      {"avx2", kFeatAvx2, bitlinear_avx2},
+      {"amx", kNeedsAmx, bitlinear_amx},
+      {"avx512vnni", kNeedsAvx512Vnni, bitlinear_avx512vnni},
+      {"avx2", kNeedsAvx2, bitlinear_avx2},
 #endif
 #if defined(__aarch64__)
-      {"dotprod", kFeatNeon | kFeatDotProd, bitlinear_dotprod},
-      {"neon", kFeatNeon, bitlinear_neon},
+      {"dotprod", kNeedsDotProd, bitlinear_dotprod},
+      {"neon", kNeedsNeon, bitlinear_neon},
 #endif
       {"reference", 0, bitlinear_reference},
   };
@@ -148,11 +157,11 @@ const KernelChoice<BitLinearKernel>* bitlinear_kernels() {
 const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
   static const KernelChoice<MatMulF16Kernel> list[] = {
 #if BITNET_X86_SIMD
-      {"avx512", kFeatAvx2 | kFeatAvx512, matmul_f16_avx512},
-      {"avx2", kFeatAvx2, matmul_f16_avx2},
+      {"avx512", kNeedsAvx512, matmul_f16_avx512},
+      {"avx2", kNeedsAvx2, matmul_f16_avx2},
 #endif
 #if defined(__aarch64__)
-      {"neon", kFeatNeon, matmul_f16_neon},
+      {"neon", kNeedsNeon, matmul_f16_neon},
 #endif
       {"reference", 0, matmul_f16_reference},
   };
@@ -162,14 +171,14 @@ const KernelChoice<MatMulF16Kernel>* matmul_f16_kernels() {
 const KernelChoice<MatMulI8Kernel>* matmul_i8_kernels() {
   static const KernelChoice<MatMulI8Kernel> list[] = {
 #if BITNET_X86_SIMD
-      {"amx", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni | kFeatAmxInt8, matmul_i8_amx},
-      {"avx512vnni", kFeatAvx2 | kFeatAvx512 | kFeatAvx512Vnni, matmul_i8_avx512vnni},
-      {"avx512bw", kFeatAvx2 | kFeatAvx512, matmul_i8_avx512bw},
-      {"avxvnni", kFeatAvx2 | kFeatAvxVnni, matmul_i8_avxvnni},
-      {"avx2", kFeatAvx2, matmul_i8_avx2},
+      {"amx", kNeedsAmx, matmul_i8_amx},
+      {"avx512vnni", kNeedsAvx512Vnni, matmul_i8_avx512vnni},
+      {"avx512bw", kNeedsAvx512, matmul_i8_avx512bw},
+      {"avxvnni", kNeedsAvxVnni, matmul_i8_avxvnni},
+      {"avx2", kNeedsAvx2, matmul_i8_avx2},
 #endif
 #if defined(__aarch64__)
-      {"neon", kFeatNeon, matmul_i8_neon},
+      {"neon", kNeedsNeon, matmul_i8_neon},
 #endif
       {"reference", 0, matmul_i8_reference},
   };

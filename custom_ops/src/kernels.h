@@ -59,6 +59,15 @@ static inline float bitlinear_output(const BitLinearProblem& p, int64_t m, int64
   return static_cast<float>(dot) / p.xscale[m] * p.S[p.per_channel_scale ? n : 0];
 }
 
+// y for one row of a group from the 32 sums sum(c * x) (c = w + 1): subtract sum(x), then the
+// shared epilogue (bitlinear_output).
+static inline void bitlinear_store_group(const BitLinearProblem& p, int64_t row, int64_t g, const int32_t* sums) {
+  for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
+    const int64_t n = g * kGroupCols + c;
+    p.y[row * p.N + n] = bitlinear_output(p, row, n, sums[c] - p.xsum[row]);
+  }
+}
+
 // Four int8 activations as one int32 (memcpy: no aliasing or alignment assumptions).
 static inline int32_t load4(const int8_t* p) {
   int32_t v;

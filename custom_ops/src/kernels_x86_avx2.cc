@@ -25,10 +25,7 @@ constexpr int64_t kAvx2PrefetchBytes = 4096;  // ahead on the weight stream (102
 BITNET_AVX2 static void store_group_outputs_avx2(const BitLinearProblem& p, int64_t row, int64_t g, const __m256i (&acc)[4]) {
   alignas(32) int32_t dots[kGroupCols];
   for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(dots + 8 * q), acc[q]);
-  for (int64_t c = 0; c < kGroupCols && g * kGroupCols + c < p.N; ++c) {
-    const int64_t n = g * kGroupCols + c;
-    p.y[row * p.N + n] = bitlinear_output(p, row, n, dots[c] - p.xsum[row]);
-  }
+  bitlinear_store_group(p, row, g, dots);
 }
 
 template <int MR>

@@ -185,15 +185,19 @@ constexpr int64_t kAmxRows = 16;        // rows of an A or C tile
 // and 1.3x (MatMulI8) faster, at 4 rows even, from 8 rows on AMX won (1.35x / 1.6x at 8).
 constexpr int64_t kAmxMinRows = 4;
 
-BITNET_AMX static void amx_configure(int rows0, int rows1) {
+// Loads the shape of tmm0-7: rows and bytes per row of each (a tile of 0 rows stays unused).
+BITNET_AMX static void amx_load_config(const int (&rows)[8], const int (&colsb)[8]) {
   TileConfig cfg;
-  const int c1 = rows1 ? rows1 : rows0;  // tmm2/3: C of row tile 1, or of the odd chunks
-  const int rows[8] = {rows0, rows0, c1, c1, rows0, rows1, kAmxRows, kAmxRows};
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(rows[t]);
-    cfg.colsb[t] = rows[t] ? 64 : 0;
+    cfg.colsb[t] = static_cast<uint16_t>(rows[t] ? colsb[t] : 0);
   }
   asm volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+}
+
+BITNET_AMX static void amx_configure(int rows0, int rows1) {
+  const int c1 = rows1 ? rows1 : rows0;  // tmm2/3: C of row tile 1, or of the odd chunks
+  amx_load_config({rows0, rows0, c1, c1, rows0, rows1, kAmxRows, kAmxRows}, {64, 64, 64, 64, 64, 64, 64, 64});
 }
 
 // The codes of blocks [b, b + count) of a group as two B tiles (count < 4 leaves zero rows:
@@ -423,14 +427,8 @@ BITNET_AVX512VNNI void matmul_i8_avx512vnni(const MatMulI8Problem& p, int64_t m0
 // A (table tiles 0/1), tmm6/tmm7 B (the xq and rq terms of the chunk).
 
 BITNET_AMX static void amx_configure_head(int rows0, int rows1, int m) {
-  TileConfig cfg;
-  const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, kAmxRows, kAmxRows};
-  const int colsb[8] = {4 * m, 4 * m, 4 * m, 4 * m, 64, 64, 4 * m, 4 * m};
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
-    cfg.colsb[t] = static_cast<uint16_t>(rows[t] ? colsb[t] : 0);
-  }
-  asm volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+  amx_load_config({rows0, rows0, rows1, rows1, rows0, rows1, kAmxRows, kAmxRows},
+                  {4 * m, 4 * m, 4 * m, 4 * m, 64, 64, 4 * m, 4 * m});
 }
 
 // Rows [m0, m0 + mr) of x (mr <= 16), table rows [n0, n1).

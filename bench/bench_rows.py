@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import custom_ops  # noqa: E402
+from bench.bench_ops import _env  # noqa: E402
 
 
 def model(nodes, initializers, outputs) -> bytes:
@@ -77,9 +78,8 @@ def main() -> None:
         data, k, weight_bytes = bitlinear_model(rng) if op == "BitLinear" else head_model(rng)
         sessions = {}
         for level in levels:
-            os.environ["BITNET_KERNEL"] = level
-            sessions[level] = ort.InferenceSession(data, custom_ops.session_options(args.threads))
-        os.environ.pop("BITNET_KERNEL", None)
+            with _env("BITNET_KERNEL", level):  # read when the custom-op library is registered
+                sessions[level] = ort.InferenceSession(data, custom_ops.session_options(args.threads))
         for m in (int(v) for v in args.m.split(",")):
             x = {"X": rng.standard_normal((m, k)).astype(np.float32)}
             times = {level: [] for level in levels}

@@ -116,6 +116,19 @@ def slug(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()[:40] or "conversation"
 
 
+def _write_replacing(path: str, text: str) -> None:
+    """Write a file whole or not at all (a download in flight never sees half of it)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def settings_of(*values) -> PageSettings:
     """The settings from the panel's values given in PageSettings' field order (the order of
     SettingsForm, and of the /chat and /retry parameters)."""
@@ -272,20 +285,29 @@ class PageHandlers:
                 self.ui.title: item["title"], self.ui.export_md: md, self.ui.export_json: js}
 
     def _export_files(self, item: dict) -> tuple:
-        """(Markdown file, JSON file) of a conversation, or (None, None) while it is empty."""
+        """(Markdown file, JSON file) of a conversation, or (None, None) while it is empty.
+
+        Every turn, rename and switch rewrites them, so each conversation keeps one pair in its
+        own folder, replaced in place (the previous title's pair removed) rather than a new pair
+        each time."""
         if not item["turns"]:
             return None, None
         model = self.pg.resolved.model_id if self.pg.resolved else None
+        # the id comes from the browser: hashed, it is a safe folder name
+        folder = os.path.join(tempfile.gettempdir(), "bitnet-onnx-exports",
+                              hashlib.sha1(item["id"].encode()).hexdigest()[:16])
+        os.makedirs(folder, exist_ok=True)
         files = []
         for ext, text in (("md", to_markdown(item["turns"], item["title"], model)),
                           ("json", to_json(item["turns"], item["title"], model))):
-            folder = os.path.join(tempfile.gettempdir(), "bitnet-onnx-exports",
-                                  hashlib.sha1(text.encode()).hexdigest()[:16])
-            os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{slug(item['title'])}.{ext}")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
+            _write_replacing(path, text)
             files.append(path)
+        for name in os.listdir(folder):
+            stale = os.path.join(folder, name)
+            if stale not in files and name.endswith((".md", ".json")):
+                with contextlib.suppress(OSError):
+                    os.remove(stale)
         return tuple(files)
 
     def _show(self, library: dict, data: dict) -> dict:

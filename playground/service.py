@@ -59,6 +59,7 @@ class Playground:
         self.error = ""
         self.ops = None  # custom_ops.status(), once preparation has asked
         self.resolved: ResolvedModel | None = None
+        self._config_cache: tuple | None = None  # (folder, its config): see `config`
         self.hardware: dict = {}
         self.log_lines: deque[str] = deque(maxlen=200)
         self.engine_cache = EngineCache(self.threads, self.batch)
@@ -88,12 +89,20 @@ class Playground:
     # -- the model folder --------------------------------------------------------------------------
     @property
     def config(self) -> dict:
+        """The served folder's bitnet_onnx.json, read once per served folder (the banner, status
+        and every turn ask for it)."""
         if self.resolved is None:
             return {}
+        folder = self.resolved.folder
+        cached = self._config_cache
+        if cached is not None and cached[0] == folder:
+            return cached[1]
         try:
-            return read_config(self.resolved.folder)
+            config = read_config(folder)
         except Exception:  # noqa: BLE001 - a folder that went away: nothing to show
             return {}
+        self._config_cache = (folder, config)
+        return config
 
     @property
     def ternary_ok(self) -> bool:

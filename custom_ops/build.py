@@ -28,7 +28,9 @@ LIBRARY_NAMES = {"Linux": "libbitnet_ops.so", "Darwin": "libbitnet_ops.dylib", "
 LIBRARY_NAME = LIBRARY_NAMES.get(platform.system(), "libbitnet_ops.so")
 # Units that need more than the baseline, per CPU architecture (GCC 12 refuses the dot-product
 # intrinsics under a per-function target attribute, so that kernel gets a unit of its own).
-UNIT_FLAGS = {"kernels_arm_dotprod.cc": {"arm64": ["-march=armv8.2-a+dotprod"]}}
+UNIT_FLAGS = {"kernels_arm_dotprod.cc": {"arm64": ["-march=armv8.2-a+dotprod"]},
+              # Attention promises closeness, not bits: let its clones use FMA where they have it.
+              "attention.cc": {"x86_64": ["-ffp-contract=fast"], "arm64": ["-ffp-contract=fast"]}}
 
 __all__ = ["BuildError", "build_dir", "include_dir", "compiler", "compile_commands", "ensure_built", "LIBRARY_NAME"]
 

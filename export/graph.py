@@ -2,9 +2,9 @@
 
 The graph follows the Optimum / onnxruntime-genai decoder convention (docs/ARCHITECTURE.md)
 and uses ONNX Runtime's CPU contrib ops: GroupQueryAttention (packed QKV, rotary, KV cache,
-shared past/present buffers) and (Skip)SimplifiedLayerNormalization. How a projection or
-the embedding/lm_head is computed is the variant's business (`variants.py`); this module
-only wires the transformer around them.
+shared past/present buffers; the ternary variant takes the bitnet domain's twin of it) and
+(Skip)SimplifiedLayerNormalization. How a projection or the embedding/lm_head is computed is
+the variant's business (`variants.py`); this module only wires the transformer around them.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ class DecoderGraph:
         attn, _, _ = b.op("GroupQueryAttention",
                     qkv + [past_k, past_v, self.seqlens_k, self.total_len, self.cos, self.sin],
                     name=f"{p}.self_attn.attention", outputs=[f"{p}.self_attn.out", pres_k, pres_v],
-                    domain=MS_DOMAIN, num_heads=s.num_attention_heads, kv_num_heads=s.num_key_value_heads,
+                    domain=self.variant.attention_domain, num_heads=s.num_attention_heads,
+                    kv_num_heads=s.num_key_value_heads,
                     do_rotary=1, rotary_interleaved=0, scale=float(s.head_dim ** -0.5))
         attn = self._sub_norm(f"{p}.self_attn.attn_sub_norm", attn, lw.attn_sub_norm)
         self.pending = self._linear(f"{p}.self_attn.o_proj", attn, lw.o)

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.folder import CUSTOM_OP_DOMAIN, VARIANTS, variant_file
 
-from .graph import GraphBuilder, Projection
+from .graph import MS_DOMAIN, GraphBuilder, Projection
 from .lm_head_int8 import make_int8_head, quantize_shared_table
 from .matmulnbits import make_matmulnbits
 
@@ -70,6 +70,7 @@ class _Variant:
     name = ""
     file_name = ""
     extra_domains: tuple = ()
+    attention_domain = MS_DOMAIN  # whose GroupQueryAttention the layers use
 
     def __init__(self, lm_head_precision: str = "native"):
         self.lm_head_precision = lm_head_precision  # resolved: int8, native or nbits8
@@ -142,6 +143,9 @@ class _Variant:
 
 class TernaryVariant(_Variant):
     name, file_name, extra_domains = "ternary", variant_file("ternary"), (CUSTOM_DOMAIN,)
+    # Ours reads the cache once per KV head and splits long caches over threads (ORT's CPU
+    # kernel reads it once per query head): same inputs, outputs and attributes.
+    attention_domain = CUSTOM_DOMAIN
 
     def __init__(self, lm_head_precision: str = "native"):
         super().__init__(lm_head_precision)

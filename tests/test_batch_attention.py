@@ -1,12 +1,13 @@
-"""How GroupQueryAttention (com.microsoft, CPU) treats a batch of sequences of different lengths,
+"""How the ternary variant's attention treats a batch of sequences of different lengths,
 proven on the exported demo model (models/shakespeare-bitnet) with raw session runs.
 
-What the export feeds GQA (export/graph.py): seqlens_k[b] = sum(attention_mask[b]) - 1 and
-total_sequence_length = attention_mask.shape[1]; the KV buffers [B, kv_heads, capacity, head_dim]
-are bound as both past and present (shared buffer). ORT's CPU kernel
-(contrib_ops/cpu/bert/gqa_attention_base.h, group_query_attention.cc and _helper.h) then, per
-row b: takes the rotary position of the new token from seqlens_k[b], writes its key/value at
-[seqlens_k[b] - S + 1, seqlens_k[b] + 1) of row b's buffer, and multiplies Q by keys
+The ternary variant runs bitnet.GroupQueryAttention (custom_ops/src/attention.cc), which keeps
+the contract of ONNX Runtime's com.microsoft.GroupQueryAttention (the stock-ORT baselines still
+use that one). What the export feeds it (export/graph.py): seqlens_k[b] = sum(attention_mask[b])
+- 1 and total_sequence_length = attention_mask.shape[1]; the KV buffers [B, kv_heads, capacity,
+head_dim] are bound as both past and present (shared buffer). Per row b it takes the rotary
+positions of the new tokens from seqlens_k[b], writes their keys/values at
+[seqlens_k[b] - S + 1, seqlens_k[b] + 1) of row b's buffer, and attends over keys
 [0, seqlens_k[b] + 1) only. The tests below show the consequences the batcher relies on:
 
 - a [B, 1] decode step gives every row bit-identical logits to running that row alone on the
@@ -17,11 +18,10 @@ row b: takes the rotary position of the new token from seqlens_k[b], writes its 
   capacity without changing a logit;
 - cache contents beyond a row's length (NaN garbage from a previous occupant) are never read;
 - an idle slot can ride along as a padding row (mask sum 1: writes only its own position 0);
-- a step with S > 1 new tokens per row and a past needs batch 1 (ORT refuses otherwise), so a
-  newcomer's prefill runs alone on its own slot, not inside a batched step;
-- a prompt prefilled in chunks of any size >= 2 gives bit-identical logits (a chunk of ONE
-  token takes GQA's decode path and may differ in the last bits: 5.7e-6 measured here, so
-  the batcher never ends a prefill on a 1-token chunk);
+- a step with S > 1 new tokens per row on top of a past runs in a batch too (ORT's kernel
+  refuses it), each row getting the logits it gets alone;
+- a prompt prefilled in chunks of any size, one token included, gives bit-identical logits
+  (one summation order for every attention path);
 - the kernels compute each row the same way for every batch size M = 1..9 (BitLinear and the
   head), end to end, for both heads of the ternary variant.
 """
@@ -248,28 +248,25 @@ def test_an_idle_padding_row_changes_nothing(demo):
         assert np.isnan(buffer[1, :, 1:]).all()
 
 
-def test_prefill_with_a_past_needs_batch_one(demo):
-    """S > 1 new tokens on top of a cache is batch-1 only in ORT's GQA: a newcomer's chunked
-    prefill cannot ride in the batched step; it runs alone on its slot."""
+def test_prefill_with_a_past_runs_in_a_batch(demo):
+    """S > 1 new tokens on top of a cache, for rows of different lengths in one run: each row
+    gets the bits it gets alone."""
     cfg, session = demo["cfg"], demo["sessions"]["native"]
     solos = [_solo(session, cfg, p) for p in _prompts(cfg, 2)]
     batch = _batch_of(session, cfg, solos)
-    with pytest.raises(Exception, match="batch_size must be 1"):
-        batch.run([[1, 2, 3], [4, 5, 6]])
+    got = batch.run([[1, 2, 3], [4, 5, 6]])
+    assert np.array_equal(got[0, -1], solos[0].run([[1, 2, 3]])[0, -1])
+    assert np.array_equal(got[1, -1], solos[1].run([[4, 5, 6]])[0, -1])
 
 
-@pytest.mark.parametrize("chunk", [2, 3, 7, 16, 64])
-def test_prefill_chunks_of_two_or_more_tokens_agree(demo, chunk):
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 16, 64])
+def test_prefill_chunks_of_any_size_agree(demo, chunk):
     cfg, session = demo["cfg"], demo["sessions"]["native"]
     prompt = np.random.default_rng(5).integers(2, cfg["vocab_size"], size=50).tolist()
     whole = _solo(session, cfg, prompt).next_logits
     rows = Rows(session, cfg, 1)
-    starts = list(range(0, len(prompt), chunk))
-    if len(prompt) - starts[-1] == 1:
-        starts.pop()  # fold a 1-token tail into the chunk before it
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else len(prompt)
-        logits = rows.run([prompt[start:end]])[0, -1]
+    for start in range(0, len(prompt), chunk):
+        logits = rows.run([prompt[start:start + chunk]])[0, -1]
     assert np.array_equal(logits, whole)
 
 

@@ -177,6 +177,7 @@ struct KernelSet {
   const char* matmul_f16_name;
   MatMulI8Kernel matmul_i8;
   const char* matmul_i8_name;
+  bool avx512_attention;  // GroupQueryAttention may use its AVX-512 twin (attention.cc)
 };
 
 uint32_t cpu_features();                          // this CPU's CpuFeature bits

@@ -17,15 +17,18 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "kernels.h"
 #include "weight_memory.h"
 
@@ -426,17 +429,191 @@ struct MatMulI8Op : FloatOp<MatMulI8Op, MatMulI8KernelState, ONNX_TENSOR_ELEMENT
   const char* GetName() const { return "MatMulI8"; }
 };
 
+// ---- GroupQueryAttention: attention over the KV cache ------------------------------------
+//
+// The subset of com.microsoft.GroupQueryAttention the export uses, with the same inputs,
+// outputs and attributes: query [B, S, (H + 2 KV) D] packed (key, value omitted) or query
+// [B, S, H D] with key/value [B, S, KV D]; past_key/past_value [B, KV, P, D]; seqlens_k [B]
+// (tokens after this run - 1 per row); total_sequence_length (scalar); cos_cache/sin_cache
+// [positions, D / 2]. Outputs [B, S, H D] and present_key/present_value
+// [B, KV, max(P, total_sequence_length), D]: when the caller binds one buffer as both past and
+// present, the new keys and values are written into it in place (nothing is copied).
+// Attributes num_heads, kv_num_heads, scale (default 1/sqrt(D)), do_rotary (non-interleaved).
+
+struct AttentionKernelState {
+  KernelSet kernels;
+  std::string label;
+  int64_t heads = 0, kv_heads = 0, rotary = 0;
+  float scale = 0.0f;  // 0: 1 / sqrt(D)
+
+  OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
+    if (OrtStatus* st = read_positive_attr(api, info, label, "num_heads", &heads)) return st;
+    if (OrtStatus* st = read_positive_attr(api, info, label, "kv_num_heads", &kv_heads)) return st;
+    if (heads % kv_heads != 0)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": num_heads=" + std::to_string(heads) +
+                                                    " is not a multiple of kv_num_heads=" + std::to_string(kv_heads));
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "do_rotary", &rotary)) api.ReleaseStatus(st);
+    int64_t interleaved = 0;
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "rotary_interleaved", &interleaved)) api.ReleaseStatus(st);
+    if (interleaved != 0)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": rotary_interleaved=1 is not supported (only rotate_half)");
+    if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale", &scale)) api.ReleaseStatus(st);
+    return nullptr;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
+  }
+
+  OrtStatus* fail(const std::string& message) const { return error_status(ORT_INVALID_ARGUMENT, label + ": " + message); }
+
+  OrtStatus* Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue query = ctx.GetInput(0), key = ctx.GetInput(1), value = ctx.GetInput(2);
+    const Ort::ConstValue past_key = ctx.GetInput(3), past_value = ctx.GetInput(4);
+    const Ort::ConstValue seqlens = ctx.GetInput(5), total = ctx.GetInput(6);
+    const bool packed = static_cast<const OrtValue*>(key) == nullptr;
+    if (packed != (static_cast<const OrtValue*>(value) == nullptr))
+      return fail("give both key and value, or neither (packed QKV in query)");
+    const std::vector<int64_t> q_shape = query.GetTensorTypeAndShapeInfo().GetShape();
+    if (q_shape.size() != 3) return fail("query must be [batch, sequence, hidden], got " + shape_string(q_shape));
+    const int64_t B = q_shape[0], S = q_shape[1], H = heads, KV = kv_heads;
+    const int64_t D = packed ? q_shape[2] / (H + 2 * KV) : q_shape[2] / H;
+    if (D == 0 || D % 2 != 0 || q_shape[2] != (packed ? (H + 2 * KV) * D : H * D))
+      return fail("query's last dimension " + std::to_string(q_shape[2]) + " is not " +
+                  (packed ? "(num_heads + 2 kv_num_heads)" : "num_heads") + " times an even head size");
+    if (!packed) {
+      const std::vector<int64_t> expected{B, S, KV * D};
+      if (key.GetTensorTypeAndShapeInfo().GetShape() != expected || value.GetTensorTypeAndShapeInfo().GetShape() != expected)
+        return fail("key and value must be " + shape_string(expected));
+    }
+    const std::vector<int64_t> past_shape = past_key.GetTensorTypeAndShapeInfo().GetShape();
+    if (past_shape.size() != 4 || past_shape[0] != B || past_shape[1] != KV || past_shape[3] != D ||
+        past_value.GetTensorTypeAndShapeInfo().GetShape() != past_shape)
+      return fail("past_key and past_value must both be [" + std::to_string(B) + ", " + std::to_string(KV) +
+                  ", past, " + std::to_string(D) + "], got " + shape_string(past_shape));
+    if (seqlens.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(B))
+      return fail("seqlens_k must hold one value per batch row (" + std::to_string(B) + ")");
+    if (total.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+      return fail("total_sequence_length must be a scalar");
+    const int64_t P = past_shape[2], total_len = total.GetTensorData<int32_t>()[0];
+    const int64_t capacity = std::max(P, total_len);
+    const float* cos = nullptr;
+    const float* sin = nullptr;
+    int64_t positions = std::numeric_limits<int64_t>::max();
+    if (rotary) {
+      const Ort::ConstValue cos_cache = ctx.GetInput(7), sin_cache = ctx.GetInput(8);
+      if (static_cast<const OrtValue*>(cos_cache) == nullptr || static_cast<const OrtValue*>(sin_cache) == nullptr)
+        return fail("do_rotary=1 needs cos_cache and sin_cache");
+      const std::vector<int64_t> cs = cos_cache.GetTensorTypeAndShapeInfo().GetShape();
+      if (cs.size() != 2 || cs[1] != D / 2 || sin_cache.GetTensorTypeAndShapeInfo().GetShape() != cs)
+        return fail("cos_cache and sin_cache must be [positions, " + std::to_string(D / 2) + "], got " + shape_string(cs));
+      positions = cs[0];
+      cos = cos_cache.GetTensorData<float>();
+      sin = sin_cache.GetTensorData<float>();
+    }
+    // Rows: tokens cached before this run, and new tokens that are real. A first prompt
+    // (S > 1, nothing cached) may be right-padded; later runs append S tokens to each row.
+    const bool first_prompt = S > 1 && S == total_len;
+    const int32_t* seqlens_k = seqlens.GetTensorData<int32_t>();
+    std::vector<int32_t> past(static_cast<size_t>(B)), valid(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t tokens = int64_t{seqlens_k[b]} + 1;
+      past[b] = static_cast<int32_t>(first_prompt ? 0 : tokens - S);
+      valid[b] = static_cast<int32_t>(first_prompt ? std::min(S, tokens) : S);
+      if (tokens < 1 || past[b] < 0 || tokens > capacity || tokens > positions)
+        return fail("row " + std::to_string(b) + ": seqlens_k + 1 = " + std::to_string(tokens) + " does not fit " +
+                    std::to_string(S) + " new tokens, a cache of " + std::to_string(capacity) + " and " +
+                    (rotary ? std::to_string(positions) + " rotary positions" : std::string("no rotary limit")));
+      if (past[b] > P) return fail("row " + std::to_string(b) + " continues past the " + std::to_string(P) + " cached tokens given");
+    }
+
+    Ort::UnownedValue out = ctx.GetOutput(0, {B, S, H * D});
+    const std::vector<int64_t> present_shape{B, KV, capacity, D};
+    Ort::UnownedValue present_key = ctx.GetOutput(1, present_shape), present_value = ctx.GetOutput(2, present_shape);
+    float* k_cache = present_key.GetTensorMutableData<float>();
+    float* v_cache = present_value.GetTensorMutableData<float>();
+    if (B == 0 || S == 0) return nullptr;
+    // Unless the caller shares one buffer for past and present, carry the past over.
+    for (auto [from, to] : {std::make_pair(past_key.GetTensorData<float>(), k_cache),
+                            std::make_pair(past_value.GetTensorData<float>(), v_cache)}) {
+      if (from == to) continue;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t g = 0; g < KV; ++g)
+          std::memcpy(to + (b * KV + g) * capacity * D, from + (b * KV + g) * P * D,
+                      static_cast<size_t>(past[b] * D) * sizeof(float));
+    }
+
+    const float* q = query.GetTensorData<float>();
+    bitnet::AttentionProblem p{};
+    p.q = q;
+    p.k = packed ? q + H * D : key.GetTensorData<float>();
+    p.v = packed ? q + (H + KV) * D : value.GetTensorData<float>();
+    p.q_stride = q_shape[2];
+    p.kv_stride = packed ? q_shape[2] : KV * D;
+    p.k_cache = k_cache;
+    p.v_cache = v_cache;
+    p.past = past.data();
+    p.valid = valid.data();
+    p.cos = cos;
+    p.sin = sin;
+    p.out = out.GetTensorMutableData<float>();
+    p.B = B;
+    p.S = S;
+    p.H = H;
+    p.KV = KV;
+    p.D = D;
+    p.capacity = capacity;
+    p.scale = scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(D));
+    p.avx512 = kernels.avx512_attention;
+    bitnet::AttentionRun run(p);
+    parallel_for(ctx, run.append_items(), [](void* r, size_t i) { static_cast<bitnet::AttentionRun*>(r)->append(i); }, &run);
+    parallel_for(ctx, run.attend_items(), [](void* r, size_t i) { static_cast<bitnet::AttentionRun*>(r)->attend(i); }, &run);
+    parallel_for(ctx, run.merge_items(), [](void* r, size_t i) { static_cast<bitnet::AttentionRun*>(r)->merge(i); }, &run);
+    return nullptr;
+  }
+};
+
+struct GroupQueryAttentionOp : Ort::CustomOpBase<GroupQueryAttentionOp, AttentionKernelState, true> {
+  explicit GroupQueryAttentionOp(const KernelSet& k) : kernels(k) {}
+  const char* GetName() const { return "GroupQueryAttention"; }
+  size_t GetInputTypeCount() const { return 9; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 1 || index == 2 || index >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    std::string name;
+    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
+    auto state = std::make_unique<AttentionKernelState>();
+    state->label = node_label(GetName(), name);
+    state->kernels = kernels;
+    if (OrtStatus* st = state->read_attributes(api, info)) return st;
+    *kernel = state.release();
+    return nullptr;
+  }
+
+  KernelSet kernels;
+};
+
 // One registration: a domain holding the ops, bound to the kernel set chosen at that time.
 // Sessions keep raw pointers to these, so they live until the process ends.
 struct Registration {
   BitLinearOp bitlinear;
   MatMulF16Op matmul_f16;
   MatMulI8Op matmul_i8;
+  GroupQueryAttentionOp attention;
   Ort::CustomOpDomain domain{"bitnet"};
-  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k) {
+  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k) {
     domain.Add(&bitlinear);
     domain.Add(&matmul_f16);
     domain.Add(&matmul_i8);
+    domain.Add(&attention);
   }
 };
 

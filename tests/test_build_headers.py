@@ -154,16 +154,21 @@ def test_build_command_refuses_too_new_headers_in_one_line(tmp_path, real_header
 def test_compile_commands_per_compiler_family(tmp_path):
     units = sorted(build.SOURCE_DIR.glob("*.cc"))
     gnu = build.compile_commands("clang++", Path("/inc"), units, "libbitnet_ops.dylib", tmp_path, "arm64")
-    assert len(gnu) == 2 and "-march=armv8.2-a+dotprod" in gnu[0] and "-c" in gnu[0]
-    assert "-shared" in gnu[1] and gnu[1][-2:] == ["-o", "libbitnet_ops.dylib"] and str(tmp_path / "kernels_arm_dotprod.o") in gnu[1]
+    # Units with flags of their own compile alone: attention.cc (FMA contraction allowed: it
+    # promises closeness, not bits) and, on ARM, the dot-product kernels; then the link.
+    assert len(gnu) == 3 and all("-c" in cmd for cmd in gnu[:2])
+    assert "-ffp-contract=fast" in gnu[0] and gnu[0][-3].endswith("attention.cc")
+    assert "-march=armv8.2-a+dotprod" in gnu[1]
+    assert "-shared" in gnu[2] and gnu[2][-2:] == ["-o", "libbitnet_ops.dylib"] and str(tmp_path / "kernels_arm_dotprod.o") in gnu[2]
     x86 = build.compile_commands("g++", Path("/inc"), units, "lib.so", tmp_path, "x86_64")
-    assert len(x86) == 1 and "-march=x86-64" in x86[0] and "-ffp-contract=off" in x86[0]
+    assert len(x86) == 2 and "-ffp-contract=fast" in x86[0] and str(tmp_path / "attention.o") in x86[1]
+    assert "-march=x86-64" in x86[1] and "-ffp-contract=off" in x86[1] and "-ffp-contract=fast" not in x86[1]
     cl = build.compile_commands("cl.exe", Path("C:/ort/include"), units, "bitnet_ops.dll", tmp_path, "AMD64")
-    assert len(cl) == 1 and "/LD" in cl[0] and "/Febitnet_ops.dll" in cl[0] and "/IC:/ort/include" in cl[0]
-    assert not any(a.startswith("-") for a in cl[0][1:])  # no GNU-style flags for cl
+    assert len(cl) == 2 and "/LD" in cl[1] and "/Febitnet_ops.dll" in cl[1] and "/IC:/ort/include" in cl[1]
+    assert not any(a.startswith("-") for cmd in cl for a in cmd[1:])  # no GNU-style flags for cl
     clang_cl = build.compile_commands("clang-cl", Path("C:/inc"), units, "bitnet_ops.dll", tmp_path, "ARM64")
-    assert "/clang:-march=armv8.2-a+dotprod" in clang_cl[0] and "/c" in clang_cl[0]
-    assert "/clang:-ffp-contract=off" in clang_cl[1]
+    assert "/clang:-march=armv8.2-a+dotprod" in clang_cl[1] and "/c" in clang_cl[1]
+    assert "/clang:-ffp-contract=off" in clang_cl[2]
     assert build.LIBRARY_NAMES == {"Linux": "libbitnet_ops.so", "Darwin": "libbitnet_ops.dylib", "Windows": "bitnet_ops.dll"}
 
 

@@ -1,6 +1,6 @@
 """Where a decode step's time goes inside ONNX Runtime: per-op time and weight bandwidth.
 
-    python bench/profile_decode.py MODEL_DIR [--threads 2] [--prompt-tokens 128] [--steps 32]
+    python bench/profile_decode.py MODEL_DIR [--threads 2] [--prompt-tokens 128] [--steps 32] [--batch 1]
 
 Opens the engine's own session (runtime.Engine, the ternary variant) with ORT's profiler on,
 prefills PROMPT random ids, decodes STEPS tokens greedily, and sums the profiler's node events
@@ -8,7 +8,9 @@ of the decode runs per op type: ms per step, share of the run, and for the weigh
 (BitLinear, MatMulF16, MatMulI8, MatMulNBits, MatMul, Gather) the bytes of their initializers
 per step and the GB/s that makes. "outside nodes" is the run's wall time minus the sum of its
 node times (ORT's executor between nodes, input/output binding); "outside run" is the time a
-decode step takes in Python around session.run (sampling, cache bookkeeping).
+decode step takes in Python around session.run (sampling, cache bookkeeping). With --batch B,
+B rows are prefilled with the same prompt and then decoded together, one [B, 1] run a step
+(the batcher's decode step, without its scheduling).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together in each step")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -78,12 +81,20 @@ def main(argv=None) -> int:
     engine = Engine(args.model_dir, "ternary", threads=args.threads)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, min(engine.vocab_size, 120000), args.prompt_tokens).tolist()
-    t0 = time.perf_counter()
-    steps = 0
-    for steps, _ in enumerate(engine.stream_tokens(ids, GenerationSettings(max_new_tokens=args.steps + 1,
-                                                                             stop_token_ids=[])), 1):
-        if steps == 1:
-            t_decode = time.perf_counter()
+    if args.batch == 1:
+        steps = 0
+        for steps, _ in enumerate(engine.stream_tokens(ids, GenerationSettings(max_new_tokens=args.steps + 1,
+                                                                                 stop_token_ids=[])), 1):
+            if steps == 1:
+                t_decode = time.perf_counter()
+    else:
+        cache = engine.new_cache(args.prompt_tokens + args.steps + 1, batch=args.batch)
+        tokens = {row: int(np.argmax(cache.prefill(row, ids))) for row in range(args.batch)}
+        t_decode = time.perf_counter()
+        for steps in range(1, args.steps + 1):
+            logits = cache.decode(tokens)
+            tokens = {row: int(np.argmax(logits[row])) for row in tokens}
+        steps += 1  # as counted above: the first token came from the prefill
     wall_decode = time.perf_counter() - t_decode
     trace = json.loads(Path(engine.session.end_profiling()).read_text())
 
@@ -102,7 +113,7 @@ def main(argv=None) -> int:
     run_us = sum(b - a for a, b in decode_runs)
     n = len(decode_runs)
     weights = initializer_bytes_per_op(str(Path(args.model_dir) / "model.onnx"))
-    print(f"{args.model_dir}: {n} decode steps, {args.threads} threads; wall {wall_decode / max(1, steps - 1) * 1e3:.2f} ms "
+    print(f"{args.model_dir}: {n} decode steps of {args.batch} row(s), {args.threads} threads; wall {wall_decode / max(1, steps - 1) * 1e3:.2f} ms "
           f"per step in Python, session.run {run_us / n / 1e3:.2f} ms, nodes {nodes_us / n / 1e3:.2f} ms")
     print("| op | ms / step | share of run | weight MB / step | GB/s |")
     print("|---|---:|---:|---:|---:|")

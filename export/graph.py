@@ -83,6 +83,16 @@ class GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
+def gated(b: GraphBuilder, name: str, gate: str, up: str, activation: str) -> str:
+    """act(gate) * up in ONNX ops: relu(x)^2 (BitNet) or silu(x) = x * sigmoid(x), as torch computes it."""
+    if activation == "relu2":
+        relu = b.op("Relu", [gate], name=f"{name}.relu")
+        act = b.op("Mul", [relu, relu], name=f"{name}.relu_squared")
+    else:
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{name}.sigmoid")], name=f"{name}.silu")
+    return b.op("Mul", [act, up], name=f"{name}.gated")
+
+
 def rope_cache(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, head_dim/2] for rotate-half RoPE, as transformers computes them."""
     dim = spec.head_dim
@@ -179,17 +189,10 @@ class DecoderGraph:
         n = self._norm(f"{p}.post_attention_layernorm", lw.post_attention_norm)
         if len(lw.gate_up) == 1:
             gate_up = self._linear(f"{p}.mlp.gate_up_proj", n, lw.gate_up[0])
-            size = s.intermediate_size
-            gate, up = b.op("Split", [gate_up, b.const(f"{p}.mlp.split", [size, size], np.int64)],
-                            name=f"{p}.mlp.split", n_outputs=2, axis=-1)
+            hidden = self.variant.gated_activation(b, f"{p}.mlp", gate_up, s.intermediate_size, s.activation)
         else:
             gate, up = (self._linear(f"{p}.mlp.{m}_proj", n, proj) for m, proj in zip(("gate", "up"), lw.gate_up))
-        if s.activation == "relu2":
-            relu = b.op("Relu", [gate], name=f"{p}.mlp.relu")
-            act = b.op("Mul", [relu, relu], name=f"{p}.mlp.relu_squared")
-        else:  # silu(x) = x * sigmoid(x), as torch computes it
-            act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{p}.mlp.sigmoid")], name=f"{p}.mlp.silu")
-        hidden = b.op("Mul", [act, up], name=f"{p}.mlp.gated")
+            hidden = gated(b, f"{p}.mlp", gate, up, s.activation)
         hidden = self._sub_norm(f"{p}.mlp.ffn_sub_norm", hidden, lw.ffn_sub_norm)
         self.pending = self._linear(f"{p}.mlp.down_proj", hidden, lw.down)
 

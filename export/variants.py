@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.folder import CUSTOM_OP_DOMAIN, VARIANTS, variant_file
 
-from .graph import MS_DOMAIN, GraphBuilder, Projection
+from .graph import MS_DOMAIN, GraphBuilder, Projection, gated
 from .lm_head_int8 import make_int8_head, quantize_shared_table
 from .matmulnbits import make_matmulnbits
 
@@ -81,6 +81,12 @@ class _Variant:
     @property
     def head_kind(self) -> str:
         return head_kind(self.name, self.lm_head_precision)
+
+    def gated_activation(self, b: GraphBuilder, name: str, gate_up: str, size: int, activation: str) -> str:
+        """act(gate) * up from the fused gate+up projection's output [..., 2 size]."""
+        gate, up = b.op("Split", [gate_up, b.const(f"{name}.split", [size, size], np.int64)],
+                        name=f"{name}.split", n_outputs=2, axis=-1)
+        return gated(b, name, gate, up, activation)
 
     # -- embedding / lm_head (shared by all variants unless overridden) -------------------
     def embedding(self, b: GraphBuilder, ids: str, embedding, lm_head, storage_dtype) -> str:
@@ -146,6 +152,12 @@ class TernaryVariant(_Variant):
     # Ours reads the cache once per KV head and splits long caches over threads (ORT's CPU
     # kernel reads it once per query head): same inputs, outputs and attributes.
     attention_domain = CUSTOM_DOMAIN
+
+    def gated_activation(self, b, name, gate_up, size, activation):
+        if activation != "relu2":
+            return super().gated_activation(b, name, gate_up, size, activation)
+        # One node instead of Split, Relu, Mul, Mul; the same IEEE operations (bit-equal).
+        return b.op("GatedReluSquared", [gate_up], name=name + ".gated_relu_squared", domain=CUSTOM_DOMAIN)
 
     def __init__(self, lm_head_precision: str = "native"):
         super().__init__(lm_head_precision)

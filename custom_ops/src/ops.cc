@@ -8,6 +8,10 @@
 //   MatMulI8(X float32 [..., K], W int8 [N, K], S float32 [1] or [N])
 //     -> Y float32 [..., N] = ((xq . w) / s + (rq . w) / r) * S, the 8-bit lm_head: xq/s as for
 //     BitLinear, rq/r the same quantization of the residual x - xq / s.
+//   GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+//     cos_cache, sin_cache) -> output, present_key, present_value: com.microsoft's contract,
+//     computed by attention.cc (see the op's section below).
+//   GatedReluSquared(X float32 [..., 2 I]) -> Y float32 [..., I] = relu(X[..., :I])^2 * X[..., I:].
 //
 // Every error becomes an OrtStatus naming the node and the problem; nothing throws across
 // the C boundary.
@@ -601,6 +605,78 @@ struct GroupQueryAttentionOp : Ort::CustomOpBase<GroupQueryAttentionOp, Attentio
   KernelSet kernels;
 };
 
+// ---- GatedReluSquared: 2B4T's MLP activation in one pass -------------------------------------
+//
+//   GatedReluSquared(X float32 [..., 2 I]) -> Y float32 [..., I] = relu(gate)^2 * up, with gate =
+//   X[..., :I] and up = X[..., I:] (the fused gate+up projection's two halves). The same three
+//   IEEE operations as Split, Relu, Mul(relu, relu), Mul(., up), in one node and one pass.
+
+struct GatedReluSquaredWork {
+  const float* x;
+  float* y;
+  int64_t rows, I;
+};
+
+constexpr int64_t kActivationRows = 16;  // rows per work item
+
+void gated_relu_squared_item(void* data, size_t i) {
+  const auto* w = static_cast<const GatedReluSquaredWork*>(data);
+  const int64_t m0 = static_cast<int64_t>(i) * kActivationRows, m1 = std::min(m0 + kActivationRows, w->rows);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* gate = w->x + m * 2 * w->I;
+    const float* up = gate + w->I;
+    float* y = w->y + m * w->I;
+    for (int64_t k = 0; k < w->I; ++k) {
+      const float r = gate[k] > 0.0f ? gate[k] : 0.0f;
+      y[k] = (r * r) * up[k];
+    }
+  }
+}
+
+struct GatedReluSquaredKernelState {
+  std::string label;
+  OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
+  }
+
+  OrtStatus* Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue X = ctx.GetInput(0);
+    const std::vector<int64_t> x_shape = X.GetTensorTypeAndShapeInfo().GetShape();
+    if (x_shape.empty() || x_shape.back() % 2 != 0)
+      return error_status(ORT_INVALID_ARGUMENT, label + ": X must be [..., 2 I] (gate and up halves), got " +
+                                                    shape_string(x_shape));
+    std::vector<int64_t> y_shape = x_shape;
+    y_shape.back() /= 2;
+    Ort::UnownedValue Y = ctx.GetOutput(0, y_shape);
+    GatedReluSquaredWork work{X.GetTensorData<float>(), Y.GetTensorMutableData<float>(), leading_rows(x_shape),
+                              y_shape.back()};
+    if (work.rows == 0 || work.I == 0) return nullptr;
+    parallel_for(ctx, static_cast<size_t>((work.rows + kActivationRows - 1) / kActivationRows), gated_relu_squared_item,
+                 &work);
+    return nullptr;
+  }
+};
+
+struct GatedReluSquaredOp : Ort::CustomOpBase<GatedReluSquaredOp, GatedReluSquaredKernelState, true> {
+  const char* GetName() const { return "GatedReluSquared"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    std::string name;
+    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
+    auto state = std::make_unique<GatedReluSquaredKernelState>();
+    state->label = node_label(GetName(), name);
+    *kernel = state.release();
+    return nullptr;
+  }
+};
+
 // One registration: a domain holding the ops, bound to the kernel set chosen at that time.
 // Sessions keep raw pointers to these, so they live until the process ends.
 struct Registration {
@@ -608,12 +684,14 @@ struct Registration {
   MatMulF16Op matmul_f16;
   MatMulI8Op matmul_i8;
   GroupQueryAttentionOp attention;
+  GatedReluSquaredOp gated_relu_squared;
   Ort::CustomOpDomain domain{"bitnet"};
   explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k) {
     domain.Add(&bitlinear);
     domain.Add(&matmul_f16);
     domain.Add(&matmul_i8);
     domain.Add(&attention);
+    domain.Add(&gated_relu_squared);
   }
 };
 

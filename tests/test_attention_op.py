@@ -21,10 +21,13 @@ MS_DOMAIN = "com.microsoft"
 POSITIONS = 2048
 
 
-def attention_model(domain, heads, kv_heads, head_dim, packed=True, scale=None, declare_shapes=True):
-    """One GroupQueryAttention node; without `declare_shapes` no input has a declared shape, so
-    ONNX Runtime passes any tensor to the op (which then has to refuse it itself)."""
+def attention_model(domain, heads, kv_heads, head_dim, packed=True, scale=None, declare_shapes=True,
+                    cache=np.float32):
+    """One GroupQueryAttention node with a `cache` (float32 or float16) KV cache; without
+    `declare_shapes` no input has a declared shape, so ONNX Runtime passes any tensor to the
+    op (which then has to refuse it itself)."""
     f32 = TensorProto.FLOAT
+    kv_type = TensorProto.FLOAT16 if cache == np.float16 else f32
     hidden = (heads + 2 * kv_heads) * head_dim if packed else heads * head_dim
 
     def declared(shape):
@@ -33,13 +36,14 @@ def attention_model(domain, heads, kv_heads, head_dim, packed=True, scale=None, 
     inputs = [helper.make_tensor_value_info("query", f32, declared(["B", "S", hidden]))]
     if not packed:
         inputs += [helper.make_tensor_value_info(n, f32, declared(["B", "S", kv_heads * head_dim])) for n in ("key", "value")]
-    inputs += [helper.make_tensor_value_info(n, f32, declared(["B", kv_heads, "P", head_dim]))
+    inputs += [helper.make_tensor_value_info(n, kv_type, declared(["B", kv_heads, "P", head_dim]))
                for n in ("past_key", "past_value")]
     inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, declared(["B"])),
                helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, declared([])),
                helper.make_tensor_value_info("cos_cache", f32, declared([POSITIONS, head_dim // 2])),
                helper.make_tensor_value_info("sin_cache", f32, declared([POSITIONS, head_dim // 2]))]
-    outputs = [helper.make_tensor_value_info(n, f32, None) for n in ("output", "present_key", "present_value")]
+    outputs = [helper.make_tensor_value_info("output", f32, None)]
+    outputs += [helper.make_tensor_value_info(n, kv_type, None) for n in ("present_key", "present_value")]
     qkv = ["query", "", ""] if packed else ["query", "key", "value"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
     if scale is not None:
@@ -75,8 +79,10 @@ def rotate_half(x, cos, sin):
 
 
 def reference(query, past_key, past_value, seqlens_k, total, cos, sin, heads, kv_heads, scale=None):
-    """Float64 attention from the definition. Returns (output, present_key, present_value)
-    and the number of valid cache positions per row."""
+    """Float64 attention from the definition (new keys and values rounded to the cache's type
+    first). Returns (output, present_key, present_value) and the number of valid cache
+    positions per row."""
+    stored = past_key.dtype
     B, S, hidden = query.shape
     D = hidden // (heads + 2 * kv_heads)
     scale = D ** -0.5 if scale is None else scale
@@ -97,8 +103,8 @@ def reference(query, past_key, past_value, seqlens_k, total, cos, sin, heads, kv
         valid = min(S, tokens) if first_prompt else S
         positions = past + np.arange(valid)
         c, s_ = cos[positions].astype(np.float64), sin[positions].astype(np.float64)
-        keys[b, :, positions] = rotate_half(k[b, :valid], c[:, None], s_[:, None])
-        values[b, :, positions] = v[b, :valid]
+        keys[b, :, positions] = rotate_half(k[b, :valid], c[:, None], s_[:, None]).astype(stored)
+        values[b, :, positions] = v[b, :valid].astype(stored)
         for i, pos in enumerate(positions):
             qr = rotate_half(q[b, i], c[i], s_[i])
             for h in range(heads):
@@ -140,11 +146,11 @@ def run(sess, query, past_key, past_value, seqlens_k, total, cos, sin, shared=Tr
     return tuple(binding.copy_outputs_to_cpu())
 
 
-def case_inputs(rng, heads, kv_heads, D, S, lengths_before, capacity, first_prompt_lengths=None):
+def case_inputs(rng, heads, kv_heads, D, S, lengths_before, capacity, first_prompt_lengths=None, cache=np.float32):
     B = len(lengths_before)
     query = rng.standard_normal((B, S, (heads + 2 * kv_heads) * D)).astype(np.float32)
-    past_key = rng.standard_normal((B, kv_heads, capacity, D)).astype(np.float32)
-    past_value = rng.standard_normal((B, kv_heads, capacity, D)).astype(np.float32)
+    past_key = rng.standard_normal((B, kv_heads, capacity, D)).astype(cache)
+    past_value = rng.standard_normal((B, kv_heads, capacity, D)).astype(cache)
     if first_prompt_lengths is not None:  # a right-padded first prompt: total = S
         seqlens = np.array([n - 1 for n in first_prompt_lengths], np.int32)
         total = S
@@ -170,25 +176,31 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["float32-cache", "float16-cache"])
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("heads,kv_heads,D,S,lengths,first", CASES)
-def test_matches_the_reference_and_onnxruntime(kernel, heads, kv_heads, D, S, lengths, first):
+def test_matches_the_reference_and_onnxruntime(kernel, heads, kv_heads, D, S, lengths, first, cache):
     rng = np.random.default_rng(heads * 1000 + S * 10 + D)
     cos, sin = rope_tables(D)
     capacity = max(lengths) + S + 5
-    query, pk, pv, seqlens, total = case_inputs(rng, heads, kv_heads, D, S, lengths, capacity, first)
+    query, pk, pv, seqlens, total = case_inputs(rng, heads, kv_heads, D, S, lengths, capacity, first, cache)
     expected, exp_k, exp_v, valid = reference(query, pk, pv, seqlens, total, cos, sin, heads, kv_heads)
-    ours = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D), kernel)
+    ours = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D, cache=cache), kernel)
     out, keys, values = run(ours, query, pk.copy(), pv.copy(), seqlens, total, cos, sin)
+    assert keys.dtype == cache and values.dtype == cache
+    # A float16 key is the float32 rotation rounded once: within one half ulp of the float64 one's.
+    key_tolerance = 1e-5 if cache == np.float32 else 2 ** -10
+    # ... and a key rounded the other way moves the scores by up to that much.
+    out_tolerance = 2e-5 if cache == np.float32 else 5e-4
     rows = [slice(0, n) for n in (first or [S] * len(lengths))]
     for b, r in enumerate(rows):
-        np.testing.assert_allclose(out[b, r], expected[b, r], rtol=2e-5, atol=2e-5)
-        np.testing.assert_allclose(keys[b, :, :valid[b]], exp_k[b, :, :valid[b]], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(values[b, :, :valid[b]], exp_v[b, :, :valid[b]].astype(np.float32))
+        np.testing.assert_allclose(out[b, r], expected[b, r], rtol=out_tolerance, atol=out_tolerance)
+        np.testing.assert_allclose(keys[b, :, :valid[b]], exp_k[b, :, :valid[b]], rtol=key_tolerance, atol=key_tolerance)
+        np.testing.assert_array_equal(values[b, :, :valid[b]], exp_v[b, :, :valid[b]].astype(cache))
         # Cache positions past a row's length are not touched.
         np.testing.assert_array_equal(keys[b, :, valid[b]:], pk[b, :, valid[b]:])
     # What ORT's CPU kernel accepts: D a multiple of 16, no padded prompt, S > 1 only at batch 1.
-    if D % 16 == 0 and first is None and (S == 1 or len(lengths) == 1):
+    if cache == np.float32 and D % 16 == 0 and first is None and (S == 1 or len(lengths) == 1):
         theirs = open_session(attention_model(MS_DOMAIN, heads, kv_heads, D))
         ort_out, _, _ = run(theirs, query, pk.copy(), pv.copy(), seqlens, total, cos, sin)
         np.testing.assert_allclose(out, ort_out, rtol=2e-5, atol=2e-5)
@@ -227,16 +239,17 @@ def test_scale_attribute_is_used():
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["float32-cache", "float16-cache"])
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
-def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads(kernel):
+def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads(kernel, cache):
     """A row's output is bit-identical alone and in a batch with rows of other lengths, on 1
     or 2 threads (the batcher's rows must not change each other)."""
     heads, kv_heads, D = 20, 5, 128
     rng = np.random.default_rng(11)
     cos, sin = rope_tables(D)
     lengths = [300, 17, 900, 0]
-    query, pk, pv, seqlens, total = case_inputs(rng, heads, kv_heads, D, 1, lengths, 910)
-    model = attention_model(custom_ops.DOMAIN, heads, kv_heads, D)
+    query, pk, pv, seqlens, total = case_inputs(rng, heads, kv_heads, D, 1, lengths, 910, cache=cache)
+    model = attention_model(custom_ops.DOMAIN, heads, kv_heads, D, cache=cache)
     together, _, _ = run(open_session(model, kernel, threads=2), query, pk.copy(), pv.copy(), seqlens, total, cos, sin)
     alone_session = open_session(model, kernel, threads=1)
     for b, n in enumerate(lengths):
@@ -245,19 +258,20 @@ def test_a_rows_bits_do_not_depend_on_the_batch_or_the_threads(kernel):
         np.testing.assert_array_equal(together[b], alone[0])
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.float16], ids=["float32-cache", "float16-cache"])
 @pytest.mark.parametrize("kernel", KERNEL_PARAMS)
 @pytest.mark.parametrize("heads,kv_heads,D", [(20, 5, 128), (4, 2, 32)])
-def test_prefill_in_any_chunks_gives_the_same_bits(kernel, heads, kv_heads, D):
+def test_prefill_in_any_chunks_gives_the_same_bits(kernel, heads, kv_heads, D, cache):
     """600 tokens appended at once, in chunks of 7, 33 or 256, or one at a time (decode): every
     query's output and the cache are the same bits (one summation order for every path)."""
     rng = np.random.default_rng(23)
     cos, sin = rope_tables(D)
     n = 600
     qkv = rng.standard_normal((1, n, (heads + 2 * kv_heads) * D)).astype(np.float32)
-    sess = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D), kernel)
+    sess = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D, cache=cache), kernel)
     results = []
     for chunk in (n, 7, 33, 256, 1):
-        keys = np.zeros((1, kv_heads, n, D), np.float32)
+        keys = np.zeros((1, kv_heads, n, D), cache)
         values = np.zeros_like(keys)
         outs = []
         for start in range(0, n, chunk):
@@ -298,3 +312,31 @@ def test_interleaved_rotary_is_refused_when_the_session_loads():
             attr.i = 1
     with pytest.raises(Exception, match="rotary_interleaved=1 is not supported"):
         open_session(proto.SerializeToString())
+
+
+@pytest.mark.parametrize("kernel", KERNEL_PARAMS)
+def test_values_are_rounded_to_half_like_numpy(kernel):
+    """A float16 cache stores each value rounded to nearest, ties to even, as numpy does: over
+    ties, subnormals, the overflow edge, infinities and NaN."""
+    heads, kv_heads, D = 2, 1, 64
+    specials = np.array([0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 1e6, -1e6, np.inf, -np.inf,
+                         2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14 - 2.0 ** -25, 6.1e-5, -5.96e-8,
+                         1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -11 + 2.0 ** -20, 2048.5, 2049.0], np.float32)
+    rng = np.random.default_rng(4)
+    values = np.concatenate([specials, (rng.standard_normal(4 * D) * 10.0 ** rng.integers(-8, 5, 4 * D)).astype(np.float32)])
+    values = values[:(len(values) // D) * D].reshape(-1, D)
+    cos, sin = rope_tables(D)
+    sess = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D, cache=np.float16), kernel)
+    for row in values:
+        query = np.zeros((1, 1, (heads + 2 * kv_heads) * D), np.float32)
+        query[0, 0, (heads + kv_heads) * D:] = row
+        keys = np.zeros((1, kv_heads, 4, D), np.float16)
+        stored = np.zeros_like(keys)
+        run(sess, query, keys, stored, np.array([0], np.int32), 1, cos, sin)
+        with np.errstate(over="ignore"):  # numpy warns as it rounds past 65504 to inf
+            np.testing.assert_array_equal(stored[0, 0, 0], row.astype(np.float16))
+    nan = np.zeros((1, 1, (heads + 2 * kv_heads) * D), np.float32)
+    nan[0, 0, (heads + kv_heads) * D] = np.nan
+    stored = np.zeros((1, kv_heads, 4, D), np.float16)
+    run(sess, nan, np.zeros_like(stored), stored, np.array([0], np.int32), 1, cos, sin)
+    assert np.isnan(stored[0, 0, 0, 0])

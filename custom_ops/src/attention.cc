@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "compiler.h"
+#include "kernels.h"
 
 #if BITNET_X86_SIMD
 #include <immintrin.h>
@@ -134,11 +135,79 @@ void append_row(const AttentionProblem& p, int64_t b, int64_t s, float* q_rotate
   const int64_t pos = p.past[b] + s;
   const float *cos = p.cos + pos * half, *sin = p.sin + pos * half;
   for (int64_t h = 0; h < p.H; ++h) rotate(p.q + row * p.q_stride + h * D, cos, sin, half, p.scale, qr + h * D);
+  std::vector<float> key(static_cast<size_t>(D));
   for (int64_t g = 0; g < p.KV; ++g) {
     const int64_t slot = ((b * p.KV + g) * p.capacity + pos) * D;
-    rotate(p.k + row * p.kv_stride + g * D, cos, sin, half, 1.0f, p.k_cache + slot);
-    std::memcpy(p.v_cache + slot, p.v + row * p.kv_stride + g * D, static_cast<size_t>(D) * sizeof(float));
+    const float* value = p.v + row * p.kv_stride + g * D;
+    rotate(p.k + row * p.kv_stride + g * D, cos, sin, half, 1.0f, key.data());
+    if (p.half_cache) {
+      auto* keys = static_cast<uint16_t*>(p.k_cache) + slot;
+      auto* values = static_cast<uint16_t*>(p.v_cache) + slot;
+      for (int64_t d = 0; d < D; ++d) {
+        keys[d] = float_to_half(key[d]);
+        values[d] = float_to_half(value[d]);
+      }
+    } else {
+      std::memcpy(static_cast<float*>(p.k_cache) + slot, key.data(), static_cast<size_t>(D) * sizeof(float));
+      std::memcpy(static_cast<float*>(p.v_cache) + slot, value, static_cast<size_t>(D) * sizeof(float));
+    }
   }
+}
+
+// Widens n halves to floats: the portable loop, and its F16C and AVX-512 twins.
+void widen_portable(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+#if BITNET_X86_SIMD
+BITNET_AVX2 void widen_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+BITNET_AVX512 void widen_avx512(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(src + i + 2048), _MM_HINT_T0);  // 4 KB ahead on the stream
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+#endif
+
+using WidenFn = void (*)(const uint16_t*, float*, int64_t);
+
+WidenFn widen_for(uint32_t features) {
+#if BITNET_X86_SIMD
+  if (features & kFeatAvx512) return widen_avx512;
+  if (features & kFeatAvx2) return widen_f16c;
+#endif
+  return widen_portable;
+}
+
+// One (row, KV head)'s keys and values, handed out a tile at a time as float32: pointers into
+// a float cache, or a half cache's tile widened into scratch.
+struct CacheTiles {
+  const void *keys, *values;  // the (row, KV head)'s first key / value
+  int64_t D;
+  WidenFn widen;                    // null: a float cache
+  float *key_scratch, *value_scratch;  // [kTileKeys, D] each, for a half cache
+
+  const float* tile(const void* base, float* scratch, int64_t t0, int64_t n) const {
+    if (!widen) return static_cast<const float*>(base) + t0 * D;
+    widen(static_cast<const uint16_t*>(base) + t0 * D, scratch, n * D);
+    return scratch;
+  }
+  const float* key_tile(int64_t t0, int64_t n) const { return tile(keys, key_scratch, t0, n); }
+  const float* value_tile(int64_t t0, int64_t n) const { return tile(values, value_scratch, t0, n); }
+};
+
+CacheTiles cache_tiles(const AttentionProblem& p, int64_t b, int64_t g, float* scratch) {
+  const int64_t offset = (b * p.KV + g) * p.capacity * p.D, bytes = p.half_cache ? 2 : 4;
+  return {static_cast<const char*>(p.k_cache) + offset * bytes, static_cast<const char*>(p.v_cache) + offset * bytes,
+          p.D, p.half_cache ? widen_for(p.features) : nullptr, scratch, scratch + kTileKeys * p.D};
 }
 
 // One item of step 2: queries [s0, s1) of row b, the `group` query heads of KV head g, keys
@@ -166,24 +235,24 @@ struct Head {
 // Scores of one tile, few rows (decode): each key is read once from memory, then its dot
 // product with every row's query comes from L1.
 template <int kD>
-ATTENTION_INLINE void scores_by_key(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* keys,
-                          int64_t t0, int64_t t1, float* scores) {
+ATTENTION_INLINE void scores_by_key(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* key_tile,
+                                     int64_t t0, int64_t n, float* scores) {
   const int64_t D = head.size();
-  for (int64_t j = t0; j < t1; ++j) {
-    const float* key = keys + j * D;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* key = key_tile + j * D;
     for (int64_t r = 0; r < n_rows; ++r)
-      scores[r * kTileKeys + (j - t0)] = j <= rows[r].last_key ? dot(rows[r].q, key, D) : kMinusInf;
+      scores[r * kTileKeys + j] = t0 + j <= rows[r].last_key ? dot(rows[r].q, key, D) : kMinusInf;
   }
 }
 
 // Scores of one tile, many rows (prefill): the tile is transposed once (keys along lanes), so
 // each row's scores are broadcast-multiply-adds with no horizontal sums.
 template <int kD>
-ATTENTION_INLINE void scores_transposed(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* keys,
-                              int64_t t0, int64_t t1, float* transposed, float* scores) {
-  const int64_t D = head.size(), n = t1 - t0;
+ATTENTION_INLINE void scores_transposed(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* key_tile,
+                                         int64_t t0, int64_t n, float* transposed, float* scores) {
+  const int64_t D = head.size();
   for (int64_t j = 0; j < kTileKeys; ++j)
-    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? keys[(t0 + j) * D + d] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? key_tile[j * D + d] : 0.0f;
   for (int64_t r = 0; r < n_rows; ++r) {
     float lanes[kLanes][kTileKeys] = {};  // the lanes of dot(), for 64 keys at once
     const float* q = rows[r].q;
@@ -219,23 +288,23 @@ ATTENTION_INLINE bool softmax_tile(float* sc, int64_t n, float* partial, int64_t
   return true;
 }
 
-// partial += weights . values[t0, t0 + n), the accumulator held in registers over the tile.
+// partial += weights . the tile's n values, the accumulator held in registers over the tile.
 template <int kD>
-ATTENTION_INLINE void add_weighted_values(Head<kD> head, const float* weights, const float* values, int64_t t0, int64_t n,
-                                float* partial) {
+ATTENTION_INLINE void add_weighted_values(Head<kD> head, const float* weights, const float* value_tile, int64_t n,
+                                          float* partial) {
   const int64_t D = head.size();
   if (kD) {
     float acc[kD > 0 ? kD : 1];
     for (int64_t d = 0; d < kD; ++d) acc[d] = partial[d];
     for (int64_t j = 0; j < n; ++j) {
       const float w = weights[j];
-      const float* value = values + (t0 + j) * kD;
+      const float* value = value_tile + j * kD;
       for (int64_t d = 0; d < kD; ++d) acc[d] += w * value[d];
     }
     for (int64_t d = 0; d < kD; ++d) partial[d] = acc[d];
     return;
   }
-  for (int64_t j = 0; j < n; ++j) axpy(weights[j], values + (t0 + j) * D, partial, D);
+  for (int64_t j = 0; j < n; ++j) axpy(weights[j], value_tile + j * D, partial, D);
 }
 
 // Empties the rows' partials; returns the last key of [k0, k1) any row may see (k0 - 1: none).
@@ -251,35 +320,35 @@ ATTENTION_INLINE int64_t start_rows(const QueryRow* rows, int64_t n_rows, int64_
 }
 
 template <int kD>
-ATTENTION_INLINE void attend_rows(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* keys, const float* values,
-                        int64_t k0, int64_t k1, float* scores, float* transposed) {
+ATTENTION_INLINE void attend_rows(Head<kD> head, const QueryRow* rows, int64_t n_rows, const CacheTiles& cache,
+                                  int64_t k0, int64_t k1, float* scores, float* transposed) {
   const int64_t D = head.size();
   const int64_t last_key = start_rows(rows, n_rows, D, k0, k1);
   for (int64_t t0 = k0; t0 <= last_key; t0 += kTileKeys) {
-    const int64_t t1 = std::min(t0 + kTileKeys, last_key + 1), n = t1 - t0;
+    const int64_t n = std::min(kTileKeys, last_key + 1 - t0);
+    const float* keys = cache.key_tile(t0, n);
     if (n_rows >= kTransposeRows)
-      scores_transposed(head, rows, n_rows, keys, t0, t1, transposed, scores);
+      scores_transposed(head, rows, n_rows, keys, t0, n, transposed, scores);
     else
-      scores_by_key(head, rows, n_rows, keys, t0, t1, scores);
+      scores_by_key(head, rows, n_rows, keys, t0, n, scores);
+    const float* values = cache.value_tile(t0, n);
     for (int64_t r = 0; r < n_rows; ++r) {
       float* sc = scores + r * kTileKeys;
-      if (softmax_tile(sc, n, rows[r].partial, D)) add_weighted_values(head, sc, values, t0, n, rows[r].partial);
+      if (softmax_tile(sc, n, rows[r].partial, D)) add_weighted_values(head, sc, values, n, rows[r].partial);
     }
   }
 }
 
 BITNET_TARGET_CLONES("arch=x86-64-v4", "arch=x86-64-v3", "default")
 void attend_item(const AttentionProblem& p, const AttendItem& it, const QueryRow* rows, int64_t n_rows,
-                 float* scores, float* transposed) {
-  const int64_t offset = (it.b * p.KV + it.g) * p.capacity * p.D;
-  const float *keys = p.k_cache + offset, *values = p.v_cache + offset;
+                 float* scores, float* transposed, float* scratch) {
+  const CacheTiles cache = cache_tiles(p, it.b, it.g, scratch);
   switch (p.D) {
-    case 64: attend_rows(Head<64>{64}, rows, n_rows, keys, values, it.k0, it.k1, scores, transposed); break;
-    case 128: attend_rows(Head<128>{128}, rows, n_rows, keys, values, it.k0, it.k1, scores, transposed); break;
-    default: attend_rows(Head<0>{p.D}, rows, n_rows, keys, values, it.k0, it.k1, scores, transposed); break;
+    case 64: attend_rows(Head<64>{64}, rows, n_rows, cache, it.k0, it.k1, scores, transposed); break;
+    case 128: attend_rows(Head<128>{128}, rows, n_rows, cache, it.k0, it.k1, scores, transposed); break;
+    default: attend_rows(Head<0>{p.D}, rows, n_rows, cache, it.k0, it.k1, scores, transposed); break;
   }
 }
-
 
 #if BITNET_X86_SIMD
 // The AVX-512 twin (D a multiple of 64): keys and values are loaded once per tile for a group
@@ -300,14 +369,15 @@ BITNET_AVX512 inline float fold_lanes(__m512 a) {
 constexpr int64_t kPrefetchKeys = 4;
 
 template <int R>
-BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const float* keys, const float* values, int64_t D,
-                                        int64_t t0, int64_t n, float* scores) {
+BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const float* key_tile, const float* prefetch_values,
+                                        int64_t D, int64_t t0, int64_t n, float* scores) {
   for (int64_t j = 0; j < n; ++j) {
-    const float* key = keys + (t0 + j) * D;
-    // The key a few rows on, and this key's value (the pass over values follows this tile).
+    const float* key = key_tile + j * D;
+    // The key a few rows on, and this key's value (the pass over values follows this tile;
+    // null when the values come widened from a half cache).
     for (int64_t c = 0; c < D; c += 16) {
       _mm_prefetch(reinterpret_cast<const char*>(key + kPrefetchKeys * D + c), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(values + (t0 + j) * D + c), _MM_HINT_T1);
+      if (prefetch_values) _mm_prefetch(reinterpret_cast<const char*>(prefetch_values + j * D + c), _MM_HINT_T1);
     }
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -320,10 +390,10 @@ BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const float* keys,
   }
 }
 
-BITNET_AVX512 void scores_transposed_avx512(const QueryRow* rows, int64_t n_rows, const float* keys, int64_t D,
+BITNET_AVX512 void scores_transposed_avx512(const QueryRow* rows, int64_t n_rows, const float* key_tile, int64_t D,
                                             int64_t t0, int64_t n, float* transposed, float* scores) {
   for (int64_t j = 0; j < kTileKeys; ++j)
-    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? keys[(t0 + j) * D + d] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? key_tile[j * D + d] : 0.0f;
   static_assert(kTileKeys == 64, "four vectors of keys per row");
   for (int64_t r = 0; r < n_rows; ++r) {
     __m512 lanes[kLanes][4];  // dot()'s lanes, for 64 keys at once
@@ -348,14 +418,14 @@ BITNET_AVX512 void scores_transposed_avx512(const QueryRow* rows, int64_t n_rows
 
 // partial += weights . values for R <= 4 rows, 64 floats of D per pass (16 accumulators).
 template <int R>
-BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* values, int64_t D, int64_t t0, int64_t n,
+BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* value_tile, int64_t D, int64_t n,
                                      const float* weights) {
   for (int64_t c0 = 0; c0 < D; c0 += 64) {
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_loadu_ps(rows[r].partial + c0 + 16 * i);
     for (int64_t j = 0; j < n; ++j) {
-      const float* value = values + (t0 + j) * D + c0;
+      const float* value = value_tile + j * D + c0;
       __m512 v[4];
       for (int i = 0; i < 4; ++i) v[i] = _mm512_loadu_ps(value + 16 * i);
       for (int r = 0; r < R; ++r) {
@@ -368,41 +438,43 @@ BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* values, 
   }
 }
 
-BITNET_AVX512 void attend_tile_avx512(const QueryRow* rows, int64_t n_rows, const float* keys, const float* values,
-                                      int64_t D, int64_t t0, int64_t n, float* scores, float* transposed) {
+BITNET_AVX512 void attend_tile_avx512(const QueryRow* rows, int64_t n_rows, const CacheTiles& cache, int64_t D,
+                                      int64_t t0, int64_t n, float* scores, float* transposed) {
   using ScoresFn = void (*)(const QueryRow*, const float*, const float*, int64_t, int64_t, int64_t, float*);
   static constexpr ScoresFn by_key[8] = {scores_by_key_avx512<1>, scores_by_key_avx512<2>, scores_by_key_avx512<3>,
                                          scores_by_key_avx512<4>, scores_by_key_avx512<5>, scores_by_key_avx512<6>,
                                          scores_by_key_avx512<7>, scores_by_key_avx512<8>};
+  const float* keys = cache.key_tile(t0, n);
   if (n_rows <= 8)
-    by_key[n_rows - 1](rows, keys, values, D, t0, n, scores);
+    by_key[n_rows - 1](rows, keys, cache.widen ? nullptr : static_cast<const float*>(cache.values) + t0 * D, D, t0, n,
+                       scores);
   else
     scores_transposed_avx512(rows, n_rows, keys, D, t0, n, transposed, scores);
   for (int64_t r = 0; r < n_rows; ++r) {
     float* sc = scores + r * kTileKeys;
     if (!softmax_tile(sc, n, rows[r].partial, D)) std::fill(sc, sc + n, 0.0f);
   }
-  using ValuesFn = void (*)(const QueryRow*, const float*, int64_t, int64_t, int64_t, const float*);
+  using ValuesFn = void (*)(const QueryRow*, const float*, int64_t, int64_t, const float*);
   static constexpr ValuesFn add_values[4] = {add_values_avx512<1>, add_values_avx512<2>, add_values_avx512<3>,
                                              add_values_avx512<4>};
+  const float* values = cache.value_tile(t0, n);
   for (int64_t r = 0; r < n_rows; r += 4)
-    add_values[std::min<int64_t>(4, n_rows - r) - 1](rows + r, values, D, t0, n, scores + r * kTileKeys);
+    add_values[std::min<int64_t>(4, n_rows - r) - 1](rows + r, values, D, n, scores + r * kTileKeys);
 }
 
 // Whether the AVX-512 twin takes this head size.
 bool avx512_attends(int64_t D) { return D % 64 == 0; }
 
 void attend_item_avx512(const AttentionProblem& p, const AttendItem& it, const QueryRow* rows, int64_t n_rows,
-                        float* scores, float* transposed) {
-  const int64_t offset = (it.b * p.KV + it.g) * p.capacity * p.D;
-  const float *keys = p.k_cache + offset, *values = p.v_cache + offset;
+                        float* scores, float* transposed, float* scratch) {
+  const CacheTiles cache = cache_tiles(p, it.b, it.g, scratch);
   const int64_t last_key = start_rows(rows, n_rows, p.D, it.k0, it.k1);
   for (int64_t t0 = it.k0; t0 <= last_key; t0 += kTileKeys)
-    attend_tile_avx512(rows, n_rows, keys, values, p.D, t0, std::min(kTileKeys, last_key + 1 - t0), scores, transposed);
+    attend_tile_avx512(rows, n_rows, cache, p.D, t0, std::min(kTileKeys, last_key + 1 - t0), scores, transposed);
 }
 #else
 bool avx512_attends(int64_t) { return false; }
-void attend_item_avx512(const AttentionProblem&, const AttendItem&, const QueryRow*, int64_t, float*, float*) {}
+void attend_item_avx512(const AttentionProblem&, const AttendItem&, const QueryRow*, int64_t, float*, float*, float*) {}
 #endif
 
 }  // namespace
@@ -445,10 +517,11 @@ void AttentionRun::attend(size_t item) {
   const int64_t n_rows = static_cast<int64_t>(rows.size());
   std::vector<float> scores(rows.size() * kTileKeys);
   std::vector<float> transposed(n_rows >= kTransposeRows || n_rows > 8 ? static_cast<size_t>(p_.D * kTileKeys) : 0);
-  if (p_.avx512 && avx512_attends(p_.D))
-    attend_item_avx512(p_, it, rows.data(), n_rows, scores.data(), transposed.data());
+  std::vector<float> scratch(p_.half_cache ? static_cast<size_t>(2 * kTileKeys * p_.D) : 0);
+  if ((p_.features & kFeatAvx512) && avx512_attends(p_.D))
+    attend_item_avx512(p_, it, rows.data(), n_rows, scores.data(), transposed.data(), scratch.data());
   else
-    attend_item(p_, it, rows.data(), n_rows, scores.data(), transposed.data());
+    attend_item(p_, it, rows.data(), n_rows, scores.data(), transposed.data(), scratch.data());
 }
 
 void AttentionRun::merge(size_t item) {

@@ -16,14 +16,15 @@ struct AttentionProblem {
   // g at k + g * D and v + g * D (packed QKV: the three share one buffer and one stride).
   const float *q, *k, *v;
   int64_t q_stride, kv_stride;
-  float *k_cache, *v_cache;  // [B, KV, capacity, D]
+  void *k_cache, *v_cache;   // [B, KV, capacity, D], float or IEEE half (half_cache)
   const int32_t* past;       // [B] tokens cached before this run
   const int32_t* valid;      // [B] new tokens that are real (the rest are padding)
   const float *cos, *sin;    // [positions, D / 2]
   float* out;                // [B, S, H * D]
   int64_t B, S, H, KV, D, capacity;
   float scale;
-  bool avx512;  // the kernel level has AVX-512: decode-shaped items take the AVX-512 twin
+  bool half_cache;    // the cache holds float16: tiles are widened to float32 as they are read
+  uint32_t features;  // CpuFeature bits of the kernel level: which twin and converters run
 };
 
 // The split of one run into work items; every buffer it owns is scratch for that run.

@@ -209,7 +209,7 @@ KernelSet kernels_for_features(uint32_t features) {
   const auto& f16 = best(matmul_f16_kernels(), features);
   const auto& i8 = best(matmul_i8_kernels(), features);
   return {level_name(features), bitlinear.fn, bitlinear.name, f16.fn, f16.name, i8.fn, i8.name,
-          (features & kFeatAvx512) != 0};
+          features};
 }
 
 bool select_kernels(const char* requested, KernelSet* out, std::string* error) {

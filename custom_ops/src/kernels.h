@@ -75,6 +75,53 @@ static inline int32_t load4(const int8_t* p) {
   return v;
 }
 
+// ---- IEEE half precision, in portable code ---------------------------------------------------
+
+// Exact: every half is a float.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
+  } else if (mant == 0) {
+    bits = sign;  // zero
+  } else {
+    // subnormal half: value = mant * 2^-24, exactly representable as a float
+    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Rounded to nearest, ties to even (numpy's astype(float16), vcvtps2ph); overflow gives inf.
+static inline uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x7f800000u)  // inf, or NaN (kept quiet, with its top payload bits)
+    return static_cast<uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | ((abs >> 13) & 0x3ffu) : 0u));
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504: inf
+  if (abs < 0x38800000u) {  // below the smallest normal half: a subnormal (or zero) multiple of 2^-24
+    float scaled;
+    std::memcpy(&scaled, &abs, 4);
+    scaled *= 16777216.0f;  // exact (power of two): units of 2^-24
+    const float magic = 12582912.0f;  // 1.5 * 2^23: rounds to the nearest integer, ties to even
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>((scaled + magic) - magic));
+  }
+  // Normal: drop 13 mantissa bits with round-to-nearest-even (a carry may bump the exponent).
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t rounded = rebased + 0x0fffu + ((rebased >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (rounded >> 13));
+}
+
 // ---- MatMulF16: y[M, N] = x[M, K] @ w[N, K]^T with float16 weights (the tied embedding) ----
 
 struct MatMulF16Problem {
@@ -177,7 +224,7 @@ struct KernelSet {
   const char* matmul_f16_name;
   MatMulI8Kernel matmul_i8;
   const char* matmul_i8_name;
-  bool avx512_attention;  // GroupQueryAttention may use its AVX-512 twin (attention.cc)
+  uint32_t features;  // the CpuFeature bits the set was chosen for (attention.cc picks its twin)
 };
 
 uint32_t cpu_features();                          // this CPU's CpuFeature bits

@@ -90,28 +90,6 @@ void bitlinear_reference(const BitLinearProblem& p, int64_t m0, int64_t m1, int6
 
 // ---- MatMulF16: reference ------------------------------------------------------------------
 
-static float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);  // normal: rebias 15 -> 127
-  } else if (mant == 0) {
-    bits = sign;  // zero
-  } else {
-    // subnormal half: value = mant * 2^-24, exactly representable as a float
-    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
-    std::memcpy(&bits, &v, 4);
-    bits |= sign;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = p.x + m * p.K;

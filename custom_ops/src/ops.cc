@@ -535,17 +535,20 @@ struct AttentionKernelState {
     Ort::UnownedValue out = ctx.GetOutput(0, {B, S, H * D});
     const std::vector<int64_t> present_shape{B, KV, capacity, D};
     Ort::UnownedValue present_key = ctx.GetOutput(1, present_shape), present_value = ctx.GetOutput(2, present_shape);
-    float* k_cache = present_key.GetTensorMutableData<float>();
-    float* v_cache = present_value.GetTensorMutableData<float>();
+    // float32 or float16 cache (the op is registered for both): bytes per element.
+    const bool half_cache = past_key.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    const size_t element = half_cache ? 2 : 4;
+    char* k_cache = static_cast<char*>(present_key.GetTensorMutableRawData());
+    char* v_cache = static_cast<char*>(present_value.GetTensorMutableRawData());
     if (B == 0 || S == 0) return nullptr;
     // Unless the caller shares one buffer for past and present, carry the past over.
-    for (auto [from, to] : {std::make_pair(past_key.GetTensorData<float>(), k_cache),
-                            std::make_pair(past_value.GetTensorData<float>(), v_cache)}) {
+    for (auto [from, to] : {std::make_pair(static_cast<const char*>(past_key.GetTensorRawData()), k_cache),
+                            std::make_pair(static_cast<const char*>(past_value.GetTensorRawData()), v_cache)}) {
       if (from == to) continue;
       for (int64_t b = 0; b < B; ++b)
         for (int64_t g = 0; g < KV; ++g)
-          std::memcpy(to + (b * KV + g) * capacity * D, from + (b * KV + g) * P * D,
-                      static_cast<size_t>(past[b] * D) * sizeof(float));
+          std::memcpy(to + (b * KV + g) * capacity * D * element, from + (b * KV + g) * P * D * element,
+                      static_cast<size_t>(past[b] * D) * element);
     }
 
     const float* q = query.GetTensorData<float>();
@@ -569,7 +572,8 @@ struct AttentionKernelState {
     p.D = D;
     p.capacity = capacity;
     p.scale = scale != 0.0f ? scale : 1.0f / std::sqrt(static_cast<float>(D));
-    p.avx512 = kernels.avx512_attention;
+    p.half_cache = half_cache;
+    p.features = kernels.features;
     bitnet::AttentionRun run(p);
     parallel_for(ctx, run.append_items(), [](void* r, size_t i) { static_cast<bitnet::AttentionRun*>(r)->append(i); }, &run);
     parallel_for(ctx, run.attend_items(), [](void* r, size_t i) { static_cast<bitnet::AttentionRun*>(r)->attend(i); }, &run);
@@ -578,18 +582,24 @@ struct AttentionKernelState {
   }
 };
 
-struct GroupQueryAttentionOp : Ort::CustomOpBase<GroupQueryAttentionOp, AttentionKernelState, true> {
+// Registered once per cache type (float32, float16) under one name: ONNX Runtime picks the one
+// whose types match the graph.
+template <ONNXTensorElementDataType CacheType>
+struct GroupQueryAttentionOp : Ort::CustomOpBase<GroupQueryAttentionOp<CacheType>, AttentionKernelState, true> {
   explicit GroupQueryAttentionOp(const KernelSet& k) : kernels(k) {}
   const char* GetName() const { return "GroupQueryAttention"; }
   size_t GetInputTypeCount() const { return 9; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (index == 3 || index == 4) return CacheType;
     return index == 5 || index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index == 1 || index == 2 || index >= 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : CacheType;
+  }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     std::string name;
@@ -683,14 +693,16 @@ struct Registration {
   BitLinearOp bitlinear;
   MatMulF16Op matmul_f16;
   MatMulI8Op matmul_i8;
-  GroupQueryAttentionOp attention;
+  GroupQueryAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> attention;
+  GroupQueryAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> attention_f16_cache;
   GatedReluSquaredOp gated_relu_squared;
   Ort::CustomOpDomain domain{"bitnet"};
-  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k) {
+  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k), attention_f16_cache(k) {
     domain.Add(&bitlinear);
     domain.Add(&matmul_f16);
     domain.Add(&matmul_i8);
     domain.Add(&attention);
+    domain.Add(&attention_f16_cache);
     domain.Add(&gated_relu_squared);
   }
 };

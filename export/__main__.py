@@ -9,7 +9,7 @@ import sys
 from . import publish
 from .errors import ExportError
 from .exporter import DEFAULT_VARIANTS, export_checkpoint
-from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES
+from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, KV_CACHE_CHOICES, LM_HEAD_CHOICES, VARIANT_NAMES
 
 
 def _interrupt(signum, frame):
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
                              "native/fp16: the checkpoint's precision (exact); nbits8: MatMulNBits 8-bit everywhere")
     parser.add_argument("--int2-block-size", type=int, default=INT2_BLOCK_SIZE,
                         help="MatMulNBits block size of the int2 baseline (default: %(default)s)")
+    parser.add_argument("--kv-cache", default="float32", choices=KV_CACHE_CHOICES,
+                        help="element type of the ternary variant's KV cache: float16 halves its memory "
+                             "(the graph's past/present tensors become float16; baselines keep float32)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     try:
         export_checkpoint(args.source, args.out, args.variants, lm_head=args.lm_head,
                           overwrite=args.overwrite, revision=args.revision,
-                          int2_block_size=args.int2_block_size,
+                          int2_block_size=args.int2_block_size, kv_cache=args.kv_cache,
                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)

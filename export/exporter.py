@@ -15,7 +15,8 @@ from .external_data import ExternalDataWriter, save_model
 from .graph import DecoderGraph, LayerWeights, Projection
 from .model_folder import atomic_output_dir, check_output_dir, copy_tokenizer_files, model_config, tokenizer_metadata
 from .source import resolve_source
-from .variants import DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, LM_HEAD_CHOICES, VARIANT_NAMES, make_variant, resolve_lm_head
+from .variants import (DEFAULT_LM_HEAD, INT2_BLOCK_SIZE, KV_CACHE_CHOICES, LM_HEAD_CHOICES, VARIANT_NAMES, make_variant,
+                       resolve_lm_head)
 
 DEFAULT_VARIANTS = ("ternary", "int2")
 FP16_MAX = 65504.0
@@ -81,11 +82,16 @@ def parse_variants(text: str | list | tuple) -> list[str]:
 
 def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, lm_head: str = DEFAULT_LM_HEAD,
                       overwrite: bool = False, revision: str | None = None, int2_block_size: int = INT2_BLOCK_SIZE,
-                      progress=print) -> str:
+                      kv_cache: str = "float32", progress=print) -> str:
     """Export SOURCE (hub id or folder) to the model folder out_dir; return out_dir."""
     names = parse_variants(variants)
     if lm_head not in LM_HEAD_CHOICES:
         raise ExportError(f"--lm-head must be one of {', '.join(LM_HEAD_CHOICES)}, not {lm_head!r}")
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ExportError(f"--kv-cache must be one of {', '.join(KV_CACHE_CHOICES)}, not {kv_cache!r}")
+    if kv_cache != "float32" and "ternary" not in names:
+        raise ExportError(f"--kv-cache {kv_cache} applies to the ternary variant only (the stock-ORT baselines "
+                          "keep a float32 cache); add it to --variants")
     started = time.time()
     folder = resolve_source(source, revision)
     check_output_dir(out_dir, folder, overwrite)  # before any work: never write over the source
@@ -94,7 +100,7 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
     token_meta = tokenizer_metadata(folder, spec)
     lm_head = resolve_lm_head(lm_head, spec.vocab_size, spec.hidden_size)
     try:
-        variant_objs = [make_variant(n, lm_head, int2_block_size) for n in names]
+        variant_objs = [make_variant(n, lm_head, int2_block_size, kv_cache) for n in names]
     except ImportError as e:
         raise ExportError(f"the ternary variant needs the custom_ops package: {e}") from None
 
@@ -124,7 +130,8 @@ def export_checkpoint(source: str, out_dir: str, variants=DEFAULT_VARIANTS, *, l
                  # the first variant's (ternary when exported: model.onnx), then each variant's
                  "embedding_dtype": embedding_dtypes[variant_objs[0].name],
                  "embedding_dtypes": embedding_dtypes,
-                 "int2_block_size": int2_block_size if "int2" in names else None}
+                 "int2_block_size": int2_block_size if "int2" in names else None,
+                 "kv_cache_dtypes": {v.name: v.kv_cache for v in variant_objs}}
         config = model_config(spec, source, token_meta, {v.name: v.file_name for v in variant_objs}, extra)
         from .genai_config import write_genai_files  # here: `python -m export.genai_config` stays clean
 

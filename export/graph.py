@@ -169,8 +169,9 @@ class DecoderGraph:
         present_shape = ["batch_size", s.num_key_value_heads, "present_sequence_length", s.head_dim]
         past_k, past_v = past_name(i, "key"), past_name(i, "value")
         pres_k, pres_v = present_name(i, "key"), present_name(i, "value")
-        self._inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in (past_k, past_v)]
-        self._outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape) for n in (pres_k, pres_v)]
+        cache = TensorProto.FLOAT16 if self.variant.kv_cache == "float16" else TensorProto.FLOAT
+        self._inputs += [helper.make_tensor_value_info(n, cache, kv_shape) for n in (past_k, past_v)]
+        self._outputs += [helper.make_tensor_value_info(n, cache, present_shape) for n in (pres_k, pres_v)]
 
         n = self._norm(f"{p}.input_layernorm", lw.input_norm)
         if len(lw.qkv) == 1:  # packed QKV

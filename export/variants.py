@@ -71,6 +71,7 @@ class _Variant:
     file_name = ""
     extra_domains: tuple = ()
     attention_domain = MS_DOMAIN  # whose GroupQueryAttention the layers use
+    kv_cache = "float32"          # the KV cache's element type (past_key_values.* / present.*)
 
     def __init__(self, lm_head_precision: str = "native"):
         self.lm_head_precision = lm_head_precision  # resolved: int8, native or nbits8
@@ -159,8 +160,9 @@ class TernaryVariant(_Variant):
         # One node instead of Split, Relu, Mul, Mul; the same IEEE operations (bit-equal).
         return b.op("GatedReluSquared", [gate_up], name=name + ".gated_relu_squared", domain=CUSTOM_DOMAIN)
 
-    def __init__(self, lm_head_precision: str = "native"):
+    def __init__(self, lm_head_precision: str = "native", kv_cache: str = "float32"):
         super().__init__(lm_head_precision)
+        self.kv_cache = kv_cache  # ours reads float32 or float16 caches
         import custom_ops  # the C++ op library; only the ternary variant needs it
 
         if custom_ops.DOMAIN != CUSTOM_DOMAIN:
@@ -231,14 +233,18 @@ class Fp32Variant(_EmulatedQuantVariant):
 
 
 VARIANT_NAMES = VARIANTS
+KV_CACHE_CHOICES = ("float32", "float16")
 # MLAS has int8-activation 2-bit kernels up to block 128; at 256 ORT 1.32 silently dequantizes
 # the weights to fp32 on every call (~100x slower; measured in bench/README.md).
 INT2_BLOCK_SIZE = 128
 
 
-def make_variant(name: str, lm_head_precision: str = "native", int2_block_size: int = INT2_BLOCK_SIZE):
+def make_variant(name: str, lm_head_precision: str = "native", int2_block_size: int = INT2_BLOCK_SIZE,
+                 kv_cache: str = "float32"):
+    """A variant's graph builder; `kv_cache` applies to the ternary variant (the stock-ORT
+    baselines keep a float32 cache: ORT's CPU GroupQueryAttention is slower on float16)."""
     if name == "ternary":
-        return TernaryVariant(lm_head_precision)
+        return TernaryVariant(lm_head_precision, kv_cache)
     if name == "int2":
         return NBitsVariant(2, int2_block_size, 4, lm_head_precision)
     if name == "int4":

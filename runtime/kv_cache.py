@@ -1,7 +1,8 @@
 """The KV cache: its buffers, the attention mask and the IO binding, for one generation
 (Engine) or for the slots of many decoded together (the batcher's SlotPool).
 
-One float32 buffer [rows, kv_heads, capacity, head_dim] per layer for keys and one for values,
+One buffer [rows, kv_heads, capacity, head_dim] per layer for keys and one for values, of the
+graph's cache type (float32, or float16 from `python -m export --kv-cache float16`),
 allocated once and bound (IO binding) as BOTH the graph's `past_key_values.i.*` input and its
 `present.i.*` output: GroupQueryAttention writes the new keys/values in place at each row's
 current length and reads [0, length + new), so a step copies no cache. `lengths[r]` counts the
@@ -30,6 +31,19 @@ import numpy as np
 
 from .folder import ATTENTION_MASK, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, bind_constant_input, past_name, present_name
 
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def cache_dtype(session) -> type:
+    """The element type of the graph's KV cache inputs (float32 unless exported with float16)."""
+    past = past_name(0, "key")
+    for graph_input in session.get_inputs():
+        if graph_input.name == past:
+            if graph_input.type not in CACHE_TYPES:
+                raise ValueError(f"{past} is {graph_input.type}; a KV cache is float or float16")
+            return CACHE_TYPES[graph_input.type]
+    return np.float32
+
 
 class KVCache:
     def __init__(self, session, num_layers: int, kv_heads: int, head_dim: int, capacity: int,
@@ -40,8 +54,9 @@ class KVCache:
         self.session, self.num_layers = session, int(num_layers)
         self.capacity, self.batch, self.vocab_size = int(capacity), int(batch), int(vocab_size)
         shape = (self.batch, kv_heads, self.capacity, head_dim)
+        self.dtype = cache_dtype(session)
         # np.zeros: the OS hands out zero pages lazily, so RSS grows only with the tokens cached.
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * self.num_layers)]
+        self.buffers = [np.zeros(shape, self.dtype) for _ in range(2 * self.num_layers)]
         self.lengths = np.zeros(self.batch, np.int64)
         self._keep = None if num_logits_to_keep is None else np.array([int(num_logits_to_keep)], np.int64)
         self.last_logits_only = num_logits_to_keep == 1

@@ -12,13 +12,14 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.folder import bind_constant_input, needs_custom_ops, read_config, variant_path
+from runtime.kv_cache import cache_dtype
 from runtime.session import open_session
 
 
 ALL_POSITIONS = np.zeros([1], np.int64)  # num_logits_to_keep = 0: logits for every position
 
 
-def export_tiny_case(base, name: str, case, variants):
+def export_tiny_case(base, name: str, case, variants, **export_options):
     """Write the tiny checkpoint of a test case `(fmt, tied, extra)` under base (seeded by the
     case's name) and export `variants` of it; returns (checkpoint folder, exported folder)."""
     from export import export_checkpoint
@@ -26,7 +27,7 @@ def export_tiny_case(base, name: str, case, variants):
 
     fmt, tied, extra = case
     ckpt = write_tiny_checkpoint(base / "ckpt", fmt=fmt, tied=tied, seed=len(name), **extra)
-    return ckpt, export_checkpoint(str(ckpt), str(base / "onnx"), variants, progress=lambda m: None)
+    return ckpt, export_checkpoint(str(ckpt), str(base / "onnx"), variants, progress=lambda m: None, **export_options)
 
 
 def load_config(folder) -> dict:
@@ -48,7 +49,7 @@ class GrowingCache:
         self.past = {}
         for i in range(cfg["num_layers"]):
             for kind in ("key", "value"):
-                self.past[f"past_key_values.{i}.{kind}"] = np.zeros(shape, np.float32)
+                self.past[f"past_key_values.{i}.{kind}"] = np.zeros(shape, cache_dtype(session))
         self.length = 0
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -72,7 +73,7 @@ class SharedBuffer:
         self.buffers = {}
         for i in range(cfg["num_layers"]):
             for kind in ("key", "value"):
-                self.buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.buffers[(i, kind)] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, cache_dtype(session)))
         self.length = 0
 
     def step(self, ids) -> np.ndarray:

@@ -305,9 +305,10 @@ class Batcher:
         seq = self._prefilling[0]
         n = self.prefill_chunk
         if len(seq.ids) - seq.prefilled - n == 1:
-            # Never end on a 1-token chunk: GQA computes a lone token by its decode path,
-            # whose logits differ in the last bits from the same token inside a chunk
-            # (chunks of 2 or more tokens all agree; tests/test_batch_attention.py).
+            # Never end on a 1-token chunk: ORT's GroupQueryAttention (the stock baselines')
+            # computes a lone token by its decode path, whose logits differ in the last bits
+            # from the same token inside a chunk. The ternary variant's op gives the same bits
+            # for chunks of any size (tests/test_batch_attention.py); the fold costs it nothing.
             n += 1
         chunk = seq.ids[seq.prefilled:seq.prefilled + n]
         try:

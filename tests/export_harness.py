@@ -126,3 +126,13 @@ def reference_greedy(model, prompt, new_tokens: int) -> list[int]:
                              do_sample=False, min_new_tokens=new_tokens, eos_token_id=None,
                              pad_token_id=-1)
     return out[0, len(prompt):].tolist()
+
+
+def assert_logits_close(runner, prompt, steps, expected, tolerance: float) -> None:
+    """Feed `prompt`, then each of `steps` one token at a time; each call's logits must be
+    within `tolerance` (absolute) of the reference's `expected` ones, call by call."""
+    got = [runner.step(prompt)] + [runner.step([t]) for t in steps]
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.shape == e.shape
+        diff = float(np.abs(g - e).max())
+        assert diff <= tolerance, f"{type(runner).__name__} call {i}: max diff {diff:.3g} > {tolerance:.3g}"

@@ -22,8 +22,8 @@ import pytest
 
 from runtime.folder import FORMAT_VERSION, VARIANTS
 from tests.checkpoints import load_reference
-from tests.export_harness import (GrowingCache, SharedBuffer, export_tiny_case, greedy, load_config,
-                                  make_session, reference_greedy, reference_logits)
+from tests.export_harness import (GrowingCache, SharedBuffer, assert_logits_close, export_tiny_case, greedy,
+                                  load_config, make_session, reference_greedy, reference_logits)
 
 ALL_VARIANTS = VARIANTS
 RELATIVE_TOLERANCE = {"ternary": 2e-3, "int2": 2e-3, "fp32": 2e-3, "int4": 2e-2}
@@ -82,13 +82,8 @@ def test_logits_and_greedy_match_transformers(exported, variant):
     expected = exported["logits"]
     scale = max(float(np.abs(x).max()) for x in expected)
     for runner_class in (GrowingCache, SharedBuffer):
-        runner = runner_class(session, exported["cfg"])
-        got = [runner.step(PROMPT)] + [runner.step([t]) for t in STEPS]
-        for i, (g, e) in enumerate(zip(got, expected)):
-            assert g.shape == e.shape
-            diff = float(np.abs(g - e).max())
-            assert diff <= RELATIVE_TOLERANCE[variant] * scale, (
-                f"{runner_class.__name__} call {i}: max diff {diff:.3g}, max |logit| {scale:.3g}")
+        assert_logits_close(runner_class(session, exported["cfg"]), PROMPT, STEPS, expected,
+                            RELATIVE_TOLERANCE[variant] * scale)
         if variant == "int4":
             _assert_greedy_up_to_near_ties(runner_class(session, exported["cfg"]), exported,
                                            RELATIVE_TOLERANCE[variant] * scale)

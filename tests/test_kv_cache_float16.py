@@ -20,8 +20,8 @@ from export.errors import ExportError
 from runtime import Engine, GenerationSettings
 from runtime.folder import variant_path
 from tests.checkpoints import load_reference
-from tests.export_harness import (GrowingCache, SharedBuffer, export_tiny_case, load_config, make_session,
-                                  reference_greedy, reference_logits)
+from tests.export_harness import (GrowingCache, SharedBuffer, assert_logits_close, export_tiny_case, load_config,
+                                  make_session, reference_greedy, reference_logits)
 from tests.test_export import CASES, PROMPT, RELATIVE_TOLERANCE, STEPS, _assert_greedy_up_to_near_ties
 
 TOLERANCE = RELATIVE_TOLERANCE["int4"]
@@ -54,11 +54,7 @@ def test_logits_and_greedy_match_transformers(exported):
     expected = exported["logits"]
     scale = max(float(np.abs(x).max()) for x in expected)
     for runner_class in (GrowingCache, SharedBuffer):
-        runner = runner_class(session, exported["cfg"])
-        got = [runner.step(PROMPT)] + [runner.step([t]) for t in STEPS]
-        for i, (g, e) in enumerate(zip(got, expected)):
-            diff = float(np.abs(g - e).max())
-            assert diff <= TOLERANCE * scale, f"{runner_class.__name__} call {i}: {diff:.3g}"
+        assert_logits_close(runner_class(session, exported["cfg"]), PROMPT, STEPS, expected, TOLERANCE * scale)
         _assert_greedy_up_to_near_ties(runner_class(session, exported["cfg"]), exported, TOLERANCE * scale)
 
 

@@ -259,8 +259,9 @@ struct BitLinearKernelState {
   }
 };
 
-// What both ops share: float32 X, a weight input W of type WType (plus S for BitLinear),
-// one float32 output, and the kernel set chosen when the library was registered.
+// What the matmul ops and GatedReluSquared share: float32 inputs except input 1 (W, of type
+// WType, when there is one), one float32 output, and the kernel set chosen when the library
+// was registered.
 template <typename Op, typename State, ONNXTensorElementDataType WType, size_t Inputs>
 struct FloatOp : Ort::CustomOpBase<Op, State, true> {
   explicit FloatOp(const KernelSet& k) : kernels(k) {}
@@ -644,6 +645,7 @@ void gated_relu_squared_item(void* data, size_t i) {
 }
 
 struct GatedReluSquaredKernelState {
+  KernelSet kernels;  // unused: one portable loop
   std::string label;
   OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
 
@@ -670,21 +672,10 @@ struct GatedReluSquaredKernelState {
   }
 };
 
-struct GatedReluSquaredOp : Ort::CustomOpBase<GatedReluSquaredOp, GatedReluSquaredKernelState, true> {
+struct GatedReluSquaredOp
+    : FloatOp<GatedReluSquaredOp, GatedReluSquaredKernelState, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1> {
+  using FloatOp::FloatOp;
   const char* GetName() const { return "GatedReluSquared"; }
-  size_t GetInputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    std::string name;
-    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    auto state = std::make_unique<GatedReluSquaredKernelState>();
-    state->label = node_label(GetName(), name);
-    *kernel = state.release();
-    return nullptr;
-  }
 };
 
 // One registration: a domain holding the ops, bound to the kernel set chosen at that time.
@@ -697,7 +688,7 @@ struct Registration {
   GroupQueryAttentionOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> attention_f16_cache;
   GatedReluSquaredOp gated_relu_squared;
   Ort::CustomOpDomain domain{"bitnet"};
-  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k), attention_f16_cache(k) {
+  explicit Registration(const KernelSet& k) : bitlinear(k), matmul_f16(k), matmul_i8(k), attention(k), attention_f16_cache(k), gated_relu_squared(k) {
     domain.Add(&bitlinear);
     domain.Add(&matmul_f16);
     domain.Add(&matmul_i8);

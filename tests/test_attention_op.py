@@ -22,7 +22,7 @@ POSITIONS = 2048
 
 
 def attention_model(domain, heads, kv_heads, head_dim, packed=True, scale=None, declare_shapes=True,
-                    cache=np.float32):
+                    cache=np.float32, rotary=True):
     """One GroupQueryAttention node with a `cache` (float32 or float16) KV cache; without
     `declare_shapes` no input has a declared shape, so ONNX Runtime passes any tensor to the
     op (which then has to refuse it itself)."""
@@ -45,7 +45,7 @@ def attention_model(domain, heads, kv_heads, head_dim, packed=True, scale=None, 
     outputs = [helper.make_tensor_value_info("output", f32, None)]
     outputs += [helper.make_tensor_value_info(n, kv_type, None) for n in ("present_key", "present_value")]
     qkv = ["query", "", ""] if packed else ["query", "key", "value"]
-    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary), rotary_interleaved=0)
     if scale is not None:
         attrs["scale"] = scale
     node = helper.make_node("GroupQueryAttention",
@@ -226,6 +226,23 @@ def test_separate_qkv_and_separate_buffers_match_packed_in_place():
     np.testing.assert_array_equal(out, out3)
     np.testing.assert_array_equal(k3, keys[:, :, :past_len + S])
     np.testing.assert_array_equal(v3, values[:, :, :past_len + S])
+
+
+def test_without_rotary_the_heads_are_used_as_given():
+    """do_rotary=0: no rotation (the cos/sin inputs are ignored), as ORT's kernel does it."""
+    heads, kv_heads, D = 8, 2, 64
+    rng = np.random.default_rng(9)
+    cos, sin = rope_tables(D)
+    query, pk, pv, seqlens, total = case_inputs(rng, heads, kv_heads, D, 3, [20], 30)
+    identity = np.ones_like(cos), np.zeros_like(sin)
+    expected, exp_k, _, _ = reference(query, pk, pv, seqlens, total, *identity, heads, kv_heads)
+    ours = open_session(attention_model(custom_ops.DOMAIN, heads, kv_heads, D, rotary=False))
+    out, keys, _ = run(ours, query, pk.copy(), pv.copy(), seqlens, total, cos, sin)
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(keys[:, :, :23], exp_k[:, :, :23], rtol=1e-6, atol=1e-6)
+    theirs = open_session(attention_model(MS_DOMAIN, heads, kv_heads, D, rotary=False))
+    ort_out, _, _ = run(theirs, query, pk.copy(), pv.copy(), seqlens, total, cos, sin)
+    np.testing.assert_allclose(out, ort_out, rtol=2e-5, atol=2e-5)
 
 
 def test_scale_attribute_is_used():

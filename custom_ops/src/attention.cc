@@ -17,8 +17,13 @@ namespace bitnet {
 
 namespace {
 
-// Non-interleaved rotary embedding (rotate_half) of one head at one position.
+// Non-interleaved rotary embedding (rotate_half) of one head at one position; without cos/sin
+// tables (do_rotary=0) the head is only multiplied by `factor`.
 ATTENTION_INLINE void rotate(const float* x, const float* cos, const float* sin, int64_t half, float factor, float* out) {
+  if (cos == nullptr) {
+    for (int64_t i = 0; i < 2 * half; ++i) out[i] = x[i] * factor;
+    return;
+  }
   for (int64_t i = 0; i < half; ++i) {
     const float a = x[i], b = x[i + half];
     out[i] = (a * cos[i] - b * sin[i]) * factor;
@@ -35,7 +40,8 @@ void append_row(const AttentionProblem& p, int64_t b, int64_t s, float* q_rotate
     return;
   }
   const int64_t pos = p.past[b] + s;
-  const float *cos = p.cos + pos * half, *sin = p.sin + pos * half;
+  const float* cos = p.cos ? p.cos + pos * half : nullptr;
+  const float* sin = p.sin ? p.sin + pos * half : nullptr;
   for (int64_t h = 0; h < p.H; ++h) rotate(p.q + row * p.q_stride + h * D, cos, sin, half, p.scale, qr + h * D);
   std::vector<float> key(static_cast<size_t>(D));
   for (int64_t g = 0; g < p.KV; ++g) {

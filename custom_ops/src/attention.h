@@ -19,7 +19,7 @@ struct AttentionProblem {
   void *k_cache, *v_cache;   // [B, KV, capacity, D], float or IEEE half (half_cache)
   const int32_t* past;       // [B] tokens cached before this run
   const int32_t* valid;      // [B] new tokens that are real (the rest are padding)
-  const float *cos, *sin;    // [positions, D / 2]
+  const float *cos, *sin;    // [positions, D / 2]; null: no rotary embedding (do_rotary=0)
   float* out;                // [B, S, H * D]
   int64_t B, S, H, KV, D, capacity;
   float scale;

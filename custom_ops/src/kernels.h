@@ -182,6 +182,11 @@ inline void walk_row_tiles(const Problem& p, int64_t m0, int64_t m1, int64_t n0,
   }
 }
 
+// ---- GatedReluSquared ----------------------------------------------------------------------
+
+// y[m, k] = relu(x[m, k])^2 * x[m, I + k] for rows [m0, m1) of x [M, 2 I] (gate | up halves).
+void gated_relu_squared_rows(const float* x, float* y, int64_t m0, int64_t m1, int64_t I);
+
 // ---- Dispatch (dispatch.cc) --------------------------------------------------------------
 //
 // Each op lists its kernels best first with the CPU features each needs; the chosen kernel is

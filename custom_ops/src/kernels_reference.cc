@@ -88,6 +88,21 @@ void bitlinear_reference(const BitLinearProblem& p, int64_t m0, int64_t m1, int6
   }
 }
 
+// ---- GatedReluSquared ----------------------------------------------------------------------
+
+BITNET_TARGET_CLONES("avx512f", "avx2", "default")
+void gated_relu_squared_rows(const float* x, float* y, int64_t m0, int64_t m1, int64_t I) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* __restrict gate = x + m * 2 * I;
+    const float* __restrict up = gate + I;
+    float* __restrict out = y + m * I;
+    for (int64_t k = 0; k < I; ++k) {
+      const float r = gate[k] > 0.0f ? gate[k] : 0.0f;
+      out[k] = (r * r) * up[k];
+    }
+  }
+}
+
 // ---- MatMulF16: reference ------------------------------------------------------------------
 
 void matmul_f16_reference(const MatMulF16Problem& p, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {

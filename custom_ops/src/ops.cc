@@ -633,15 +633,7 @@ constexpr int64_t kActivationRows = 16;  // rows per work item
 void gated_relu_squared_item(void* data, size_t i) {
   const auto* w = static_cast<const GatedReluSquaredWork*>(data);
   const int64_t m0 = static_cast<int64_t>(i) * kActivationRows, m1 = std::min(m0 + kActivationRows, w->rows);
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* gate = w->x + m * 2 * w->I;
-    const float* up = gate + w->I;
-    float* y = w->y + m * w->I;
-    for (int64_t k = 0; k < w->I; ++k) {
-      const float r = gate[k] > 0.0f ? gate[k] : 0.0f;
-      y[k] = (r * r) * up[k];
-    }
-  }
+  bitnet::gated_relu_squared_rows(w->x, w->y, m0, m1, w->I);
 }
 
 struct GatedReluSquaredKernelState {

@@ -10,6 +10,9 @@
 // MatMulF16: the NEON kernel has its own fixed summation order (like the x86 kernels), so it
 // is checked bit for bit against a scalar model of that order, for batch invariance (a row's
 // result does not depend on M), and against the reference within a float32 error bound.
+// GroupQueryAttention (attention.cc, NEON through the compiler): against a float64 model of the
+// definition computed here, with float32 and float16 caches, and decode one token at a time
+// against one prefill of the same tokens, bit for bit.
 // Prints one line per check; exit status 0 only if every check passed.
 
 #include <cmath>
@@ -21,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "kernels.h"
 
 using namespace bitnet;
@@ -210,6 +214,130 @@ static void check_matmul_i8(const KernelSet& ref, const KernelSet& arm, int64_t 
                 " K=" + std::to_string(K) + " N=" + std::to_string(N));
 }
 
+// ---- GroupQueryAttention --------------------------------------------------------------------
+
+struct AttentionCase {
+  int64_t H = 8, KV = 2, D = 64, past, capacity;
+  bool half;
+  std::vector<float> qkv, cos, sin;     // new tokens [S_total, (H + 2 KV) D]; tables [capacity, D / 2]
+  std::vector<float> k_f32, v_f32;      // float cache [KV, capacity, D]
+  std::vector<uint16_t> k_f16, v_f16;   // half cache
+
+  AttentionCase(int64_t past_tokens, int64_t new_tokens, bool half_cache, uint32_t seed)
+      : past(past_tokens), capacity(past_tokens + new_tokens), half(half_cache) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    qkv.resize(static_cast<size_t>(new_tokens * (H + 2 * KV) * D));
+    for (auto& v : qkv) v = normal(rng);
+    cos.resize(static_cast<size_t>(capacity * D / 2));
+    sin.resize(cos.size());
+    for (int64_t p = 0; p < capacity; ++p)
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const double angle = static_cast<double>(p) / std::pow(10000.0, 2.0 * static_cast<double>(i) / static_cast<double>(D));
+        cos[p * D / 2 + i] = static_cast<float>(std::cos(angle));
+        sin[p * D / 2 + i] = static_cast<float>(std::sin(angle));
+      }
+    k_f32.resize(static_cast<size_t>(KV * capacity * D));
+    v_f32.resize(k_f32.size());
+    for (auto& v : k_f32) v = normal(rng);
+    for (auto& v : v_f32) v = normal(rng);
+    k_f16.resize(k_f32.size());
+    v_f16.resize(v_f32.size());
+    for (size_t i = 0; i < k_f32.size(); ++i) {
+      k_f16[i] = float_to_half(k_f32[i]);
+      v_f16[i] = float_to_half(v_f32[i]);
+    }
+  }
+
+  // Runs tokens [first, first + S) of qkv on top of `cached` tokens; returns the output [S, H D].
+  std::vector<float> run(uint32_t features, int64_t cached, int64_t first, int64_t S) {
+    AttentionProblem p{};
+    const int64_t stride = (H + 2 * KV) * D;
+    p.q = qkv.data() + first * stride;
+    p.k = p.q + H * D;
+    p.v = p.q + (H + KV) * D;
+    p.q_stride = p.kv_stride = stride;
+    p.k_cache = half ? static_cast<void*>(k_f16.data()) : static_cast<void*>(k_f32.data());
+    p.v_cache = half ? static_cast<void*>(v_f16.data()) : static_cast<void*>(v_f32.data());
+    const int32_t past_tokens = static_cast<int32_t>(cached), valid = static_cast<int32_t>(S);
+    p.past = &past_tokens;
+    p.valid = &valid;
+    p.cos = cos.data();
+    p.sin = sin.data();
+    std::vector<float> out(static_cast<size_t>(S * H * D));
+    p.out = out.data();
+    p.B = 1;
+    p.S = S;
+    p.H = H;
+    p.KV = KV;
+    p.D = D;
+    p.capacity = capacity;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    p.half_cache = half;
+    p.features = features;
+    AttentionRun attention(p);
+    for (size_t i = 0; i < attention.append_items(); ++i) attention.append(i);
+    for (size_t i = 0; i < attention.attend_items(); ++i) attention.attend(i);
+    for (size_t i = 0; i < attention.merge_items(); ++i) attention.merge(i);
+    return out;
+  }
+
+  double cached(const std::vector<float>& f, const std::vector<uint16_t>& h, int64_t g, int64_t pos, int64_t d) const {
+    const size_t i = static_cast<size_t>((g * capacity + pos) * D + d);
+    return half ? half_to_float(h[i]) : f[i];
+  }
+
+  // The largest |difference| from a float64 model over the cache as it now holds the keys and
+  // values (so the model checks the attention, not the storage rounding), for tokens [first, first + S).
+  double max_error(const std::vector<float>& out, int64_t first, int64_t S) const {
+    const int64_t stride = (H + 2 * KV) * D, half_d = D / 2;
+    double worst = 0.0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t pos = past + first + s;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = h / (H / KV);
+        std::vector<double> q(static_cast<size_t>(D));
+        const float* x = qkv.data() + (first + s) * stride + h * D;
+        for (int64_t i = 0; i < half_d; ++i) {
+          const double c = cos[pos * half_d + i], sn = sin[pos * half_d + i];
+          q[i] = x[i] * c - x[i + half_d] * sn;
+          q[i + half_d] = x[i + half_d] * c + x[i] * sn;
+        }
+        std::vector<double> scores(static_cast<size_t>(pos + 1));
+        double best = -1e300;
+        for (int64_t j = 0; j <= pos; ++j) {
+          double dot = 0.0;
+          for (int64_t d = 0; d < D; ++d) dot += q[d] * cached(k_f32, k_f16, g, j, d);
+          scores[j] = dot / std::sqrt(static_cast<double>(D));
+          best = std::max(best, scores[j]);
+        }
+        double total = 0.0;
+        for (auto& v : scores) total += (v = std::exp(v - best));
+        for (int64_t d = 0; d < D; ++d) {
+          double acc = 0.0;
+          for (int64_t j = 0; j <= pos; ++j) acc += scores[j] * cached(v_f32, v_f16, g, j, d);
+          worst = std::max(worst, std::fabs(acc / total - out[(s * H + h) * D + d]));
+        }
+      }
+    }
+    return worst;
+  }
+};
+
+static void check_attention(uint32_t features, int64_t past, int64_t S, bool half) {
+  const std::string label = std::string("GroupQueryAttention ") + (half ? "float16" : "float32") +
+                            " cache: past=" + std::to_string(past) + " S=" + std::to_string(S);
+  AttentionCase prefill(past, S, half, static_cast<uint32_t>(past * 31 + S)), decode = prefill;
+  const std::vector<float> at_once = prefill.run(features, past, 0, S);
+  check(prefill.max_error(at_once, 0, S) < 1e-4, label + " matches a float64 model");
+  std::vector<float> one_by_one;
+  for (int64_t s = 0; s < S; ++s) {
+    const std::vector<float> step = decode.run(features, past + s, s, 1);
+    one_by_one.insert(one_by_one.end(), step.begin(), step.end());
+  }
+  check(same_bits(one_by_one, at_once), label + " decoded one token at a time == one prefill, bit for bit");
+}
+
 // ---- main ----------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
@@ -273,6 +401,13 @@ int main(int argc, char** argv) {
   check_matmul_i8(ref, arm[0], 1, 2560, 64);
   check_matmul_i8(ref, arm[0], 4, 2563, 9);
   check_matmul_i8(ref, arm[0], 33, 67, 5);
+
+  // GroupQueryAttention: decode-sized and prefill-sized items, across a 256-key chunk boundary.
+  for (bool half : {false, true}) {
+    check_attention(features, 0, 5, half);
+    check_attention(features, 300, 3, half);
+    check_attention(features, 40, 20, half);
+  }
 
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;

@@ -2,8 +2,9 @@
 cross-compiled with Debian's aarch64 compiler and run under qemu-user, once on a CPU model with
 the dot-product extension (-cpu max) and once without it (-cpu cortex-a53), so both dispatch
 paths run. The driver (tests/arm_kernels_driver.cc) checks BitLinear bit for bit at the 2B4T
-shapes, odd K and N, M = 1..9 and 128, MatMulI8 bit for bit, and MatMulF16 against a scalar
-model of its summation order. CI installs the tools (.ci/run); elsewhere: apt-get install g++-aarch64-linux-gnu qemu-user.
+shapes, odd K and N, M = 1..9 and 128, MatMulI8 bit for bit, MatMulF16 against a scalar
+model of its summation order, and GroupQueryAttention (its portable kernel, NEON by the
+compiler) against a float64 model and decode against prefill, bit for bit. CI installs the tools (.ci/run); elsewhere: apt-get install g++-aarch64-linux-gnu qemu-user.
 Speed on ARM cannot be measured this way (qemu translates every instruction).
 """
 
@@ -23,7 +24,7 @@ QEMU = "qemu-aarch64"
 DRIVER = Path(__file__).parent / "arm_kernels_driver.cc"
 # Every unit but the ONNX Runtime glue (ops.cc) and its weight memory, which the driver replaces.
 KERNEL_UNITS = ["dispatch.cc", "kernels_reference.cc", "kernels_x86_avx2.cc", "kernels_x86_avx512.cc",
-                "kernels_arm.cc", "kernels_arm_dotprod.cc"]
+                "kernels_arm.cc", "kernels_arm_dotprod.cc", "attention.cc", "attention_x86.cc"]
 
 missing = [tool for tool in (CROSS_CXX, QEMU) if shutil.which(tool) is None]
 if missing and os.environ.get("BITNET_REQUIRE_ARM") == "1":  # CI: these tests must run
@@ -74,6 +75,8 @@ def test_arm_kernels_match_reference_under_qemu(driver, cpu, dotprod):
         assert not any("BitLinear dotprod" in line for line in lines)
         assert any("BITNET_KERNEL=dotprod refused" in line for line in lines)
     assert any("MatMulF16 neon == scalar model" in line for line in lines)
+    attention = [line for line in lines if "GroupQueryAttention" in line]
+    assert len(attention) == 12 and all(line.startswith("ok") for line in attention), "\n".join(attention)
 
 
 def test_arm_matmul_i8_runs_neon_bit_for_bit_under_qemu(driver):

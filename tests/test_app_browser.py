@@ -404,8 +404,20 @@ def fresh_page(browser, errors, url, width):
 
 
 def copy_of(page, button) -> str:
+    from playwright.sync_api import Error as PlaywrightError
+
     page.evaluate("navigator.clipboard.writeText('(nothing copied)')")
-    button.click(force=True)  # the message buttons show on hover
+    for attempt in range(3):
+        try:
+            button.scroll_into_view_if_needed()
+            button.click(force=True)  # the message buttons show on hover
+            break
+        except PlaywrightError as e:
+            # The chat pane may still be scrolling to its newest message (narrow pages): the
+            # button moves while the click aims; try again once it has settled.
+            if "outside of the viewport" not in str(e) or attempt == 2:
+                raise
+            page.wait_for_timeout(500)
     page.wait_for_timeout(300)
     return page.evaluate("navigator.clipboard.readText()")
 

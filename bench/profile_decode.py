@@ -87,14 +87,15 @@ def main(argv=None) -> int:
                                                                                  stop_token_ids=[])), 1):
             if steps == 1:
                 t_decode = time.perf_counter()
+        decoded = steps - 1  # the first token came from the prefill
     else:
         cache = engine.new_cache(args.prompt_tokens + args.steps + 1, batch=args.batch)
         tokens = {row: int(np.argmax(cache.prefill(row, ids))) for row in range(args.batch)}
         t_decode = time.perf_counter()
-        for steps in range(1, args.steps + 1):
+        for _ in range(args.steps):
             logits = cache.decode(tokens)
             tokens = {row: int(np.argmax(logits[row])) for row in tokens}
-        steps += 1  # as counted above: the first token came from the prefill
+        decoded = args.steps
     wall_decode = time.perf_counter() - t_decode
     trace = json.loads(Path(engine.session.end_profiling()).read_text())
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     run_us = sum(b - a for a, b in decode_runs)
     n = len(decode_runs)
     weights = initializer_bytes_per_op(str(Path(args.model_dir) / "model.onnx"))
-    print(f"{args.model_dir}: {n} decode steps of {args.batch} row(s), {args.threads} threads; wall {wall_decode / max(1, steps - 1) * 1e3:.2f} ms "
+    print(f"{args.model_dir}: {n} decode steps of {args.batch} row(s), {args.threads} threads; wall {wall_decode / max(1, decoded) * 1e3:.2f} ms "
           f"per step in Python, session.run {run_us / n / 1e3:.2f} ms, nodes {nodes_us / n / 1e3:.2f} ms")
     print("| op | ms / step | share of run | weight MB / step | GB/s |")
     print("|---|---:|---:|---:|---:|")
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         print(f"| {op} | {us / n / 1e3:.2f} | {us / run_us * 100:.1f}% | {mb:.0f} | {gbs} |" if mb else
               f"| {op} | {us / n / 1e3:.2f} | {us / run_us * 100:.1f}% | | |")
     print(f"| outside nodes (executor, binding) | {(run_us - nodes_us) / n / 1e3:.2f} | {(run_us - nodes_us) / run_us * 100:.1f}% | | |")
-    py_ms = wall_decode / max(1, steps - 1) * 1e3 - run_us / n / 1e3
+    py_ms = wall_decode / max(1, decoded) * 1e3 - run_us / n / 1e3
     print(f"| outside run (Python per token) | {py_ms:.2f} | | | |")
     return 0
 

@@ -94,8 +94,7 @@ template <int kD>
 ATTENTION_INLINE void scores_transposed(Head<kD> head, const QueryRow* rows, int64_t n_rows, const float* key_tile,
                                          int64_t t0, int64_t n, float* transposed, float* scores) {
   const int64_t D = head.size();
-  for (int64_t j = 0; j < kTileKeys; ++j)
-    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? key_tile[j * D + d] : 0.0f;
+  transpose_tile(key_tile, n, D, transposed);
   for (int64_t r = 0; r < n_rows; ++r) {
     float lanes[kLanes][kTileKeys] = {};  // the lanes of dot(), for 64 keys at once
     const float* q = rows[r].q;
@@ -216,7 +215,7 @@ void AttentionRun::attend(size_t item) {
                       p_.past[it.b] + s});
   const int64_t n_rows = static_cast<int64_t>(rows.size());
   std::vector<float> scores(rows.size() * kTileKeys);
-  std::vector<float> transposed(n_rows >= kTransposeRows || n_rows > 8 ? static_cast<size_t>(p_.D * kTileKeys) : 0);
+  std::vector<float> transposed(n_rows > kByKeyRows ? static_cast<size_t>(p_.D * kTileKeys) : 0);
   std::vector<float> scratch(p_.half_cache ? static_cast<size_t>(2 * kTileKeys * p_.D) : 0);
   if ((p_.features & kFeatAvx512) && avx512_attends(p_.D))
     attend_item_avx512(p_, it, rows.data(), n_rows, scores.data(), transposed.data(), scratch.data());

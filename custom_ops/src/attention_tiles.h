@@ -28,7 +28,9 @@ constexpr int64_t kBlockQueries = 16;   // prefill: queries per item (times the 
 // Keys per chunk: fixed, so how a row's keys are cut (and so its bits) never depends on the
 // other rows, the batch size, the number of new tokens or the threads.
 constexpr int64_t kChunkKeys = 256;
-constexpr int64_t kTransposeRows = 16;  // rows from which a tile is transposed (prefill)
+constexpr int64_t kTransposeRows = 16;  // rows from which the portable kernel transposes a tile (prefill)
+constexpr int64_t kByKeyRows = 8;       // rows up to which the AVX-512 twin scores per key (decode)
+static_assert(kTransposeRows > kByKeyRows, "an item with more than kByKeyRows rows transposes on every path");
 constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
 
 // The one summation order of a score, whichever path computes it: lane l (of 16) sums the
@@ -48,6 +50,13 @@ ATTENTION_INLINE float dot(const float* a, const float* b, int64_t n) {
 // y += a * x over n floats.
 ATTENTION_INLINE void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+}
+
+// A tile of n keys [n, D] laid out keys along the lanes: transposed[d * kTileKeys + j], zero for
+// j >= n (the prefill paths' operand).
+ATTENTION_INLINE void transpose_tile(const float* key_tile, int64_t n, int64_t D, float* transposed) {
+  for (int64_t j = 0; j < kTileKeys; ++j)
+    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? key_tile[j * D + d] : 0.0f;
 }
 
 // Max and sum of a tile of kTileKeys floats, in independent lanes first (so they vectorize

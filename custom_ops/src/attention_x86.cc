@@ -29,6 +29,7 @@ BITNET_AVX512 void widen_avx512(const uint16_t* src, float* dst, int64_t n) {
 // The AVX-512 twin (D a multiple of 64): keys and values are loaded once per tile for a group
 // of rows, and the accumulators stay in registers. Few rows (decode) take dot products per key;
 // many rows (prefill) take the tile transposed, keys along the lanes.
+
 // dot()'s fold of 16 lanes: halves, quarters, pairs, then lanes 0 + 1.
 BITNET_AVX512 static inline float fold_lanes(__m512 a) {
   const __m256 halves = _mm256_add_ps(_mm512_castps512_ps256(a),
@@ -67,8 +68,7 @@ BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const float* key_t
 
 BITNET_AVX512 void scores_transposed_avx512(const QueryRow* rows, int64_t n_rows, const float* key_tile, int64_t D,
                                             int64_t t0, int64_t n, float* transposed, float* scores) {
-  for (int64_t j = 0; j < kTileKeys; ++j)
-    for (int64_t d = 0; d < D; ++d) transposed[d * kTileKeys + j] = j < n ? key_tile[j * D + d] : 0.0f;
+  transpose_tile(key_tile, n, D, transposed);
   static_assert(kTileKeys == 64, "four vectors of keys per row");
   for (int64_t r = 0; r < n_rows; ++r) {
     __m512 lanes[kLanes][4];  // dot()'s lanes, for 64 keys at once
@@ -116,11 +116,11 @@ BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* value_ti
 BITNET_AVX512 void attend_tile_avx512(const QueryRow* rows, int64_t n_rows, const CacheTiles& cache, int64_t D,
                                       int64_t t0, int64_t n, float* scores, float* transposed) {
   using ScoresFn = void (*)(const QueryRow*, const float*, const float*, int64_t, int64_t, int64_t, float*);
-  static constexpr ScoresFn by_key[8] = {scores_by_key_avx512<1>, scores_by_key_avx512<2>, scores_by_key_avx512<3>,
+  static constexpr ScoresFn by_key[kByKeyRows] = {scores_by_key_avx512<1>, scores_by_key_avx512<2>, scores_by_key_avx512<3>,
                                          scores_by_key_avx512<4>, scores_by_key_avx512<5>, scores_by_key_avx512<6>,
                                          scores_by_key_avx512<7>, scores_by_key_avx512<8>};
   const float* keys = cache.key_tile(t0, n);
-  if (n_rows <= 8)
+  if (n_rows <= kByKeyRows)
     by_key[n_rows - 1](rows, keys, cache.widen ? nullptr : static_cast<const float*>(cache.values) + t0 * D, D, t0, n,
                        scores);
   else

@@ -259,6 +259,21 @@ struct BitLinearKernelState {
   }
 };
 
+// Every op's kernel state: labelled with the node's name (for error messages), holding the
+// kernel set chosen at registration and its attributes.
+template <typename State>
+OrtStatusPtr create_kernel_state(const char* op, const KernelSet& kernels, const OrtApi& api,
+                                 const OrtKernelInfo* info, void** kernel) {
+  std::string name;
+  if (OrtStatus* st = read_node_name(api, info, &name)) return st;
+  auto state = std::make_unique<State>();
+  state->label = node_label(op, name);
+  state->kernels = kernels;
+  if (OrtStatus* st = state->read_attributes(api, info)) return st;
+  *kernel = state.release();
+  return nullptr;
+}
+
 // What the matmul ops and GatedReluSquared share: float32 inputs except input 1 (W, of type
 // WType, when there is one), one float32 output, and the kernel set chosen when the library
 // was registered.
@@ -272,16 +287,8 @@ struct FloatOp : Ort::CustomOpBase<Op, State, true> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 
-  // A kernel state labelled with the node's name (for error messages), with its attributes.
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    std::string name;
-    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    auto state = std::make_unique<State>();
-    state->label = node_label(static_cast<const Op*>(this)->GetName(), name);
-    state->kernels = kernels;
-    if (OrtStatus* st = state->read_attributes(api, info)) return st;
-    *kernel = state.release();
-    return nullptr;
+    return create_kernel_state<State>(static_cast<const Op*>(this)->GetName(), kernels, api, info, kernel);
   }
 
   KernelSet kernels;
@@ -603,14 +610,7 @@ struct GroupQueryAttentionOp : Ort::CustomOpBase<GroupQueryAttentionOp<CacheType
   }
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    std::string name;
-    if (OrtStatus* st = read_node_name(api, info, &name)) return st;
-    auto state = std::make_unique<AttentionKernelState>();
-    state->label = node_label(GetName(), name);
-    state->kernels = kernels;
-    if (OrtStatus* st = state->read_attributes(api, info)) return st;
-    *kernel = state.release();
-    return nullptr;
+    return create_kernel_state<AttentionKernelState>(GetName(), kernels, api, info, kernel);
   }
 
   KernelSet kernels;

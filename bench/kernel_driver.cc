@@ -6,8 +6,8 @@
 //       custom_ops/src/kernels_x86_avx512.cc -o bench/out/kernel_driver
 //   bench/out/kernel_driver LEVEL K N [threads=1] [copies=0: enough for 600 MB] [reps=20] [hugepages=1] [rows=1]
 //
-// LEVEL is a BITNET_KERNEL level (avx2, avxvnni, avx512vnni, ...) or "stream" (the read
-// loop). It reports GB/s of weight bytes (rows > 1: a batch of that many rows of x per call). Used to find the kernels' speed limits (see
+// LEVEL is a BITNET_KERNEL level (avx2, avxvnni, avx512vnni, ...), "head:LEVEL" (that level's
+// MatMulI8, the int8 lm_head, on an [N, K] int8 table) or "stream" (the read loop). It reports GB/s of weight bytes (rows > 1: a batch of that many rows of x per call). Used to find the kernels' speed limits (see
 // bench/README.md "Profile"); the numbers that count are the in-ORT ones of bench_ops.py.
 
 #include <sys/mman.h>
@@ -53,7 +53,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s LEVEL K N [threads] [copies] [reps] [hugepages] [rows]\n", argv[0]);
     return 2;
   }
-  const std::string level = argv[1];
+  std::string level = argv[1];
+  const bool head = level.rfind("head:", 0) == 0;
+  if (head) level = level.substr(5);
   const int64_t K = std::atoll(argv[2]), N = std::atoll(argv[3]);
   const int threads = argc > 4 ? std::atoi(argv[4]) : 1;
   int64_t copies = argc > 5 ? std::atoll(argv[5]) : 0;
@@ -61,7 +63,7 @@ int main(int argc, char** argv) {
   const bool huge = argc > 7 ? std::atoi(argv[7]) != 0 : true;
   const int64_t M = argc > 8 ? std::max(1ll, std::atoll(argv[8])) : 1;
   const int64_t Kp = round_up(K, kBlockK);
-  const int64_t wbytes = packed_bytes(N, K);
+  const int64_t wbytes = head ? N * K : packed_bytes(N, K);
   if (copies == 0) copies = std::max<int64_t>(1, (600ll << 20) / wbytes);
   const size_t total = static_cast<size_t>(wbytes * copies);
 
@@ -81,12 +83,14 @@ int main(int argc, char** argv) {
     for (int f = 0; f < 32; ++f) v |= (((r >> (2 * f)) & 3) % 3) << (2 * f);
     std::memcpy(w + i, &v, std::min<size_t>(8, total - i));
   }
-  std::vector<int8_t> xq(M * Kp, 0);
+  const int64_t Kq = head ? round_up(K, kI8PadK) : Kp;  // MatMulI8 pads its q rows to 64
+  std::vector<int8_t> xq(M * Kq, 0), rq(M * Kq, 0);
   std::vector<int32_t> xsum(M, 0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
-      xq[m * Kp + k] = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
-      xsum[m] += xq[m * Kp + k];
+      xq[m * Kq + k] = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+      rq[m * Kq + k] = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+      xsum[m] += xq[m * Kq + k];
     }
   const std::vector<float> xscale(M, 1.0f);
   const float S = 1.0f;
@@ -98,6 +102,13 @@ int main(int argc, char** argv) {
     if (stream) {
       const size_t part = wbytes / threads;
       sink += stream_read(w + c * wbytes + t * part, part);
+      return;
+    }
+    if (head) {
+      const int64_t n0 = N * t / threads, n1 = N * (t + 1) / threads;
+      MatMulI8Problem p{xq.data(), xsum.data(), xscale.data(), rq.data(), xsum.data(), xscale.data(),
+                        reinterpret_cast<const int8_t*>(w + c * wbytes), &S, false, y.data(), M, N, K, Kq};
+      ks.matmul_i8(p, 0, M, n0, n1);
       return;
     }
     BitLinearProblem p{xq.data(), xsum.data(), xscale.data(), w + c * wbytes, &S, false, y.data(), M, N, Kp};
@@ -139,7 +150,7 @@ int main(int argc, char** argv) {
   for (auto& th : workers) th.join();
   const double gb = static_cast<double>(total) / 1e9;
   std::printf("%s K=%lld N=%lld M=%lld threads=%d copies=%lld huge=%d: best %.1f GB/s, mean %.1f GB/s, %.1f us/call (best)\n",
-              stream ? "stream" : ks.bitlinear_name, (long long)K, (long long)N, (long long)M, threads, (long long)copies, huge ? 1 : 0,
+              stream ? "stream" : head ? ks.matmul_i8_name : ks.bitlinear_name, (long long)K, (long long)N, (long long)M, threads, (long long)copies, huge ? 1 : 0,
               gb / best, gb * reps / sum, best / copies * 1e6);
   return sink == 42 ? 1 : 0;
 }

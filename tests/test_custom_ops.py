@@ -1,6 +1,7 @@
 """The bitnet custom ops against the numpy reference, for every kernel level (BITNET_KERNEL):
 the levels this CPU lacks are skipped with the missing features named (tests/kernel_levels.py)."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -343,6 +344,31 @@ def test_matmul_i8_rows_of_every_batch_height_equal_the_reference_and_the_row_al
     np.testing.assert_array_equal(alone, reference.matmul_i8(x, codes, scales))
     for m in [*range(2, 18), 33]:
         np.testing.assert_array_equal(sess.run(None, {"X": x[:m]})[0], alone[:m], err_msg=f"M={m}")
+
+
+def test_head_tables_are_owned_copies_unless_ort_is_asked(monkeypatch):
+    """By default each head op streams its own huge-page copy of the table, made when the
+    session is created; BITNET_WEIGHTS=ort reads ORT's. Same bits either way; the copy goes
+    with its session."""
+    rng = np.random.default_rng(21)
+    codes, scales = int8_table(rng, 300, 2560)
+    w16 = rng.standard_normal((70, 2560)).astype(np.float16)
+    x = rng.standard_normal((3, 2560)).astype(np.float32)
+    held = ctypes.CDLL(custom_ops.library_path()).bitnet_owned_weight_bytes  # the library ORT loaded
+    held.restype = ctypes.c_size_t
+    before = held()
+    monkeypatch.delenv("BITNET_WEIGHTS", raising=False)
+    owned = [session(matmul_i8_model(codes, scales), KERNELS[-1]), session(matmul_f16_model(w16), KERNELS[-1])]
+    assert held() - before == codes.nbytes + w16.nbytes
+    monkeypatch.setenv("BITNET_WEIGHTS", "ort")
+    plain = [session(matmul_i8_model(codes, scales), KERNELS[-1]), session(matmul_f16_model(w16), KERNELS[-1])]
+    assert held() - before == codes.nbytes + w16.nbytes
+    for i in range(2):
+        for m in (1, 3):
+            np.testing.assert_array_equal(owned[i].run(None, {"X": x[:m]})[0], plain[i].run(None, {"X": x[:m]})[0])
+    np.testing.assert_array_equal(owned[0].run(None, {"X": x})[0], reference.matmul_i8(x, codes, scales))
+    del owned
+    assert held() == before
 
 
 def test_matmul_i8_shapes_and_errors():

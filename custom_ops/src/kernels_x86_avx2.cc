@@ -89,7 +89,7 @@ BITNET_AVX2 static void bitlinear_avx2_row(const BitLinearProblem& p, int64_t m,
       for (int q = 0; q < 2; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* half = wg + b * kBlockBytes + 64 * h;
-        _mm_prefetch(reinterpret_cast<const char*>(half + kAvx2PrefetchBytes), _MM_HINT_T0);
+        prefetch_weights(half + kAvx2PrefetchBytes);
         const __m256i x0 = _mm256_set1_epi32(load4(xr + b * kBlockK));
         const __m256i x1 = _mm256_set1_epi32(load4(xr + b * kBlockK + 4));
         const __m256i x2 = _mm256_set1_epi32(load4(xr + b * kBlockK + 8));
@@ -147,7 +147,7 @@ BITNET_AVX2 static void matmul_f16_avx2_rows(const MatMulF16Problem& p, int64_t 
     for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {  // one 64-byte line of the weight row
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
+    prefetch_weights(w + k + kF16PrefetchHalves);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
       const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8 * i)));
@@ -207,7 +207,7 @@ BITNET_AVX2 static void matmul_i8_avx2_rows(const MatMulI8Problem& p, int64_t m0
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 64 <= p.K; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
+    prefetch_weights(w + k + kI8PrefetchBytes);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * h));
@@ -245,7 +245,7 @@ BITNET_AVXVNNI static void matmul_i8_avxvnni_rows(const MatMulI8Problem& p, int6
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
   int64_t k = 0;
   for (; k + 64 <= p.K; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
+    prefetch_weights(w + k + kI8PrefetchBytes);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32 * h)), flip);

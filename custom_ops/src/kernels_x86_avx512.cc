@@ -54,8 +54,8 @@ BITNET_AVX512VNNI static void bitlinear_vnni_tile(const BitLinearProblem& p, int
 
   for (int64_t b = 0; b < nblocks; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64), _MM_HINT_T0);
+    prefetch_weights(block + kPrefetchBytes);
+    prefetch_weights(block + kPrefetchBytes + 64);
     __m512i c[2][4];
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
@@ -105,8 +105,8 @@ BITNET_AVX512VNNI static inline __attribute__((always_inline)) void vnni_row_chu
   __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00;                     // half 1
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* block = wg + b * kBlockBytes;
-    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64), _MM_HINT_T0);
+    prefetch_weights(block + kPrefetchBytes);
+    prefetch_weights(block + kPrefetchBytes + 64);
     const __m512i p0 = _mm512_loadu_si512(block), p1 = _mm512_loadu_si512(block + 64);
     const int8_t* x = xr + b * kBlockK;
     __m512i xb = _mm512_set1_epi32(load4(x));
@@ -242,7 +242,7 @@ BITNET_AMX static void bitlinear_amx_tile(const BitLinearProblem& p, int64_t m0,
   asm volatile("tilezero %%tmm0\n\ttilezero %%tmm1\n\ttilezero %%tmm2\n\ttilezero %%tmm3" ::: "memory");
   for (int64_t c = 0; c < nchunks; ++c) {
     const uint8_t* ahead = wg + (c * kAmxChunkBlocks) * kBlockBytes + kPrefetchBytes;
-    for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * line), _MM_HINT_T0);
+    for (int line = 0; line < 8; ++line) prefetch_weights(ahead + 64 * line);
     if (c + kAmxStages - 1 < nchunks) stage_chunk(c + kAmxStages - 1);
     const int64_t b = c * kAmxChunkBlocks, count = std::min(kAmxChunkBlocks, nblocks - b);
     const int8_t* x0 = p.xq + m0 * p.Kp + b * kBlockK;
@@ -325,8 +325,8 @@ BITNET_AVX512 static void matmul_f16_avx512_rows(const MatMulF16Problem& p, int6
     for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {  // two 64-byte lines of the weight row
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kF16PrefetchHalves + 32), _MM_HINT_T0);
+    prefetch_weights(w + k + kF16PrefetchHalves);
+    prefetch_weights(w + k + kF16PrefetchHalves + 32);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
       const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 16 * i)));
@@ -366,7 +366,7 @@ BITNET_AVX512 static void matmul_i8_avx512bw_rows(const MatMulI8Problem& p, int6
   __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t k = 0; k < p.K; k += 64) {  // q rows are padded to 64, so only w needs a mask
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
+    prefetch_weights(w + k + kI8PrefetchBytes);
     const int64_t left = p.K - k;
     const __mmask64 keep = left >= 64 ? ~0ull : (1ull << left) - 1ull;
     const __m512i wv = _mm512_maskz_loadu_epi8(keep, w + k);
@@ -395,7 +395,7 @@ BITNET_AVX512VNNI static void matmul_i8_vnni_rows(const MatMulI8Problem& p, int6
   __m512i acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t k = 0; k < p.K; k += 64) {  // masked-off weight bytes become 128 but meet q = 0
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kI8PrefetchBytes), _MM_HINT_T0);
+    prefetch_weights(w + k + kI8PrefetchBytes);
     const int64_t left = p.K - k;
     const __mmask64 keep = left >= 64 ? ~0ull : (1ull << left) - 1ull;
     const __m512i wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, w + k), flip);
@@ -472,7 +472,7 @@ BITNET_AMX static void matmul_i8_amx_rows(const MatMulI8Problem& p, int64_t m0, 
         a_stride = 64;
       } else {
         for (int r = 0; r < rows0 + rows1; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + r * p.K + k + kI8PrefetchBytes / 2), _MM_HINT_T0);
+          prefetch_weights(w0 + r * p.K + k + kI8PrefetchBytes / 2);
       }
       const int8_t* b = &layout[static_cast<size_t>(c * 2 * kAmxRows * 64)];
       asm volatile(

@@ -148,6 +148,40 @@ struct TileWork {
 constexpr int64_t kQuantizeRows = 16;
 size_t quantize_items(int64_t M) { return static_cast<size_t>((M + kQuantizeRows - 1) / kQuantizeRows); }
 
+// ---- Weights the kernels stream -------------------------------------------------------------
+
+// A huge-page copy of W (input 1) when it is a constant of `type` (element size `element_bytes`;
+// of `expected_bytes` when that is not 0) and owned weights are requested (weight_memory.h);
+// nullptr otherwise, and the kernel reads ORT's buffer (Compute reports a wrong size).
+std::unique_ptr<bitnet::OwnedBuffer> hold_constant_weights(const OrtApi& api, const OrtKernelInfo* info,
+                                                           ONNXTensorElementDataType type, size_t element_bytes,
+                                                           size_t expected_bytes = 0) {
+  if (!bitnet::owned_weights_requested()) return nullptr;
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)) {
+    api.ReleaseStatus(st);
+    return nullptr;
+  }
+  if (!is_constant || value == nullptr) return nullptr;
+  const Ort::ConstValue w(value);
+  const auto w_info = w.GetTensorTypeAndShapeInfo();
+  const size_t bytes = w_info.GetElementCount() * element_bytes;
+  if (w_info.GetElementType() != type || bytes == 0 || (expected_bytes && bytes != expected_bytes)) return nullptr;
+  return bitnet::own_copy(static_cast<const uint8_t*>(w.GetTensorRawData()), bytes);
+}
+
+// The table a head kernel reads: its owned copy when it holds one of this size, else ORT's
+// buffer advised into huge pages in place.
+template <typename T>
+const T* head_table(const std::unique_ptr<bitnet::OwnedBuffer>& owned, HugePageOnce& huge_pages, const Ort::ConstValue& W,
+                    int64_t N, int64_t K) {
+  const size_t bytes = static_cast<size_t>(N * K) * sizeof(T);
+  if (owned && owned->bytes == bytes) return reinterpret_cast<const T*>(owned->data);
+  huge_pages(W.GetTensorData<T>(), bytes);
+  return W.GetTensorData<T>();
+}
+
 // ---- BitLinear -----------------------------------------------------------------------------
 
 struct BitLinearQuantizeWork {
@@ -173,25 +207,9 @@ struct BitLinearKernelState {
   OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
     if (OrtStatus* st = read_positive_attr(api, info, label, "K", &K)) return st;
     if (OrtStatus* st = read_positive_attr(api, info, label, "N", &N)) return st;
-    if (bitnet::owned_weights_requested()) hold_weights(api, info);
+    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1,
+                                    static_cast<size_t>(bitnet::packed_bytes(N, K)));
     return nullptr;
-  }
-
-  // Copies W when it is a constant of the expected size (anything else is left to Compute,
-  // which reads the input and reports a wrong size).
-  void hold_weights(const OrtApi& api, const OrtKernelInfo* info) {
-    int is_constant = 0;
-    const OrtValue* value = nullptr;
-    if (OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)) {
-      api.ReleaseStatus(st);
-      return;
-    }
-    if (!is_constant || value == nullptr) return;
-    const Ort::ConstValue w(value);
-    if (w.GetTensorTypeAndShapeInfo().GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) return;
-    const int64_t count = w.GetTensorTypeAndShapeInfo().GetElementCount();
-    if (count != bitnet::packed_bytes(N, K)) return;
-    owned_w = bitnet::own_copy(w.GetTensorData<uint8_t>(), static_cast<size_t>(count));
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -304,8 +322,12 @@ struct BitLinearOp : FloatOp<BitLinearOp, BitLinearKernelState, ONNX_TENSOR_ELEM
 struct MatMulF16KernelState {
   KernelSet kernels;
   std::string label;
-  HugePageOnce huge_pages;
-  OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
+  std::unique_ptr<bitnet::OwnedBuffer> owned_w;  // W copied at creation (unless BITNET_WEIGHTS=ort)
+  HugePageOnce huge_pages;                       // else ORT's W, advised in place
+  OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
+    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2);
+    return nullptr;
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
@@ -333,9 +355,8 @@ struct MatMulF16KernelState {
       std::fill(y, y + M * N, 0.0f);
       return nullptr;
     }
-    huge_pages(W.GetTensorData<Ort::Float16_t>(), static_cast<size_t>(N * K) * 2);
-    bitnet::MatMulF16Problem p{X.GetTensorData<float>(),
-                               reinterpret_cast<const uint16_t*>(W.GetTensorData<Ort::Float16_t>()), y, M, N, K};
+    const auto* table = head_table<uint16_t>(owned_w, huge_pages, W, N, K);
+    bitnet::MatMulF16Problem p{X.GetTensorData<float>(), table, y, M, N, K};
     TileWork<bitnet::MatMulF16Problem> work{&p, kernels.matmul_f16, 16, M == 1 ? 4096 : 64};
     work.run_all(ctx);
     return nullptr;
@@ -381,8 +402,12 @@ void matmul_i8_quantize_item(void* data, size_t i) {
 struct MatMulI8KernelState {
   KernelSet kernels;
   std::string label;
-  HugePageOnce huge_pages;
-  OrtStatus* read_attributes(const OrtApi&, const OrtKernelInfo*) { return nullptr; }
+  std::unique_ptr<bitnet::OwnedBuffer> owned_w;  // W copied at creation (unless BITNET_WEIGHTS=ort)
+  HugePageOnce huge_pages;                       // else ORT's W, advised in place
+  OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
+    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1);
+    return nullptr;
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded(label, [&]() -> OrtStatus* { return Compute(context); });
@@ -416,13 +441,13 @@ struct MatMulI8KernelState {
       std::fill(y, y + M * N, 0.0f);
       return nullptr;
     }
-    huge_pages(W.GetTensorData<int8_t>(), static_cast<size_t>(N * K));
+    const int8_t* table = head_table<int8_t>(owned_w, huge_pages, W, N, K);
     const int64_t Kp = bitnet::round_up(K, bitnet::kI8PadK);
     std::vector<int8_t> xq(static_cast<size_t>(2 * M * Kp));
     std::vector<int32_t> xsum(static_cast<size_t>(2 * M));
     std::vector<float> xscale(static_cast<size_t>(2 * M)), residual(static_cast<size_t>(M * K));
     bitnet::MatMulI8Problem p{xq.data(), xsum.data(), xscale.data(), xq.data() + M * Kp, xsum.data() + M,
-                              xscale.data() + M, W.GetTensorData<int8_t>(), S.GetTensorData<float>(),
+                              xscale.data() + M, table, S.GetTensorData<float>(),
                               s_count == N && N != 1, y, M, N, K, Kp};
     MatMulI8QuantizeWork quantize{&p, X.GetTensorData<float>(), residual.data(), xq.data(), xq.data() + M * Kp,
                                   xsum.data(), xsum.data() + M, xscale.data(), xscale.data() + M};

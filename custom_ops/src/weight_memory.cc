@@ -1,4 +1,4 @@
-// Weight memory of the bitnet custom ops (weight_memory.h): owned BitLinear copies in slabs of
+// Weight memory of the bitnet custom ops (weight_memory.h): owned weight copies in slabs of
 // transparent huge pages, and huge-page advice for the lm_head tables ONNX Runtime holds.
 
 #include "weight_memory.h"
@@ -18,10 +18,10 @@
 
 namespace bitnet {
 
-// ---- BitLinear weights: owned copies in huge-page slabs ------------------------------------
+// ---- Weights: owned copies in huge-page slabs -----------------------------------------------
 //
-// By default (BITNET_WEIGHTS unset or "owned") each BitLinear copies its constant W at kernel
-// creation into a buffer of its own, 2 MiB aligned and advised for transparent huge pages (one
+// By default (BITNET_WEIGHTS unset or "owned") each BitLinear, MatMulI8 and MatMulF16 copies
+// its constant W at kernel creation into a buffer of its own, 2 MiB aligned and advised for transparent huge pages (one
 // TLB entry per 2 MiB of the weight stream instead of 512), then hints the kernel to reclaim the
 // pages of ORT's copy (MADV_PAGEOUT: clean pages of the memory-mapped external data leave the
 // process; anonymous memory without swap stays as it is; nothing is ever lost), so the weights
@@ -66,6 +66,19 @@ bool owned_weights_requested() {
   return !(v && std::string(v) == "ort");
 }
 
+// Hints the OS to reclaim the whole pages inside [p, p + bytes) (MADV_PAGEOUT; errors ignored).
+static void release_pages(const uint8_t* p, size_t bytes) {
+#ifdef MADV_PAGEOUT
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(p) + bytes) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // A copy of `bytes` at `src` in a slab; nullptr when memory is short (the kernel then reads
 // ORT's copy).
 std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
@@ -74,7 +87,10 @@ std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
   auto buffer = std::make_unique<OwnedBuffer>();
   {
     std::lock_guard<std::mutex> lock(slabs_mutex);
-    if (open_slab == nullptr || open_slab->size - open_slab->used < need) {
+    // A copy larger than a slab (a head table) gets a slab of its own; the open one stays open.
+    const bool alone = need > kSlab;
+    Slab* slab = open_slab;
+    if (alone || slab == nullptr || slab->size - slab->used < need) {
       const size_t size = std::max(kSlab, (need + kHuge - 1) / kHuge * kHuge);
       void* mem = nullptr;
 #if defined(_WIN32)
@@ -86,26 +102,25 @@ std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes) {
 #ifdef MADV_HUGEPAGE
       madvise(mem, size, MADV_HUGEPAGE);
 #endif
-      if (open_slab != nullptr && open_slab->users == 0) {  // cannot happen (a full slab has users)
-        free_aligned(open_slab->base);
-        delete open_slab;
-      }
-      open_slab = new Slab{static_cast<uint8_t*>(mem), size, 0, 0};
+      slab = new Slab{static_cast<uint8_t*>(mem), size, 0, 0};
+      if (!alone) open_slab = slab;  // the full one is freed by its last buffer
     }
-    buffer->slab = open_slab;
-    buffer->data = open_slab->base + open_slab->used;
+    buffer->slab = slab;
+    buffer->data = slab->base + slab->used;
     buffer->bytes = bytes;
     owned_bytes += bytes;
-    open_slab->used += need;
-    ++open_slab->users;
+    slab->used += need;
+    ++slab->users;
   }
-  std::memcpy(buffer->data, src, bytes);
-#ifdef MADV_PAGEOUT
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t first = (reinterpret_cast<uintptr_t>(src) + page - 1) / page * page;
-  const uintptr_t last = (reinterpret_cast<uintptr_t>(src) + bytes) / page * page;
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_PAGEOUT);  // a hint; errors ignored
-#endif
+  // Copied in 32 MiB pieces, each released from ORT's copy right after, so a 656 MB head table
+  // is never resident twice.
+  constexpr size_t kPiece = size_t{32} << 20;
+  for (size_t done = 0; done < bytes;) {
+    const size_t piece = std::min(kPiece, bytes - done);
+    std::memcpy(buffer->data + done, src + done, piece);
+    release_pages(src + done, piece);
+    done += piece;
+  }
   return buffer;
 }
 
@@ -114,15 +129,15 @@ size_t owned_weight_bytes() {
   return owned_bytes;
 }
 
-// ---- lm_head tables in 2 MiB pages ------------------------------------------------------------
+// ---- lm_head tables ORT holds, in 2 MiB pages in place ------------------------------------------
 //
-// The head tables (656 MB fp16 / 328 MB int8 for 2B4T) are read front to back once per decode
-// step. ORT hands them to us in 4 KiB pages (its heap, or its mmap of the external data file),
-// and in 4 KiB pages the same kernel streamed ~1.8x slower than in 2 MiB pages inside ORT
-// (bench/bench_heads.py). So the first call asks the kernel to back the table's 2 MiB-aligned
-// interior with huge pages in place (MADV_HUGEPAGE, then MADV_COLLAPSE, Linux 6.1+): no copy,
-// no second table in memory, contents unchanged. Best effort: where the kernel refuses (older
-// kernels, file systems without large folios) nothing changes. BITNET_HUGEPAGES=0 disables it.
+// With BITNET_WEIGHTS=ort (or a head table that is not a constant) the head kernels read ORT's
+// table, in 4 KiB pages (its heap, or its mmap of the external data file), where the same kernel
+// streamed ~1.8x slower than in 2 MiB pages (bench/bench_heads.py). So the first call asks the
+// kernel to back the table's 2 MiB-aligned interior with huge pages in place (MADV_HUGEPAGE, then
+// MADV_COLLAPSE, Linux 6.1+): no copy, contents unchanged. Best effort: on a private mapping of
+// the data file it collapsed 63 of 320 MB here (Linux 6.18), hence the owned copies above.
+// BITNET_HUGEPAGES=0 disables it.
 void advise_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__)
   static const bool enabled = [] {

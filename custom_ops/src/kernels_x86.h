@@ -23,12 +23,14 @@
 
 namespace bitnet {
 
-// Weight streams are prefetched into L2 (prefetcht1), not L1: requests into L1 hold one of
-// its few fill buffers until the line arrives, which capped how many lines were in flight.
-// Measured from DRAM (bench/kernel_driver.cc, 2560 -> 6912, Sapphire Rapids class, 2 threads):
+// Weight streams are prefetched into L2 (prefetcht1) far ahead, not into L1: a request into L1
+// holds one of its few fill buffers until the line arrives, which capped the lines in flight.
+// Measured from DRAM (bench/kernel_driver.cc, 2560 -> 6912, Intel Xeon with AMX, 2 threads):
 // 21 GB/s with prefetcht0 4 KiB ahead, 26 with no software prefetch, 27.5-28.5 with
-// prefetcht1 2-4 KiB ahead, against a plain read of 30.
+// prefetcht1 2-4 KiB ahead, against a plain read of 30. The one-row BitLinear kernel also
+// pulls lines from L2 into L1 a little ahead (prefetch_near).
 inline void prefetch_weights(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+inline void prefetch_near(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 constexpr int64_t kF16PrefetchHalves = 1024;  // MatMulF16: 2 KiB ahead on the weight stream
 constexpr int64_t kI8PrefetchBytes = 2048;    // MatMulI8: ahead on the weight stream

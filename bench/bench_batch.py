@@ -16,7 +16,10 @@ is the "mid-batch TTFT" (B streams running). Reported per row:
   them (after each stream's first token);
 - TTFT of the B streams (median) and of the newcomer;
 - peak RSS (the subprocess's VmHWM) and its growth over the RSS right after warm-up;
-- batched rows: the slot pool's reserved KV cache and the mean batch size of the steps.
+- batched rows: the slot pool's reserved KV cache, the mean batch size of the steps, and the
+  median time of a decode step that ran exactly the B streams (no newcomer, no prefill in it):
+  B / that time is the decode throughput of the batched step itself, apart from the prefills
+  that the aggregate above also pays (8 prompts of 128 tokens are ~3 s of a B = 8 row's span).
 
 The `ratio` column divides the batched aggregate by the loop aggregate at the same B; the
 checks line compares with issue 13's targets (aggregate at B=8 >= 4x B=1, per-stream at B=8
@@ -65,6 +68,16 @@ def worker(model_dir: str, path: str, batch: int, threads: int, variant: str, pr
         capacity = -(-(prompt_tokens + max(new_tokens, newcomer_tokens)) // 64) * 64
         batcher = Batcher(engine, slots=batch + 1, capacity=capacity, prefill_chunk=prefill_chunk)
         start = batcher.submit
+        step_ms: dict[int, list[float]] = {}  # rows in the step -> its durations
+        decode = batcher.pool.decode
+
+        def timed_decode(tokens):
+            t = time.perf_counter()
+            logits = decode(tokens)
+            step_ms.setdefault(len(tokens), []).append(1000 * (time.perf_counter() - t))
+            return logits
+
+        batcher.pool.decode = timed_decode
     else:
         start = engine.stream_tokens
     # Warm-up: every slot (or one loop) through a short generation.
@@ -73,6 +86,8 @@ def worker(model_dir: str, path: str, batch: int, threads: int, variant: str, pr
         for _ in stream:
             pass
     rss_before = rss_mb()
+    if batcher is not None:
+        step_ms.clear()
 
     times: list[list[float]] = [[] for _ in range(batch + 1)]  # receive time of each token
     last_stats = [None] * (batch + 1)
@@ -120,8 +135,10 @@ def worker(model_dir: str, path: str, batch: int, threads: int, variant: str, pr
         "wall_s": end - t0,
     }
     if batcher is not None:
+        full = step_ms.get(batch, [])
         row.update(kv_cache_mb=kv_mb, steps=steps,
-                   mean_batch=statistics.fmean(s.batch_size for s in last_stats[:batch]))
+                   mean_batch=statistics.fmean(s.batch_size for s in last_stats[:batch]),
+                   step_ms=statistics.median(full) if full else None)
     assert all(len(t) == new_tokens for t in streams), [len(t) for t in streams]
     return row
 
@@ -143,8 +160,8 @@ def run_worker(args, path: str, batch: int) -> dict:
 def table(rows: list[dict]) -> str:
     loop = {r["batch"]: r for r in rows if r["path"] == "loop"}
     head = ("| path | B | aggregate tok/s | per-stream tok/s | p50 gap ms | p95 gap ms | TTFT s | "
-            "mid-batch TTFT s | peak RSS MB | RSS growth MB | KV MB | mean batch | ratio vs loop |")
-    lines = [head, "|" + "---|" * 13]
+            "mid-batch TTFT s | peak RSS MB | RSS growth MB | KV MB | mean batch | B-row step ms | ratio vs loop |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         ratio = ""
         if r["path"] == "batched" and r["batch"] in loop:
@@ -153,7 +170,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['path']} | {r['batch']} | {r['aggregate_tok_s']:.1f} | {r['per_stream_tok_s']:.1f} | "
             f"{r['p50_gap_ms']:.1f} | {r['p95_gap_ms']:.1f} | {r['ttft_s']:.3f} | {r['newcomer_ttft_s']:.3f} | "
             f"{r['peak_rss_mb']:.0f} | {r['rss_growth_mb']:.0f} | {r.get('kv_cache_mb', 0):.0f} | "
-            f"{r.get('mean_batch', 0):.2f} | {ratio} |")
+            f"{r.get('mean_batch', 0):.2f} | {'' if r.get('step_ms') is None else format(r['step_ms'], '.1f')} | "
+            f"{ratio} |")
     return "\n".join(lines)
 
 
@@ -163,8 +181,11 @@ def checks(rows: list[dict]) -> str:
         return "checks: need B=1 and B=8 rows"
     solo, eight = b[1], b[8]
     step = eight["p50_gap_ms"] / 1000
+    steps = ""
+    if solo.get("step_ms") and eight.get("step_ms"):
+        steps = f" (decode steps alone: {8 * solo['step_ms'] / eight['step_ms']:.2f}x)"
     return (f"checks (issue 13 targets): aggregate B=8 / B=1 = "
-            f"{eight['aggregate_tok_s'] / solo['aggregate_tok_s']:.2f}x (>= 4); per-stream B=8 / solo = "
+            f"{eight['aggregate_tok_s'] / solo['aggregate_tok_s']:.2f}x (>= 4){steps}; per-stream B=8 / solo = "
             f"{eight['per_stream_tok_s'] / solo['per_stream_tok_s']:.0%} (>= 40%); mid-batch TTFT at B=8 "
             f"{eight['newcomer_ttft_s']:.3f} s vs 2 x solo TTFT + one step = "
             f"{2 * solo['ttft_s'] + step:.3f} s")

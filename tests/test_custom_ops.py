@@ -371,6 +371,38 @@ def test_head_tables_are_owned_copies_unless_ort_is_asked(monkeypatch):
     assert held() == before
 
 
+def test_a_head_table_shared_with_a_gather_stays_readable(tmp_path, monkeypatch):
+    """A tied int8 table is both the embedding's Gather table and MatMulI8's W. The op copies W
+    and lets the OS take back ORT's pages (from the memory-mapped external data file here);
+    the Gather must still read the same rows afterwards, and the head the same table."""
+    import onnx
+
+    rng = np.random.default_rng(23)
+    codes, scales = int8_table(rng, 1000, 2560)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["rows"]),
+             helper.make_node("MatMulI8", ["X", "W", "S"], ["Y"], domain=custom_ops.DOMAIN, name="lm_head")]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, None),
+                        helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("rows", TensorProto.INT8, None), helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(codes, "W"), numpy_helper.from_array(scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(custom_ops.DOMAIN, 1)])
+    path = tmp_path / "tied.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="tied.onnx.data", size_threshold=0)
+    monkeypatch.delenv("BITNET_WEIGHTS", raising=False)
+    os.environ["BITNET_KERNEL"] = KERNELS[-1]
+    try:
+        sess = ort.InferenceSession(str(path), custom_ops.session_options(2))
+    finally:
+        del os.environ["BITNET_KERNEL"]
+    for seed in (1, 2):
+        ids = np.random.default_rng(seed).integers(0, 1000, 64)
+        x = np.random.default_rng(seed).standard_normal((2, 2560)).astype(np.float32)
+        rows, y = sess.run(None, {"ids": ids, "X": x})
+        np.testing.assert_array_equal(rows, codes[ids])
+        np.testing.assert_array_equal(y, reference.matmul_i8(x, codes, scales))
+
+
 def test_matmul_i8_shapes_and_errors():
     codes, scales = int8_table(np.random.default_rng(5), 6, 8)
     sess = session(matmul_i8_model(codes, scales), KERNELS[-1])

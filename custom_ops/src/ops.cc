@@ -168,7 +168,9 @@ std::unique_ptr<bitnet::OwnedBuffer> hold_constant_weights(const OrtApi& api, co
   const auto w_info = w.GetTensorTypeAndShapeInfo();
   const size_t bytes = w_info.GetElementCount() * element_bytes;
   if (w_info.GetElementType() != type || bytes == 0 || (expected_bytes && bytes != expected_bytes)) return nullptr;
-  return bitnet::own_copy(static_cast<const uint8_t*>(w.GetTensorRawData()), bytes);
+  // A head table may also be the embedding's Gather table (tied int8 / fp16): keep it cached.
+  const bool shared_with_gather = type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  return bitnet::own_copy(static_cast<const uint8_t*>(w.GetTensorRawData()), bytes, shared_with_gather);
 }
 
 // The table a head kernel reads: its owned copy when it holds one of this size, else ORT's

@@ -22,9 +22,10 @@ struct OwnedBuffer {
 // BITNET_WEIGHTS is unset or "owned" (not "ort").
 bool owned_weights_requested();
 
-// A copy of `bytes` at `src` in a slab, and a hint to the OS to drop the pages of `src`;
-// nullptr when memory is short (the kernel then reads the original).
-std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes);
+// A copy of `bytes` at `src` in a slab, and a hint to the OS to drop the pages of `src`
+// (`keep_cached`: unmap file pages but keep them in the page cache, for tables ORT may still
+// read); nullptr when memory is short (the kernel then reads the original).
+std::unique_ptr<OwnedBuffer> own_copy(const uint8_t* src, size_t bytes, bool keep_cached);
 
 // Bytes of weights held in owned copies now.
 size_t owned_weight_bytes();

@@ -153,9 +153,11 @@ size_t quantize_items(int64_t M) { return static_cast<size_t>((M + kQuantizeRows
 // A huge-page copy of W (input 1) when it is a constant of `type` (element size `element_bytes`;
 // of `expected_bytes` when that is not 0) and owned weights are requested (weight_memory.h);
 // nullptr otherwise, and the kernel reads ORT's buffer (Compute reports a wrong size).
+// `keep_cached`: ORT may still read the table (a head's table can be the embedding's Gather
+// table too), so its file pages are unmapped but stay in the page cache (own_copy).
 std::unique_ptr<bitnet::OwnedBuffer> hold_constant_weights(const OrtApi& api, const OrtKernelInfo* info,
                                                            ONNXTensorElementDataType type, size_t element_bytes,
-                                                           size_t expected_bytes = 0) {
+                                                           size_t expected_bytes, bool keep_cached) {
   if (!bitnet::owned_weights_requested()) return nullptr;
   int is_constant = 0;
   const OrtValue* value = nullptr;
@@ -168,9 +170,7 @@ std::unique_ptr<bitnet::OwnedBuffer> hold_constant_weights(const OrtApi& api, co
   const auto w_info = w.GetTensorTypeAndShapeInfo();
   const size_t bytes = w_info.GetElementCount() * element_bytes;
   if (w_info.GetElementType() != type || bytes == 0 || (expected_bytes && bytes != expected_bytes)) return nullptr;
-  // A head table may also be the embedding's Gather table (tied int8 / fp16): keep it cached.
-  const bool shared_with_gather = type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-  return bitnet::own_copy(static_cast<const uint8_t*>(w.GetTensorRawData()), bytes, shared_with_gather);
+  return bitnet::own_copy(static_cast<const uint8_t*>(w.GetTensorRawData()), bytes, keep_cached);
 }
 
 // The table a head kernel reads: its owned copy when it holds one of this size, else ORT's
@@ -210,7 +210,7 @@ struct BitLinearKernelState {
     if (OrtStatus* st = read_positive_attr(api, info, label, "K", &K)) return st;
     if (OrtStatus* st = read_positive_attr(api, info, label, "N", &N)) return st;
     owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1,
-                                    static_cast<size_t>(bitnet::packed_bytes(N, K)));
+                                    static_cast<size_t>(bitnet::packed_bytes(N, K)), false);
     return nullptr;
   }
 
@@ -327,7 +327,7 @@ struct MatMulF16KernelState {
   std::unique_ptr<bitnet::OwnedBuffer> owned_w;  // W copied at creation (unless BITNET_WEIGHTS=ort)
   HugePageOnce huge_pages;                       // else ORT's W, advised in place
   OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
-    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2);
+    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2, 0, true);
     return nullptr;
   }
 
@@ -407,7 +407,7 @@ struct MatMulI8KernelState {
   std::unique_ptr<bitnet::OwnedBuffer> owned_w;  // W copied at creation (unless BITNET_WEIGHTS=ort)
   HugePageOnce huge_pages;                       // else ORT's W, advised in place
   OrtStatus* read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
-    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1);
+    owned_w = hold_constant_weights(api, info, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1, 0, true);
     return nullptr;
   }
 

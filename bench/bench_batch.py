@@ -17,9 +17,10 @@ is the "mid-batch TTFT" (B streams running). Reported per row:
 - TTFT of the B streams (median) and of the newcomer;
 - peak RSS (the subprocess's VmHWM) and its growth over the RSS right after warm-up;
 - batched rows: the slot pool's reserved KV cache, the mean batch size of the steps, and the
-  median time of a decode step that ran exactly the B streams (no newcomer, no prefill in it):
+  median time of a decode step of exactly B rows (prefill chunks are runs of their own):
   B / that time is the decode throughput of the batched step itself, apart from the prefills
-  that the aggregate above also pays (8 prompts of 128 tokens are ~3 s of a B = 8 row's span).
+  that the aggregate above also pays (on the 2B4T model, 2 threads, the other 7 prompts and the
+  newcomer's were ~2.5 s of a ~8 s B = 8 row: README.md, "Performance").
 
 The `ratio` column divides the batched aggregate by the loop aggregate at the same B; the
 checks line compares with issue 13's targets (aggregate at B=8 >= 4x B=1, per-stream at B=8
@@ -68,7 +69,7 @@ def worker(model_dir: str, path: str, batch: int, threads: int, variant: str, pr
         capacity = -(-(prompt_tokens + max(new_tokens, newcomer_tokens)) // 64) * 64
         batcher = Batcher(engine, slots=batch + 1, capacity=capacity, prefill_chunk=prefill_chunk)
         start = batcher.submit
-        step_ms: dict[int, list[float]] = {}  # rows in the step -> its durations
+        step_ms: dict[int, list[float]] = {}  # rows in the decode step -> its durations (ms)
         decode = batcher.pool.decode
 
         def timed_decode(tokens):

@@ -1,5 +1,6 @@
-// Standalone driver for the BitLinear kernels at decode shapes: no ONNX Runtime, the kernel
-// alone on weights that do not fit in cache, against a plain streaming read of the same bytes.
+// Standalone driver for the BitLinear and MatMulI8 kernels at decode shapes: no ONNX Runtime,
+// the kernel alone on weights that do not fit in cache, against a plain streaming read of the
+// same bytes.
 //
 //   g++ -O2 -std=c++17 -pthread -Icustom_ops/src bench/kernel_driver.cc custom_ops/src/dispatch.cc \
 //       custom_ops/src/kernels_reference.cc custom_ops/src/kernels_x86_avx2.cc \
@@ -7,8 +8,10 @@
 //   bench/out/kernel_driver LEVEL K N [threads=1] [copies=0: enough for 600 MB] [reps=20] [hugepages=1] [rows=1]
 //
 // LEVEL is a BITNET_KERNEL level (avx2, avxvnni, avx512vnni, ...), "head:LEVEL" (that level's
-// MatMulI8, the int8 lm_head, on an [N, K] int8 table) or "stream" (the read loop). It reports GB/s of weight bytes (rows > 1: a batch of that many rows of x per call). Used to find the kernels' speed limits (see
-// bench/README.md "Profile"); the numbers that count are the in-ORT ones of bench_ops.py.
+// MatMulI8, the int8 lm_head, on an [N, K] int8 table) or "stream" (the read loop). It reports
+// GB/s of weight bytes (rows > 1: a batch of that many rows of x per call). Used to find the
+// kernels' speed limits (see bench/README.md "Profile"); the numbers that count are the in-ORT
+// ones of bench_ops.py.
 
 #include <sys/mman.h>
 

@@ -267,9 +267,13 @@ struct BitLinearKernelState {
     parallel_for(ctx, quantize_items(M), bitlinear_quantize_item, &quantize);
 
     // Multiply: decode-sized M splits columns only; prefill splits rows x columns so a block
-    // of activations stays in L1/L2 while a slice of weights streams through.
+    // of activations stays in L1/L2 while a slice of weights streams through. An item's rows
+    // are whole row tiles of the kernel (AMX: pairs of 16-row tiles; VNNI: 6-row tiles), so no
+    // item ends on a short tile that unpacks its weights again for a few rows (AMX, 128-token
+    // prefill of 2B4T on 2 threads: 48 rows 293-296 ms, 64 rows 274-276; bench/README.md).
     const int64_t groups = column_units(p);
-    TileWork<bitnet::BitLinearProblem> work{&p, kernels.bitlinear, 48, 2};
+    const int64_t prefill_rows = (kernels.features & bitnet::kFeatAmxInt8) ? 64 : 48;
+    TileWork<bitnet::BitLinearProblem> work{&p, kernels.bitlinear, prefill_rows, 2};
     if (M <= 6) {
       work.rows_per_item = M;
       work.cols_per_item = std::max<int64_t>(1, (groups + 23) / 24);

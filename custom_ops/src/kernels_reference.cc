@@ -48,11 +48,11 @@ void quantize_rows(const float* x, int64_t K, int64_t Kp, int64_t m0, int64_t m1
     std::memcpy(&amax, &max_bits, 4);
     const float s = 127.0f / std::max(amax, 1e-5f);
     int32_t sum = 0;
+    // |x * s| <= 127 (+1 ulp), so the rounded value fits int32 and the clamp (a safety net)
+    // can be done on integers, which vectorizes without float compare-and-blend sequences.
     for (int64_t k = 0; k < K; ++k) {
-      float v = round_half_even(xr[k] * s);
-      v = std::min(std::max(v, -128.0f), 127.0f);
-      const int8_t q = static_cast<int8_t>(v);
-      qr[k] = q;
+      const int32_t q = std::min(std::max(static_cast<int32_t>(round_half_even(xr[k] * s)), -128), 127);
+      qr[k] = static_cast<int8_t>(q);
       sum += q;
     }
     for (int64_t k = K; k < Kp; ++k) qr[k] = 0;

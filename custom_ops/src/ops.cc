@@ -270,7 +270,7 @@ struct BitLinearKernelState {
     // of activations stays in L1/L2 while a slice of weights streams through. An item's rows
     // are whole row tiles of the kernel (AMX: pairs of 16-row tiles; VNNI: 6-row tiles), so no
     // item ends on a short tile that unpacks its weights again for a few rows (AMX, 128-token
-    // prefill of 2B4T on 2 threads: 48 rows 293-296 ms, 64 rows 274-276; bench/README.md).
+    // prefill of 2B4T on 2 threads: 48 rows 289-296 ms, 64 rows 267-278; bench/README.md).
     const int64_t groups = column_units(p);
     const int64_t prefill_rows = (kernels.features & bitnet::kFeatAmxInt8) ? 64 : 48;
     TileWork<bitnet::BitLinearProblem> work{&p, kernels.bitlinear, prefill_rows, 2};

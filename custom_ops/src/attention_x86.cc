@@ -44,21 +44,28 @@ BITNET_AVX512 static inline float fold_lanes(__m512 a) {
 // thread over a cold cache, against 17 with plain streaming loads).
 constexpr int64_t kPrefetchKeys = 4;
 
-template <int R>
-BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const float* key_tile, const float* prefetch_values,
+// 16 floats of a key or value row: loaded, or widened from halves (exactly: every half is a
+// float), so a half cache gives the float cache's bits without a widened copy of the tile.
+BITNET_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+BITNET_AVX512 static inline __m512 load16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <int R, typename T>
+BITNET_AVX512 void scores_by_key_avx512(const QueryRow* rows, const T* key_tile, const T* prefetch_values,
                                         int64_t D, int64_t t0, int64_t n, float* scores) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   for (int64_t j = 0; j < n; ++j) {
-    const float* key = key_tile + j * D;
-    // The key a few rows on, and this key's value (the pass over values follows this tile;
-    // null when the values come widened from a half cache).
-    for (int64_t c = 0; c < D; c += 16) {
+    const T* key = key_tile + j * D;
+    // The key a few rows on, and this key's value (the pass over values follows this tile).
+    for (int64_t c = 0; c < D; c += kLine) {
       _mm_prefetch(reinterpret_cast<const char*>(key + kPrefetchKeys * D + c), _MM_HINT_T0);
-      if (prefetch_values) _mm_prefetch(reinterpret_cast<const char*>(prefetch_values + j * D + c), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(prefetch_values + j * D + c), _MM_HINT_T1);
     }
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t c = 0; c < D; c += 16) {
-      const __m512 k = _mm512_loadu_ps(key + c);
+      const __m512 k = load16(key + c);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[r].q + c), k, acc[r]);
     }
     for (int r = 0; r < R; ++r)
@@ -92,17 +99,17 @@ BITNET_AVX512 void scores_transposed_avx512(const QueryRow* rows, int64_t n_rows
 }
 
 // partial += weights . values for R <= 4 rows, 64 floats of D per pass (16 accumulators).
-template <int R>
-BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* value_tile, int64_t D, int64_t n,
+template <int R, typename T>
+BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const T* value_tile, int64_t D, int64_t n,
                                      const float* weights) {
   for (int64_t c0 = 0; c0 < D; c0 += 64) {
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_loadu_ps(rows[r].partial + c0 + 16 * i);
     for (int64_t j = 0; j < n; ++j) {
-      const float* value = value_tile + j * D + c0;
+      const T* value = value_tile + j * D + c0;
       __m512 v[4];
-      for (int i = 0; i < 4; ++i) v[i] = _mm512_loadu_ps(value + 16 * i);
+      for (int i = 0; i < 4; ++i) v[i] = load16(value + 16 * i);
       for (int r = 0; r < R; ++r) {
         const __m512 w = _mm512_set1_ps(weights[r * kTileKeys + j]);
         for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_fmadd_ps(w, v[i], acc[r][i]);
@@ -113,28 +120,50 @@ BITNET_AVX512 void add_values_avx512(const QueryRow* rows, const float* value_ti
   }
 }
 
+// Rows' weighted values of one tile, four rows a pass.
+template <typename T>
+BITNET_AVX512 void add_tile_values(const QueryRow* rows, int64_t n_rows, const T* values, int64_t D, int64_t n,
+                                   const float* scores) {
+  using ValuesFn = void (*)(const QueryRow*, const T*, int64_t, int64_t, const float*);
+  static constexpr ValuesFn add_values[4] = {add_values_avx512<1, T>, add_values_avx512<2, T>,
+                                             add_values_avx512<3, T>, add_values_avx512<4, T>};
+  for (int64_t r = 0; r < n_rows; r += 4)
+    add_values[std::min<int64_t>(4, n_rows - r) - 1](rows + r, values, D, n, scores + r * kTileKeys);
+}
+
+// Decode (few rows): scores per key read straight from the cache, float or half.
+template <typename T>
+BITNET_AVX512 void scores_by_key_rows(const QueryRow* rows, int64_t n_rows, const T* keys, const T* values,
+                                      int64_t D, int64_t t0, int64_t n, float* scores) {
+  using ScoresFn = void (*)(const QueryRow*, const T*, const T*, int64_t, int64_t, int64_t, float*);
+  static constexpr ScoresFn by_key[kByKeyRows] = {
+      scores_by_key_avx512<1, T>, scores_by_key_avx512<2, T>, scores_by_key_avx512<3, T>, scores_by_key_avx512<4, T>,
+      scores_by_key_avx512<5, T>, scores_by_key_avx512<6, T>, scores_by_key_avx512<7, T>, scores_by_key_avx512<8, T>};
+  by_key[n_rows - 1](rows, keys, values, D, t0, n, scores);
+}
+
 BITNET_AVX512 void attend_tile_avx512(const QueryRow* rows, int64_t n_rows, const CacheTiles& cache, int64_t D,
                                       int64_t t0, int64_t n, float* scores, float* transposed) {
-  using ScoresFn = void (*)(const QueryRow*, const float*, const float*, int64_t, int64_t, int64_t, float*);
-  static constexpr ScoresFn by_key[kByKeyRows] = {scores_by_key_avx512<1>, scores_by_key_avx512<2>, scores_by_key_avx512<3>,
-                                         scores_by_key_avx512<4>, scores_by_key_avx512<5>, scores_by_key_avx512<6>,
-                                         scores_by_key_avx512<7>, scores_by_key_avx512<8>};
-  const float* keys = cache.key_tile(t0, n);
-  if (n_rows <= kByKeyRows)
-    by_key[n_rows - 1](rows, keys, cache.widen ? nullptr : static_cast<const float*>(cache.values) + t0 * D, D, t0, n,
-                       scores);
+  // Few rows read the cache in place (a half cache widened in registers); many rows score a
+  // transposed tile, and a half cache's tiles are widened into scratch first.
+  const bool by_key = n_rows <= kByKeyRows;
+  const bool half = cache.widen != nullptr;
+  if (by_key && half)
+    scores_by_key_rows(rows, n_rows, static_cast<const uint16_t*>(cache.keys) + t0 * D,
+                       static_cast<const uint16_t*>(cache.values) + t0 * D, D, t0, n, scores);
+  else if (by_key)
+    scores_by_key_rows(rows, n_rows, static_cast<const float*>(cache.keys) + t0 * D,
+                       static_cast<const float*>(cache.values) + t0 * D, D, t0, n, scores);
   else
-    scores_transposed_avx512(rows, n_rows, keys, D, t0, n, transposed, scores);
+    scores_transposed_avx512(rows, n_rows, cache.key_tile(t0, n), D, t0, n, transposed, scores);
   for (int64_t r = 0; r < n_rows; ++r) {
     float* sc = scores + r * kTileKeys;
     if (!softmax_tile(sc, n, rows[r].partial, D)) std::fill(sc, sc + n, 0.0f);
   }
-  using ValuesFn = void (*)(const QueryRow*, const float*, int64_t, int64_t, const float*);
-  static constexpr ValuesFn add_values[4] = {add_values_avx512<1>, add_values_avx512<2>, add_values_avx512<3>,
-                                             add_values_avx512<4>};
-  const float* values = cache.value_tile(t0, n);
-  for (int64_t r = 0; r < n_rows; r += 4)
-    add_values[std::min<int64_t>(4, n_rows - r) - 1](rows + r, values, D, n, scores + r * kTileKeys);
+  if (by_key && half)
+    add_tile_values(rows, n_rows, static_cast<const uint16_t*>(cache.values) + t0 * D, D, n, scores);
+  else
+    add_tile_values(rows, n_rows, cache.value_tile(t0, n), D, n, scores);
 }
 
 // Whether the AVX-512 twin takes this head size.

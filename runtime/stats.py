@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 
 _process = None  # psutil's handle on this process, made once per pid: making one reads /proc
-                # several times (~0.2 ms, and the stats are sampled once per generated token)
+                # several times, and the stats are sampled once per generated token
 
 
 def rss_mb() -> float:
